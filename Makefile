@@ -1,0 +1,33 @@
+# Set-up is idempotent: `make venv` does nothing when .venv is up to date with pyproject.toml.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, from the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/fedmole demo --out runs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check protocol mole cloud edge simulation fedmole_cli.py bench tests
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python bench/train_step.py --out runs/bench/train_step.json
+
+clean:
+	rm -rf runs .cache

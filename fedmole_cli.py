@@ -1,0 +1,139 @@
+"""The ``fedmole`` command: parses arguments and calls the packages' functions, nothing more.
+
+Exit codes: 0 success · 2 bad usage or config (the message names the key and value) ·
+3 bad data or checkpoint (the message names the file) · 1 anything unexpected (a bug: report it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="FedMoLE: federated continual learning of multimodal LoRA experts.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file (conf/*.toml)")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a config key, e.g. --set train.steps-per-task=100")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+
+EXIT_USAGE, EXIT_DATA = 2, 3
+
+
+def _fail(code: int, msg: str) -> typer.Exit:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None, overrides: list[str] | None):
+    from protocol.config import load_config, parse_overrides
+
+    return load_config(config, parse_overrides(overrides or []))
+
+
+def _guard(fn):
+    """Map the error families to the documented exit codes."""
+    from mole.backbone import CheckpointError
+    from protocol.config import ConfigError
+    from protocol.manifest import ManifestError
+
+    try:
+        return fn()
+    except ConfigError as e:
+        raise _fail(EXIT_USAGE, str(e)) from None
+    except (ManifestError, CheckpointError, FileNotFoundError) as e:
+        raise _fail(EXIT_DATA, str(e)) from None
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="seq-lora | replay-lora | joint")] = "seq-lora",
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/train"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Centralized continual run over the task stream; writes metrics.json, report.md, plot."""
+    from simulation.centralized import run_centralized
+    from simulation.methods import METHODS
+    from simulation.report import comparison_table
+
+    if method not in METHODS:
+        raise _fail(EXIT_USAGE, f"unknown --method {method!r}; known: {', '.join(METHODS)}")
+    cfg = _guard(lambda: _config(config, set_))
+    m = _guard(lambda: run_centralized(cfg, method, out, progress=not quiet))
+    typer.echo(comparison_table([m]))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
+    methods: Annotated[str, typer.Option(help="Comma-separated methods")] =
+        "seq-lora,replay-lora,joint",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on the embedded default: every baseline, a summary table and reports."""
+    from simulation.centralized import run_centralized
+    from simulation.methods import METHODS
+    from simulation.report import comparison_table
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise _fail(EXIT_USAGE, f"unknown methods {bad}; known: {', '.join(METHODS)}")
+    cfg = _guard(lambda: _config(config, set_))
+    rows = []
+    for name in names:
+        typer.echo(f"== {name} ==")
+        rows.append(_guard(lambda n=name: run_centralized(cfg, n, out / n, progress=not quiet)))
+    table = comparison_table(rows)
+    (out / "summary.md").write_text(table + "\n")
+    typer.echo(table)
+    typer.echo(f"reports: {', '.join(str(out / n / 'report.md') for n in names)}")
+
+
+@app.command()
+def data(
+    out: Annotated[Path | None, typer.Option(help="Write here instead of the cache")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate the embedded benchmark (DESIGN §3 on-disk format) and print its folder."""
+    from simulation.benchmark import ensure_benchmark, generate_benchmark
+
+    cfg = _guard(lambda: _config(config, set_))
+    path = generate_benchmark(out, cfg.data) if out else ensure_benchmark(cfg.data)
+    typer.echo(str(path))
+
+
+@app.command()
+def pretrain(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Pretrain (or find in the cache) the base model and print its checkpoint folder."""
+    from simulation.base import ensure_base
+    from simulation.benchmark import ensure_benchmark
+
+    cfg = _guard(lambda: _config(config, set_))
+    path = _guard(lambda: ensure_base(cfg, ensure_benchmark(cfg.data), progress=not quiet))
+    typer.echo(str(path))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=os.environ.get("FEDMOLE_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

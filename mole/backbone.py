@@ -1,0 +1,139 @@
+"""Backbone: build a small LLaVA-architecture model from configs, or load a local checkpoint.
+
+The default is sized for a CPU: a SigLIP vision tower (64-d × 2 layers, 8-px patches → 16
+patch tokens for a 32-px image) and a Qwen2 language model (128-d × 4 layers, GQA 4/2 heads),
+joined by LLaVA's 2-layer MLP projector. Nothing is downloaded: configs come from
+``ModelConfig``, the tokenizer from the data (mole.tokenizer). Any LLaVA-family checkpoint in
+``save_pretrained`` layout loads by path with the same code (``model.base-path``).
+
+Pitfalls handled here (shared/versions.md): SigLIP has no CLS token, so the feature strategy is
+"full" with exactly one <image> token per patch; ``vision_feature_layer=-1`` for a tiny tower;
+``vision_use_head=False``; the image token id must lie inside the text vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from mole.model import MoleModel
+from mole.tokenizer import IMAGE, SEP, ensure_special_tokens
+from protocol.config import ModelConfig
+
+BASE_INFO = "fedmole_base.json"
+
+
+class CheckpointError(ValueError):
+    """A base checkpoint folder is missing, incomplete or corrupt."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → cuda if available, else cpu; never requires a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"`train.device` is {name!r} but CUDA is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_size: int
+                   ) -> MoleModel:
+    """A freshly initialised LLaVA model sized by ``cfg`` for ``tokenizer``'s vocabulary."""
+    if image_size % cfg.patch_size:
+        raise ValueError(
+            f"`data.image-size` {image_size} is not a multiple of `model.patch-size` {cfg.patch_size}"
+        )
+    vision = SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=image_size,
+        patch_size=cfg.patch_size,
+        vision_use_head=False,
+    )
+    n_patches = (image_size // cfg.patch_size) ** 2
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        max_position_embeddings=max(cfg.max_length, n_patches + 32),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_seq_length=n_patches,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)  # the architecture's init is part of the (cached) base's identity
+    llava = LlavaForConditionalGeneration(config)
+    return MoleModel(llava, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+                  info: dict | None = None) -> None:
+    """``save_pretrained`` layout (safetensors + config.json + tokenizer files) + our info JSON."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.llava.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    (path / BASE_INFO).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
+
+
+def load_backbone(path: str | Path, device: torch.device | None = None
+                  ) -> tuple[MoleModel, PreTrainedTokenizerBase]:
+    """Load a local LLaVA-family checkpoint folder (never the hub) with its tokenizer."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"base checkpoint {str(p)!r} is not a folder; check `model.base-path`")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(
+            f"base checkpoint {str(p)!r} has no config.json; it must be a save_pretrained folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        llava = LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"cannot load base checkpoint {str(p)!r}: {e}; delete it to rebuild the cached base, "
+            "or point `model.base-path` at an intact LLaVA checkpoint"
+        ) from e
+    tokenizer = ensure_special_tokens(tokenizer)
+    vocab = llava.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        llava.resize_token_embeddings(len(tokenizer))
+    if llava.config.image_token_index >= llava.get_input_embeddings().weight.shape[0]:
+        raise CheckpointError(
+            f"image_token_index {llava.config.image_token_index} is outside the vocabulary "
+            f"({vocab}) of {str(p)!r}"
+        )
+    if tokenizer.convert_tokens_to_ids(SEP) is None:
+        raise CheckpointError(f"tokenizer of {str(p)!r} has no {SEP} token")
+    model = MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model.eval()
+    return model.to(device or torch.device("cpu")), tokenizer
+
+
+def read_base_info(path: Path) -> dict:
+    f = path / BASE_INFO
+    return json.loads(f.read_text()) if f.is_file() else {}

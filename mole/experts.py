@@ -1,0 +1,114 @@
+"""LoRA experts as named PEFT adapters on an explicit module set.
+
+One adapter per expert group (per task in D-MoLE, one shared adapter in Seq-LoRA). Any set of
+adapters can be active at once: LoRA layers sum the active experts' B·A·x, each scaled by
+alpha/rank, onto the frozen base output, which is exactly D-MoLE's layer rule (no gate).
+Adapters live in the model in place, so ``MoleModel``'s own forward/generate see them.
+
+PEFT detail that matters: ``set_adapter`` marks every active adapter trainable; we re-freeze
+everything but the one expert being trained (older experts must stay bit-identical).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from mole.model import MoleModel
+from protocol.config import LoraConfig
+
+
+class ExpertModel:
+    """A ``MoleModel`` plus its named LoRA experts (a PEFT model once the first is added)."""
+
+    def __init__(self, model: MoleModel):
+        self.model = model
+        self.peft: PeftModel | None = None
+        self._active: list[str] = []
+
+    @property
+    def experts(self) -> list[str]:
+        return [] if self.peft is None else [n for n in self.peft.peft_config]
+
+    def add_expert(self, name: str, modules: Sequence[str], lora: LoraConfig) -> None:
+        """Attach a new expert ``name`` on exactly ``modules`` (names relative to the model)."""
+        if not modules:
+            raise ValueError(f"expert {name!r} needs at least one target module")
+        if name in self.experts:
+            raise ValueError(f"expert {name!r} already exists; experts: {self.experts}")
+        cfg = PeftLoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(modules), bias="none",
+        )
+        if self.peft is None:
+            self.peft = get_peft_model(self.model, cfg, adapter_name=name)
+        else:
+            self.peft.add_adapter(name, cfg)
+        self.activate(self._active)
+
+    def activate(self, names: Sequence[str], trainable: str | None = None) -> None:
+        """Make exactly ``names`` active (empty → base model only); only ``trainable`` learns."""
+        unknown = [n for n in names if n not in self.experts]
+        if unknown:
+            raise ValueError(f"unknown experts {unknown}; known: {self.experts}")
+        if trainable is not None and trainable not in names:
+            raise ValueError(f"trainable expert {trainable!r} must be among the active {list(names)}")
+        self._active = list(names)
+        if self.peft is not None:
+            if names:
+                self.peft.base_model.set_adapter(list(names))
+                self.peft.base_model.enable_adapter_layers()
+            else:
+                self.peft.base_model.disable_adapter_layers()
+        for pname, p in self.model.named_parameters():
+            p.requires_grad = trainable is not None and f".{trainable}." in pname and "lora_" in pname
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    @contextmanager
+    def only(self, names: Sequence[str]) -> Iterator[None]:
+        """Temporarily switch the active set (e.g. ``[]`` for base-model features)."""
+        saved = self._active
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.activate(names)
+        try:
+            yield
+        finally:
+            self.activate(saved)
+            for n, p in self.model.named_parameters():
+                p.requires_grad = n in trainable
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_expert(self, name: str, out_dir: Path) -> Path:
+        """PEFT adapter folder ``out_dir/name`` (adapter_config.json + adapter_model.safetensors)."""
+        if self.peft is None or name not in self.experts:
+            raise ValueError(f"no expert {name!r} to save; experts: {self.experts}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.peft.save_pretrained(str(out_dir), selected_adapters=[name])
+        # PEFT writes a non-"default" adapter into a subfolder named after it.
+        return out_dir / name
+
+    def load_expert(self, name: str, folder: Path) -> None:
+        """Load a PEFT adapter folder as expert ``name``; a broken folder raises clearly."""
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json)")
+        weights = folder / "adapter_model.safetensors"
+        try:
+            load_file(str(weights))  # validates the file before PEFT touches the model
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise ValueError(f"adapter weights {str(weights)!r} are unreadable: {e}") from e
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name,
+                                                  is_trainable=False)
+        else:
+            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self.activate(self._active)

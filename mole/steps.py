@@ -1,0 +1,100 @@
+"""The one training loop and the one evaluation, shared by every runner (centralized, edge).
+
+``train_steps`` optimises whatever parameters currently require grad (the trainable expert, or
+the whole base during pretraining) with AdamW and a linear-warmup cosine schedule, drawing each
+batch from a callback so callers decide the data mix (current task, replay, union of tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mole.batching import Batch, Encoder
+from mole.model import MoleModel
+from mole.scoring import score_answers
+from protocol.manifest import Sample
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    first_loss: float
+    last_loss: float  # mean over the last 10% of steps
+    seconds: float
+
+
+def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def train_steps(
+    model: MoleModel,
+    next_batch: Callable[[int], Batch],
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup_fraction: float = 0.03,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainStats:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_schedule(int(warmup_fraction * steps), steps)
+    )
+    device = model.device
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    for step in bar:
+        batch = next_batch(step).to(device)
+        _, loss = model(**batch.model_inputs(), labels=batch.labels)
+        assert loss is not None
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step} of {desc}; "
+                                     "lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return TrainStats(steps, losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def generate_answers(model: MoleModel, enc: Encoder, samples: Sequence[Sample], batch_size: int,
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers, in sample order."""
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        b = enc.prompt_batch(samples[i: i + batch_size]).to(model.device)
+        for ids in model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens):
+            out.append(enc.decode(ids))
+    return out
+
+
+def evaluate(model: MoleModel, enc: Encoder, samples: Sequence[Sample], metrics: Sequence[str],
+             batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """Generate greedy answers and score them (percent per metric)."""
+    preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)
+    return score_answers(preds, [s.answer for s in samples], metrics)

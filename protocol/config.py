@@ -1,0 +1,314 @@
+"""Run configuration: one source, parsed once into frozen dataclasses.
+
+Keys are kebab-case and dotted by section (``lora.rank``, ``replay.buffer-size``), exactly as
+Flower's run config (``[tool.flwr.app.config]``) and the scenario files ``conf/*.toml`` spell
+them. TOML tables are flattened to dotted keys, so ``[replay]\\nbuffer-size = 300`` and
+``"replay.buffer-size" = 300`` are the same key. Every value is validated here, and an error
+names the key, the bad value and what is allowed; nothing outside this module looks up a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key and value."""
+
+
+def _check(cond: bool, key: str, rule: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"`{key}` must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The embedded benchmark: a generated continual multimodal instruction stream."""
+
+    seed: int = 0
+    tasks: tuple[str, ...] = ("color", "count", "ground", "caption", "digits", "arith")
+    train_per_task: int = 600
+    test_per_task: int = 200
+    pretrain_size: int = 8000
+    image_size: int = 32
+    # Where generated data and the pretrained base are cached ("" → $FEDMOLE_CACHE or .cache/fedmole).
+    cache_dir: str = ""
+
+    def validate(self) -> None:
+        _check(self.seed >= 0, "data.seed", ">= 0", self.seed)
+        _check(len(self.tasks) >= 1, "data.tasks", "a non-empty list of task names", self.tasks)
+        _check(len(set(self.tasks)) == len(self.tasks), "data.tasks", "without repeats", self.tasks)
+        _check(self.train_per_task > 0, "data.train-per-task", "> 0", self.train_per_task)
+        _check(self.test_per_task > 0, "data.test-per-task", "> 0", self.test_per_task)
+        _check(self.pretrain_size > 0, "data.pretrain-size", "> 0", self.pretrain_size)
+        _check(self.image_size in (32, 64), "data.image-size", "32 or 64", self.image_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone: a small LLaVA-architecture model (SigLIP tower + Qwen2 LM) or a local checkpoint."""
+
+    # A local LLaVA-family checkpoint folder (save_pretrained layout). "" → build from the sizes
+    # below and pretrain it on the benchmark's pretraining split (cached).
+    base_path: str = ""
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    patch_size: int = 8
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    mlp_ratio: int = 2
+    max_length: int = 64
+
+    def validate(self) -> None:
+        for key, v in (
+            ("model.vision-hidden", self.vision_hidden),
+            ("model.vision-layers", self.vision_layers),
+            ("model.vision-heads", self.vision_heads),
+            ("model.patch-size", self.patch_size),
+            ("model.text-hidden", self.text_hidden),
+            ("model.text-layers", self.text_layers),
+            ("model.text-heads", self.text_heads),
+            ("model.text-kv-heads", self.text_kv_heads),
+            ("model.mlp-ratio", self.mlp_ratio),
+            ("model.max-length", self.max_length),
+        ):
+            _check(v > 0, key, "> 0", v)
+        _check(self.vision_hidden % self.vision_heads == 0, "model.vision-hidden",
+               f"divisible by model.vision-heads={self.vision_heads}", self.vision_hidden)
+        _check(self.text_hidden % self.text_heads == 0, "model.text-hidden",
+               f"divisible by model.text-heads={self.text_heads}", self.text_hidden)
+        _check(self.text_heads % self.text_kv_heads == 0, "model.text-kv-heads",
+               f"a divisor of model.text-heads={self.text_heads}", self.text_kv_heads)
+        if self.base_path:
+            _check(Path(self.base_path).is_dir(), "model.base-path",
+                   "an existing local checkpoint folder", self.base_path)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Full-parameter pretraining of the base on the pretraining split (done once, cached)."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05
+
+    def validate(self) -> None:
+        _check(self.steps > 0, "pretrain.steps", "> 0", self.steps)
+        _check(self.batch_size > 0, "pretrain.batch-size", "> 0", self.batch_size)
+        _check(self.lr > 0, "pretrain.lr", "> 0", self.lr)
+        _check(0 <= self.warmup_fraction < 1, "pretrain.warmup-fraction", "in [0, 1)",
+               self.warmup_fraction)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One LoRA expert (D-MoLE: rank 8, alpha 16, dropout 0.05)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+    def validate(self) -> None:
+        _check(self.rank > 0, "lora.rank", "> 0", self.rank)
+        _check(self.alpha > 0, "lora.alpha", "> 0", self.alpha)
+        _check(0 <= self.dropout < 1, "lora.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Finetuning of experts on each task of the stream."""
+
+    steps_per_task: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.03
+    eval_batch_size: int = 100
+    max_new_tokens: int = 8
+    seed: int = 0
+    # "auto" → cuda when available, else cpu.
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(self.steps_per_task > 0, "train.steps-per-task", "> 0", self.steps_per_task)
+        _check(self.batch_size > 0, "train.batch-size", "> 0", self.batch_size)
+        _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(self.weight_decay >= 0, "train.weight-decay", ">= 0", self.weight_decay)
+        _check(0 <= self.warmup_fraction < 1, "train.warmup-fraction", "in [0, 1)",
+               self.warmup_fraction)
+        _check(self.eval_batch_size > 0, "train.eval-batch-size", "> 0", self.eval_batch_size)
+        _check(self.max_new_tokens > 0, "train.max-new-tokens", "> 0", self.max_new_tokens)
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "train.device", "one of auto, cpu, cuda, cuda:N", self.device)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Bounded replay buffer: reservoir sampling kept balanced across past tasks."""
+
+    buffer_size: int = 240
+    # Fraction of every training batch drawn from the buffer (once it holds anything).
+    mix_ratio: float = 0.25
+    policy: str = "balanced-reservoir"
+
+    def validate(self) -> None:
+        _check(self.buffer_size > 0, "replay.buffer-size", "> 0", self.buffer_size)
+        _check(0 < self.mix_ratio < 1, "replay.mix-ratio", "in (0, 1)", self.mix_ratio)
+        from_registry = ("balanced-reservoir",)
+        _check(self.policy in from_registry, "replay.policy",
+               f"one of {', '.join(from_registry)}", self.policy)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+
+    def to_flat(self) -> dict[str, Scalar | list[Scalar]]:
+        """Dotted kebab-case keys → values; the inverse of :func:`parse_config`."""
+        out: dict[str, Scalar | list[Scalar]] = {}
+        for sec in fields(self):
+            section = getattr(self, sec.name)
+            for f in fields(section):
+                v = getattr(section, f.name)
+                out[f"{sec.name}.{f.name.replace('_', '-')}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _section_types() -> dict[str, type]:
+    hints = get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in fields(RunConfig)}
+
+
+def known_keys() -> list[str]:
+    return sorted(RunConfig().to_flat())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables → dotted keys."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Coerce one raw value (TOML, Flower run config or a CLI string) to the field's type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"`{key}` must be a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"`{key}` must be a string, got {value!r}")
+    if typ == tuple[str, ...]:
+        if isinstance(value, str):
+            items = [s.strip() for s in value.split(",") if s.strip()]
+        elif isinstance(value, list | tuple) and all(isinstance(s, str) for s in value):
+            items = list(value)
+        else:
+            raise ConfigError(f"`{key}` must be a list of strings, got {value!r}")
+        return tuple(items)
+    raise TypeError(f"unsupported config type {typ} for `{key}`")  # a bug, not user input
+
+
+def parse_config(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Parse dotted keys (over ``base`` or the defaults) into a validated :class:`RunConfig`."""
+    base = base or RunConfig()
+    sections = _section_types()
+    updates: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for raw_key, value in flatten(flat).items():
+        sec, _, name = raw_key.partition(".")
+        field_name = name.replace("-", "_")
+        if sec not in sections or field_name not in {f.name for f in fields(sections[sec])}:
+            raise ConfigError(
+                f"unknown config key `{raw_key}`; known keys: {', '.join(known_keys())}"
+            )
+        typ = get_type_hints(sections[sec])[field_name]
+        updates[sec][field_name] = _coerce(raw_key, value, typ)
+    cfg = RunConfig(
+        **{
+            name: dataclasses.replace(getattr(base, name), **updates[name])
+            for name in sections
+        }
+    )
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+                ) -> RunConfig:
+    """Load ``conf/NAME.toml`` (or the defaults when ``path`` is None), then apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a path to a TOML file")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+    merged = flatten(tree)
+    merged.update(flatten(overrides or {}))
+    return parse_config(merged)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["lora.rank=4", ...]`` from the command line → {key: raw string}."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. lora.rank=4")
+        out[key.strip()] = value.strip()
+    return out

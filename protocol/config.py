@@ -153,6 +153,10 @@ class TrainConfig:
                "train.device", "one of auto, cpu, cuda, cuda:N", self.device)
 
 
+# Names of edge.replay.REPLAY_POLICIES (protocol cannot import edge; a test keeps them equal).
+REPLAY_POLICY_NAMES = ("balanced-reservoir",)
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     """Bounded replay buffer: reservoir sampling kept balanced across past tasks."""
@@ -165,9 +169,8 @@ class ReplayConfig:
     def validate(self) -> None:
         _check(self.buffer_size > 0, "replay.buffer-size", "> 0", self.buffer_size)
         _check(0 < self.mix_ratio < 1, "replay.mix-ratio", "in (0, 1)", self.mix_ratio)
-        from_registry = ("balanced-reservoir",)
-        _check(self.policy in from_registry, "replay.policy",
-               f"one of {', '.join(from_registry)}", self.policy)
+        _check(self.policy in REPLAY_POLICY_NAMES, "replay.policy",
+               f"one of {', '.join(REPLAY_POLICY_NAMES)}", self.policy)
 
 
 @dataclass(frozen=True)

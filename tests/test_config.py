@@ -79,3 +79,10 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("[lora\nrank = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_replay_policy_names_match_the_edge_registry():
+    from edge.replay import REPLAY_POLICIES
+    from protocol.config import REPLAY_POLICY_NAMES
+
+    assert set(REPLAY_POLICY_NAMES) == set(REPLAY_POLICIES)

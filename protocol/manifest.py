@@ -1,0 +1,210 @@
+"""The on-disk sample contract: a task folder with ``manifest.jsonl`` and its array files.
+
+One JSON object per line (DESIGN.md §3)::
+
+    {"id": "color-train-00012", "task": "color", "modalities": ["image", "text"],
+     "instruction": "what color is the shape", "answer": "red", "split": "train",
+     "image": "images/color-train-00012.png", "audio": null}
+
+Array paths are relative to the task folder. Images are ``.png`` (read as RGB) or ``.npy``
+(H, W, 3) uint8; audio is ``.npy`` float32 1-D (``.wav`` is reserved for later). The benchmark
+generator writes this format and edge clients read it, so nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.jsonl"
+MODALITIES = ("image", "text", "audio")
+SPLITS = ("train", "test", "pretrain")
+
+_FIX = "fix the record or regenerate the folder (delete it and rerun to rebuild the benchmark)"
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its array files is missing or invalid; the message says where."""
+
+
+def _field(d: Mapping[str, Any], name: str, where: str) -> Any:
+    if name not in d:
+        raise ManifestError(f"{where}: missing field `{name}`; {_FIX}")
+    return d[name]
+
+
+def _bad(where: str, name: str, rule: str, value: Any) -> ManifestError:
+    return ManifestError(f"{where}: field `{name}` must be {rule}, got {value!r}; {_FIX}")
+
+
+def _rel_path(d: Mapping[str, Any], name: str, where: str) -> str | None:
+    value = d.get(name)
+    if value is None:
+        return None
+    p = PurePosixPath(value) if isinstance(value, str) else None
+    if p is None or not value or p.is_absolute() or ".." in p.parts:
+        raise _bad(where, name, "null or a relative path inside the task folder", value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One manifest line: a sample's text and the paths of its arrays."""
+
+    id: str
+    task: str
+    modalities: tuple[str, ...]
+    instruction: str
+    answer: str
+    split: str
+    image: str | None = None
+    audio: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "task": self.task, "modalities": list(self.modalities),
+            "instruction": self.instruction, "answer": self.answer, "split": self.split,
+            "image": self.image, "audio": self.audio,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> SampleRecord:
+        """Validate one parsed line; ``where`` (e.g. ``"…/manifest.jsonl:12"``) prefixes errors."""
+        if not isinstance(d, Mapping):
+            raise ManifestError(f"{where}: expected a JSON object, got {d!r}; {_FIX}")
+        strings = {}
+        for name in ("id", "task", "instruction", "answer", "split"):
+            v = _field(d, name, where)
+            if not isinstance(v, str) or (name in ("id", "task") and not v):
+                raise _bad(where, name, "a non-empty string" if name in ("id", "task")
+                           else "a string", v)
+            strings[name] = v
+        if strings["split"] not in SPLITS:
+            raise _bad(where, "split", f"one of {', '.join(SPLITS)}", strings["split"])
+        mods = _field(d, "modalities", where)
+        if (not isinstance(mods, list) or not mods or len(set(mods)) != len(mods)
+                or not all(isinstance(m, str) and m in MODALITIES for m in mods)):
+            raise _bad(where, "modalities", f"a non-empty list without repeats of "
+                       f"{', '.join(MODALITIES)}", mods)
+        image, audio = _rel_path(d, "image", where), _rel_path(d, "audio", where)
+        for name, path in (("image", image), ("audio", audio)):
+            if (name in mods) != (path is not None):
+                raise _bad(where, name, f"a path exactly when `modalities` lists {name!r} "
+                           f"(modalities={mods})", path)
+        return cls(modalities=tuple(mods), image=image, audio=audio, **strings)
+
+
+def write_manifest(folder: Path, records: Iterable[SampleRecord]) -> Path:
+    """Write ``folder/manifest.jsonl`` atomically (temp file + ``os.replace``); return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(folder: Path, split: str | None = None) -> list[SampleRecord]:
+    """Parse and validate ``folder/manifest.jsonl``; keep only ``split`` when given."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {str(path)!r}; point to a task folder that holds "
+                            f"{MANIFEST_NAME} (generate the benchmark with ensure_benchmark)")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    records: list[SampleRecord] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: not valid JSON ({e}); {_FIX}") from e
+            rec = SampleRecord.from_json(d, where)
+            if rec.id in seen:
+                raise _bad(where, "id", f"unique (also on line {seen[rec.id]})", rec.id)
+            seen[rec.id] = lineno
+            if split is None or rec.split == split:
+                records.append(rec)
+    return records
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A record with its arrays loaded: image (H, W, 3) uint8, audio (T,) float32."""
+
+    id: str
+    task: str
+    instruction: str
+    answer: str
+    image: np.ndarray | None = None
+    audio: np.ndarray | None = None
+
+
+def _load_image(path: Path, rec_id: str) -> np.ndarray:
+    from PIL import Image
+
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    elif path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    else:
+        raise ManifestError(f"record {rec_id!r}: image {str(path)!r} must be .png or .npy")
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ManifestError(f"record {rec_id!r}: image {str(path)!r} must be (H, W, 3) uint8, "
+                            f"got {arr.shape} {arr.dtype}")
+    return arr
+
+
+def _load_audio(path: Path, rec_id: str) -> np.ndarray:
+    if path.suffix == ".wav":
+        raise ManifestError(f"record {rec_id!r}: .wav audio ({str(path)!r}) is not supported yet; "
+                            "store it as a float32 1-D .npy array")
+    if path.suffix != ".npy":
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} must be .npy")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 1 or arr.dtype != np.float32:
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} must be (T,) float32, "
+                            f"got {arr.shape} {arr.dtype}")
+    return arr
+
+
+def load_samples(folder: Path, split: str | None = None) -> list[Sample]:
+    """Read the manifest of ``folder`` and load every record's arrays."""
+    folder = Path(folder)
+    out: list[Sample] = []
+    for rec in read_manifest(folder, split):
+        arrays: dict[str, np.ndarray | None] = {"image": None, "audio": None}
+        for name, rel, loader in (("image", rec.image, _load_image),
+                                  ("audio", rec.audio, _load_audio)):
+            if rel is None:
+                continue
+            path = folder / rel
+            try:
+                arrays[name] = loader(path, rec.id)
+            except ManifestError:
+                raise
+            except (OSError, ValueError) as e:
+                raise ManifestError(f"record {rec.id!r}: cannot read {name} file {str(path)!r} "
+                                    f"({type(e).__name__}: {e}); regenerate the folder") from e
+        out.append(Sample(id=rec.id, task=rec.task, instruction=rec.instruction,
+                          answer=rec.answer, **arrays))
+    return out

@@ -1,0 +1,166 @@
+"""Writing the benchmark to disk, and the content-addressed cache that reuses it.
+
+Layout of one generated benchmark (DESIGN.md §3)::
+
+    ROOT/stream.json                  generator version, seed, image size, ordered tasks, info
+    ROOT/pretrain/manifest.jsonl      split "pretrain", task "pretrain"
+    ROOT/<task>/manifest.jsonl        train records, then test records
+    ROOT/<task>/images/<id>.png
+
+Every (task, split) stream is seeded with ``[seed, crc32(task), split_index]``, so a generation
+depends only on the seed, the task name, the split and the sizes — never on Python's ``hash``
+or on which other tasks are listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from protocol.config import DataConfig
+from protocol.manifest import SampleRecord, write_manifest
+from simulation.benchmark.tasks import PRETRAIN, TASKS, TaskSpec, check_tasks
+
+GENERATOR_VERSION = "1"
+SPLIT_INDEX: dict[str, int] = {"train": 0, "test": 1, "pretrain": 2}
+STREAM_FILE = "stream.json"
+STALE_TMP_S = 3600.0  # a temp folder untouched this long belongs to a dead generation
+_log = logging.getLogger(__name__)
+
+
+def stable_index(name: str) -> int:
+    """A process-independent integer for ``name`` (crc32; Python's hash() is salted)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def stream_rng(seed: int, task: str, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, stable_index(task), SPLIT_INDEX[split]])
+
+
+def _record_id(task: str, split: str, i: int) -> str:
+    return f"{task}-{i:05d}" if task == split else f"{task}-{split}-{i:05d}"
+
+
+def _write_split(folder: Path, spec: TaskSpec, split: str, n: int, cfg: DataConfig
+                 ) -> list[SampleRecord]:
+    rng = stream_rng(cfg.seed, spec.name, split)
+    records = []
+    for i, (instruction, answer, image) in enumerate(spec.generate(rng, n, split,
+                                                                   cfg.image_size)):
+        rid = _record_id(spec.name, split, i)
+        rel = None
+        if image is not None:
+            rel = f"images/{rid}.png"
+            Image.fromarray(image).save(folder / rel, format="PNG")
+        records.append(SampleRecord(
+            id=rid, task=spec.name, modalities=("image", "text") if rel else ("text",),
+            instruction=instruction, answer=answer, split=split, image=rel, audio=None,
+        ))
+    return records
+
+
+def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int]], cfg: DataConfig
+                ) -> None:
+    folder = root / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if "image" in spec.modalities:
+        (folder / "images").mkdir(exist_ok=True)
+    records: list[SampleRecord] = []
+    for split, n in splits:
+        records += _write_split(folder, spec, split, n, cfg)
+    write_manifest(folder, records)
+
+
+def generate_benchmark(root: Path, cfg: DataConfig) -> Path:
+    """Generate the pretraining split and every task of ``cfg.tasks`` under ``root``."""
+    check_tasks(cfg.tasks)
+    cfg.validate()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_task(root, PRETRAIN, [("pretrain", cfg.pretrain_size)], cfg)
+    for name in cfg.tasks:
+        _write_task(root, TASKS[name], [("train", cfg.train_per_task),
+                                        ("test", cfg.test_per_task)], cfg)
+    stream = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": cfg.seed,
+        "image_size": cfg.image_size,
+        "tasks": list(cfg.tasks),
+        "task_info": {
+            name: {"description": TASKS[name].description,
+                   "modalities": list(TASKS[name].modalities),
+                   "metrics": list(TASKS[name].metrics)}
+            for name in cfg.tasks
+        },
+    }
+    (root / STREAM_FILE).write_text(json.dumps(stream, indent=2) + "\n", encoding="utf-8")
+    return root
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """``cfg.cache_dir``, else ``$FEDMOLE_CACHE``, else ``.cache/fedmole`` (relative to cwd)."""
+    return Path(cfg.cache_dir or os.environ.get("FEDMOLE_CACHE") or ".cache/fedmole")
+
+
+def benchmark_key(cfg: DataConfig) -> str:
+    """sha256[:16] of the generator version and every DataConfig field that shapes the data."""
+    fields = asdict(cfg)
+    fields.pop("cache_dir")  # where, not what
+    fields["tasks"] = list(cfg.tasks)
+    blob = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _clean_stale(parent: Path, key: str) -> None:
+    now = time.time()
+    for tmp in parent.glob(f".{key}.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another process cleaned it
+
+
+def ensure_benchmark(cfg: DataConfig) -> Path:
+    """Return the cached benchmark folder for ``cfg``, generating it first if absent.
+
+    Generation happens in a temp folder beside the final one and is moved into place with
+    ``os.replace``, so the final folder exists only once complete; a crashed generation leaves a
+    temp folder that is never reused (and is removed once stale).
+    """
+    check_tasks(cfg.tasks)
+    cfg.validate()
+    parent = cache_root(cfg) / "data"
+    key = benchmark_key(cfg)
+    final = parent / key
+    if (final / STREAM_FILE).is_file():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(parent, key)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{key}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
+    try:
+        start = time.perf_counter()
+        generate_benchmark(tmp, cfg)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / STREAM_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent generation won the race
+        _log.info("generated benchmark %s in %.1fs", final, time.perf_counter() - start)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,244 @@
+"""The continual task stream: a registry of tasks and their per-sample generators.
+
+Every task turns a seeded ``np.random.Generator`` into ``(instruction, answer, image | None)``
+examples. Instructions have two phrasings per task, lowercase words without punctuation (the
+model's word-level tokenizer is built from the data); answers are lowercase words, numbers as
+numerals. The pretraining mixture (:data:`PRETRAIN`) uses different templates, so the base
+model learns perception and word/number primitives but scores low zero-shot on the tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simulation.benchmark.shapes import (
+    COLOR_NAMES,
+    GRID,
+    SHAPES,
+    Obj,
+    random_objs,
+    render,
+    render_intensity,
+)
+
+Example = tuple[str, str, np.ndarray | None]  # (instruction, answer, image (S, S, 3) uint8)
+Generate = Callable[[np.random.Generator, int, str, int], list[Example]]
+IMAGE_TEXT: tuple[str, ...] = ("image", "text")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task of the stream; ``generate(rng, n, split, image_size)`` makes ``n`` examples."""
+
+    name: str
+    description: str
+    modalities: tuple[str, ...]
+    metrics: tuple[str, ...]
+    generate: Generate
+
+
+def _repeat(one: Callable[[np.random.Generator, str, int], Example]) -> Generate:
+    def generate(rng: np.random.Generator, n: int, split: str, image_size: int) -> list[Example]:
+        return [one(rng, split, image_size) for _ in range(n)]
+    return generate
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+# --- digits: scikit-learn's bundled 8×8 handwritten digits, split once into disjoint pools ---
+
+DIGITS_TRAIN_FRACTION = 0.8
+_DIGITS_SPLIT_SEED = 20240  # fixed: the pools are the same for every run seed
+
+
+@lru_cache(maxsize=1)
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float in [0, 1], labels (1797,) int), read-only."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float64)
+    labels = d.target.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+@lru_cache(maxsize=1)
+def digits_pools() -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (train, test) index pools, 80/20 stratified by label, sorted."""
+    _, labels = digits_data()
+    rng = np.random.default_rng(_DIGITS_SPLIT_SEED)
+    train, test = [], []
+    for label in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        k = int(round(len(idx) * DIGITS_TRAIN_FRACTION))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    pools = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    for p in pools:
+        p.flags.writeable = False
+    return pools
+
+
+def digit_image(rng: np.random.Generator, split: str, size: int) -> tuple[int, np.ndarray]:
+    """A digit from the pool of ``split`` (pretrain → train pool), scaled and shifted."""
+    images, labels = digits_data()
+    train, test = digits_pools()
+    pool = test if split == "test" else train
+    i = int(pool[rng.integers(len(pool))])  # with replacement; the shift makes repeats differ
+    scale = size // 8
+    big = np.kron(images[i], np.ones((scale, scale)))  # (S, S) nearest upscale
+    m = size // 16  # ±2 px at 32, ±4 px at 64
+    dy, dx = (int(v) for v in rng.integers(-m, m + 1, size=2))
+    padded = np.pad(big, m)
+    shifted = padded[m - dy:m - dy + size, m - dx:m - dx + size]
+    return int(labels[i]), render_intensity(shifted, rng)
+
+
+# --- the continual tasks ---
+
+def _color(rng: np.random.Generator, split: str, size: int) -> Example:
+    objs = random_objs(rng, 1)
+    q = _pick(rng, ("what color is the shape", "name the color of the object"))
+    return q, objs[0].color, render(objs, size, rng)
+
+
+def _count(rng: np.random.Generator, split: str, size: int) -> Example:
+    objs = random_objs(rng, int(rng.integers(1, 7)))
+    q = _pick(rng, ("how many shapes are there", "count the objects"))
+    return q, str(len(objs)), render(objs, size, rng)
+
+
+def _ground(rng: np.random.Generator, split: str, size: int) -> Example:
+    n = int(rng.integers(2, 4))
+    quadrants = rng.choice(4, size=n, replace=False)
+    pairs = random_objs(rng, n, distinct_pairs=True)  # only their (shape, colour) are used
+    objs = []
+    for q, p in zip(quadrants, pairs, strict=True):
+        r, c = divmod(int(q), 2)
+        dr, dc = (int(v) for v in rng.integers(0, 2, size=2))
+        objs.append(Obj(p.shape, p.color, (2 * r + dr) * GRID + 2 * c + dc))
+    target = objs[int(rng.integers(n))]
+    name = f"{target.color} {target.shape}"
+    q = _pick(rng, (f"where is the {name}", f"in which part is the {name}"))
+    return q, target.quadrant, render(objs, size, rng)
+
+
+def _caption(rng: np.random.Generator, split: str, size: int) -> Example:
+    objs = sorted(random_objs(rng, 2), key=lambda o: o.cell)  # row-major reading order
+    q = _pick(rng, ("describe the image", "what does the picture show"))
+    answer = " and ".join(f"a {o.color} {o.shape}" for o in objs)
+    return q, answer, render(objs, size, rng)
+
+
+def _digits(rng: np.random.Generator, split: str, size: int) -> Example:
+    label, image = digit_image(rng, split, size)
+    q = _pick(rng, ("what digit is written", "read the handwritten digit"))
+    return q, str(label), image
+
+
+def _arith(rng: np.random.Generator, split: str, size: int) -> Example:
+    a, b = (int(v) for v in rng.integers(0, 10, size=2))
+    if rng.integers(2):
+        op, result = "plus", a + b
+    else:
+        a, b = max(a, b), min(a, b)  # never negative
+        op, result = "minus", a - b
+    q = _pick(rng, (f"what is {a} {op} {b}", f"calculate {a} {op} {b}"))
+    return q, str(result), None
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("color", "name the colour of the single shape", IMAGE_TEXT, ("exact",),
+                 _repeat(_color)),
+        TaskSpec("count", "count 1 to 6 shapes", IMAGE_TEXT, ("exact",), _repeat(_count)),
+        TaskSpec("ground", "say which quadrant holds the named object", IMAGE_TEXT, ("exact",),
+                 _repeat(_ground)),
+        TaskSpec("caption", "describe two objects in reading order", IMAGE_TEXT,
+                 ("exact", "f1"), _repeat(_caption)),
+        TaskSpec("digits", "read a handwritten digit", IMAGE_TEXT, ("exact",),
+                 _repeat(_digits)),
+        TaskSpec("arith", "add or subtract two one-digit numbers", ("text",), ("exact",),
+                 _repeat(_arith)),
+    )
+}
+
+
+# --- the pretraining mixture (base model only; task field "pretrain") ---
+
+_WORDS: tuple[str, ...] = COLOR_NAMES + SHAPES + tuple(str(i) for i in range(10))
+
+
+def _pre_shape(rng: np.random.Generator, split: str, size: int) -> Example:
+    objs = random_objs(rng, 1)
+    return "what shape is this", objs[0].shape, render(objs, size, rng)
+
+
+def _pre_exists(rng: np.random.Generator, split: str, size: int) -> Example:
+    objs = random_objs(rng, int(rng.integers(1, 4)))
+    present = {(o.color, o.shape) for o in objs}
+    if rng.integers(2):
+        o = objs[int(rng.integers(len(objs)))]
+        pair, answer = (o.color, o.shape), "yes"
+    else:
+        while (pair := (_pick(rng, COLOR_NAMES), _pick(rng, SHAPES))) in present:
+            pass
+        answer = "no"
+    return f"is there a {pair[0]} {pair[1]}", answer, render(objs, size, rng)
+
+
+def _pre_repeat(rng: np.random.Generator, split: str, size: int) -> Example:
+    words = " ".join(_pick(rng, _WORDS) for _ in range(int(rng.integers(1, 4))))
+    return f"repeat {words}", words, None
+
+
+def _pre_successor(rng: np.random.Generator, split: str, size: int) -> Example:
+    n = int(rng.integers(0, 9))
+    return f"what number comes after {n}", str(n + 1), None
+
+
+def _pre_digit_gt(rng: np.random.Generator, split: str, size: int) -> Example:
+    label, image = digit_image(rng, "train", size)  # never the digits test pool
+    return "is the digit greater than four", "yes" if label > 4 else "no", image
+
+
+_PRETRAIN_KINDS = (_pre_shape, _pre_exists, _pre_repeat, _pre_successor, _pre_digit_gt)
+
+
+def _pretrain_one(rng: np.random.Generator, split: str, size: int) -> Example:
+    return _PRETRAIN_KINDS[int(rng.integers(len(_PRETRAIN_KINDS)))](rng, split, size)
+
+
+PRETRAIN = TaskSpec("pretrain", "perception and word/number primitives for the base model",
+                    IMAGE_TEXT, ("exact",), _repeat(_pretrain_one))
+
+
+def list_tasks() -> list[str]:
+    """Names of the continual tasks, in registry order."""
+    return list(TASKS)
+
+
+def check_tasks(names: tuple[str, ...] | list[str]) -> None:
+    """Raise ``ValueError`` naming the first unknown task and listing the known ones."""
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in config key `data.tasks`; "
+                             f"known tasks: {', '.join(TASKS)}")
+
+
+def get_task(name: str) -> TaskSpec:
+    check_tasks([name])
+    return TASKS[name]
+
+
+def task_metrics(name: str) -> tuple[str, ...]:
+    """Metrics to report for task ``name`` ("exact", plus "f1" for caption)."""
+    return get_task(name).metrics

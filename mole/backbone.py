@@ -112,7 +112,7 @@ def load_backbone(path: str | Path, device: torch.device | None = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
         llava = LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # safetensors, json and torch each raise their own types
         raise CheckpointError(
             f"cannot load base checkpoint {str(p)!r}: {e}; delete it to rebuild the cached base, "
             "or point `model.base-path` at an intact LLaVA checkpoint"

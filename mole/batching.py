@@ -45,7 +45,7 @@ def image_tensor(image: np.ndarray, image_size: int, sample_id: str) -> torch.Te
             f"image of sample {sample_id!r} has shape {image.shape} and dtype {image.dtype}; "
             f"expected ({image_size}, {image_size}, 3) uint8: resize it to the model's image size"
         )
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
     return (x - 0.5) / 0.5
 
 

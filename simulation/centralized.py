@@ -29,7 +29,7 @@ from simulation.methods import make_source
 from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
-ADAPTER = "lora"
+ADAPTER = "shared"  # PEFT warns on names containing "lora"
 
 
 def _load_stream(cfg: RunConfig, data_root: Path

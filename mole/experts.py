@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -60,11 +61,12 @@ class ExpertModel:
             raise ValueError(f"trainable expert {trainable!r} must be among the active {list(names)}")
         self._active = list(names)
         if self.peft is not None:
+            lora: Any = self.peft.base_model  # a LoraModel; typed as a plain Module by peft
             if names:
-                self.peft.base_model.set_adapter(list(names))
-                self.peft.base_model.enable_adapter_layers()
+                lora.set_adapter(list(names))
+                lora.enable_adapter_layers()
             else:
-                self.peft.base_model.disable_adapter_layers()
+                lora.disable_adapter_layers()
         for pname, p in self.model.named_parameters():
             p.requires_grad = trainable is not None and f".{trainable}." in pname and "lora_" in pname
 

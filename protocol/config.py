@@ -116,7 +116,7 @@ class LoraConfig:
     """One LoRA expert (D-MoLE: rank 8, alpha 16, dropout 0.05)."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     dropout: float = 0.05
 
     def validate(self) -> None:
@@ -131,7 +131,9 @@ class TrainConfig:
 
     steps_per_task: int = 300
     batch_size: int = 32
-    lr: float = 1e-3
+    # LoRA tolerates (and on this small base needs) a higher rate than full finetuning:
+    # measured on `color`, 300 steps: 1e-3 → 52%, 3e-3 → 90%, 1e-2 → 21% exact match.
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.03
     eval_batch_size: int = 100

@@ -29,7 +29,7 @@ from mole.steps import train_steps
 from mole.tokenizer import build_word_tokenizer
 from protocol.config import RunConfig
 from protocol.manifest import load_samples, read_manifest
-from simulation.benchmark import cache_root
+from simulation.benchmark import benchmark_key, cache_root
 
 BASE_VERSION = "1"
 
@@ -37,8 +37,8 @@ BASE_VERSION = "1"
 def base_key(cfg: RunConfig) -> str:
     parts = {
         "version": BASE_VERSION,
-        "data": {k: v for k, v in cfg.to_flat().items() if k.startswith("data.")
-                 and k != "data.cache-dir"},
+        # The data's own key carries the generator version: new data → a new base.
+        "data": benchmark_key(cfg.data),
         "model": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")},
         "pretrain": {k: v for k, v in cfg.to_flat().items() if k.startswith("pretrain.")},
     }

@@ -9,7 +9,6 @@ report.md) plus one PEFT adapter folder per task under ``experts/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mole.backbone import read_base_info
 from mole.batching import Encoder
 from mole.experts import ExpertModel
 from mole.modality import modality_map, modules_by_modality
@@ -68,9 +68,9 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
     acc: list[list[float]] = []
     rows_detail: list[dict[str, dict[str, float]]] = []
     train_log: list[dict] = []
+    bs = cfg.train.batch_size
     for t, task in enumerate(tasks):
         source.start_task(task, train[task])
-        bs = cfg.train.batch_size
         stats = train_steps(
             model, lambda _s: enc.train_batch(source.batch(rng, bs)), cfg.train.steps_per_task,
             cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_fraction,
@@ -112,8 +112,5 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
 
 
 def _base_info(path: Path) -> dict:
-    f = path / "fedmole_base.json"
-    if not f.is_file():
-        return {}
-    info = json.loads(f.read_text())
+    info = read_base_info(path)
     return {k: info[k] for k in ("steps", "final_loss", "params", "wall_s") if k in info}

@@ -32,7 +32,7 @@ from protocol.config import DataConfig
 from protocol.manifest import SampleRecord, write_manifest
 from simulation.benchmark.tasks import PRETRAIN, TASKS, TaskSpec, check_tasks
 
-GENERATOR_VERSION = "2"  # 2: pretraining adds "what is at the <quadrant>"
+GENERATOR_VERSION = "1"
 SPLIT_INDEX: dict[str, int] = {"train": 0, "test": 1, "pretrain": 2}
 STREAM_FILE = "stream.json"
 STALE_TMP_S = 3600.0  # a temp folder untouched this long belongs to a dead generation

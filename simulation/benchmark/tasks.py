@@ -210,25 +210,7 @@ def _pre_digit_gt(rng: np.random.Generator, split: str, size: int) -> Example:
     return "is the digit greater than four", "yes" if label > 4 else "no", image
 
 
-def _pre_what_at(rng: np.random.Generator, split: str, size: int) -> Example:
-    """Spatial primitive: name what sits in a quadrant (the inverse of the `ground` task)."""
-    n = int(rng.integers(1, 4))
-    quadrants = [int(q) for q in rng.choice(4, size=n, replace=False)]
-    pairs = random_objs(rng, n)
-    objs = []
-    for q, p in zip(quadrants, pairs, strict=True):
-        r, c = divmod(q, 2)
-        dr, dc = (int(v) for v in rng.integers(0, 2, size=2))
-        objs.append(Obj(p.shape, p.color, (2 * r + dr) * GRID + 2 * c + dc))
-    ask = int(rng.integers(4))
-    names = ("top left", "top right", "bottom left", "bottom right")
-    hit = [o for o in objs if o.quadrant == names[ask]]
-    answer = f"{hit[0].color} {hit[0].shape}" if hit else "nothing"
-    return f"what is at the {names[ask]}", answer, render(objs, size, rng)
-
-
-_PRETRAIN_KINDS = (_pre_shape, _pre_exists, _pre_repeat, _pre_successor, _pre_digit_gt,
-                   _pre_what_at)
+_PRETRAIN_KINDS = (_pre_shape, _pre_exists, _pre_repeat, _pre_successor, _pre_digit_gt)
 
 
 def _pretrain_one(rng: np.random.Generator, split: str, size: int) -> Example:

@@ -220,6 +220,24 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _number(key: str, value: Any, typ: type) -> int | float:
+    """int or float from a TOML number or a CLI string; bools are not numbers here."""
+    what = "an integer" if typ is int else "a number"
+    if not isinstance(value, bool):
+        if typ is float and isinstance(value, int | float):
+            return float(value)
+        if typ is int and isinstance(value, int):
+            return value
+        if typ is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return typ(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"`{key}` must be {what}, got {value!r}")
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Coerce one raw value (TOML, Flower run config or a CLI string) to the field's type."""
     if typ is bool:
@@ -228,30 +246,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         raise ConfigError(f"`{key}` must be a boolean (true/false), got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"`{key}` must be a number, got {value!r}")
+    if typ in (int, float):
+        return _number(key, value, typ)
     if typ is str:
         if isinstance(value, str):
             return value

@@ -175,6 +175,53 @@ class ReplayConfig:
                f"one of {', '.join(REPLAY_POLICY_NAMES)}", self.policy)
 
 
+DMOLE_ALLOCATIONS = ("gradient", "uniform", "all-modules")
+DMOLE_ROUTERS = ("autoencoder", "oracle", "none")
+
+
+@dataclass(frozen=True)
+class DmoleConfig:
+    """D-MoLE (shared/dmole.md): proxy → budgeted allocation → curriculum → router."""
+
+    # κ: new experts per task = round(κ · |candidate modules|).
+    budget_fraction: float = 0.5
+    # Every modality gets at least floor · B experts (D-MoLE: vision ≥ 25%).
+    modality_floor: float = 0.25
+    # gradient (D-MoLE) | uniform (ablation: no curriculum) | all-modules (ablation: no allocator,
+    # rank lowered to equal parameters).
+    allocation: str = "gradient"
+    # Proxy data: this fraction of the task's training batches, at least proxy-min-batches.
+    proxy_fraction: float = 0.01
+    proxy_min_batches: int = 2
+    # Router: autoencoder (D-MoLE) | oracle (true task id, measures the router's cost) | none
+    # (ablation: every expert always on).
+    router: str = "autoencoder"
+    router_quantile: float = 0.95
+    router_hidden: int = 128
+    # Co-activate the best-matching older task's experts (frozen) when it wins ≥ this share of
+    # the batch's routing votes; 0 disables co-activation.
+    coactivate_share: float = 0.3
+
+    def validate(self) -> None:
+        _check(0 < self.budget_fraction <= 1, "dmole.budget-fraction", "in (0, 1]",
+               self.budget_fraction)
+        _check(0 <= self.modality_floor < 1, "dmole.modality-floor", "in [0, 1)",
+               self.modality_floor)
+        _check(self.allocation in DMOLE_ALLOCATIONS, "dmole.allocation",
+               f"one of {', '.join(DMOLE_ALLOCATIONS)}", self.allocation)
+        _check(0 < self.proxy_fraction <= 1, "dmole.proxy-fraction", "in (0, 1]",
+               self.proxy_fraction)
+        _check(self.proxy_min_batches >= 1, "dmole.proxy-min-batches", ">= 1",
+               self.proxy_min_batches)
+        _check(self.router in DMOLE_ROUTERS, "dmole.router", f"one of {', '.join(DMOLE_ROUTERS)}",
+               self.router)
+        _check(0 < self.router_quantile < 1, "dmole.router-quantile", "in (0, 1)",
+               self.router_quantile)
+        _check(self.router_hidden > 0, "dmole.router-hidden", "> 0", self.router_hidden)
+        _check(0 <= self.coactivate_share <= 1, "dmole.coactivate-share", "in [0, 1]",
+               self.coactivate_share)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +230,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    dmole: DmoleConfig = field(default_factory=DmoleConfig)
 
     def validate(self) -> None:
         for f in fields(self):

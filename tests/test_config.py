@@ -33,6 +33,9 @@ def test_default_file_equals_builtin_defaults():
         ("model.text-hidden", 130, "divisible by model.text-heads"),
         ("model.base-path", "/no/such/ckpt", "`model.base-path` must be an existing local"),
         ("replay.policy", "fifo", "`replay.policy` must be one of balanced-reservoir"),
+        ("dmole.budget-fraction", 0.0, "`dmole.budget-fraction` must be in (0, 1], got 0.0"),
+        ("dmole.router", "gate", "`dmole.router` must be one of autoencoder, oracle, none"),
+        ("dmole.allocation", "random", "`dmole.allocation` must be one of gradient, uniform"),
     ],
 )
 def test_bad_values_name_key_and_value(key, value, fragment):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from mole.backbone import read_base_info
 from mole.batching import Encoder
 from mole.experts import ExpertModel
 from mole.modality import modality_map, modules_by_modality
+from mole.model import MoleModel
 from mole.steps import evaluate, train_steps
 from protocol.config import RunConfig
 from protocol.manifest import Sample, load_samples
@@ -32,23 +34,38 @@ log = logging.getLogger(__name__)
 ADAPTER = "shared"  # PEFT warns on names containing "lora"
 
 
-def _load_stream(cfg: RunConfig, data_root: Path
-                 ) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
-    train = {t: load_samples(data_root / t, "train") for t in cfg.data.tasks}
-    test = {t: load_samples(data_root / t, "test") for t in cfg.data.tasks}
-    return train, test
+@dataclass
+class Stream:
+    """Everything a continual run needs: the base model, its encoder and the task data."""
+
+    model: MoleModel
+    enc: Encoder
+    base_path: Path
+    tasks: list[str]
+    train: dict[str, list[Sample]]
+    test: dict[str, list[Sample]]
+    metrics: dict[str, tuple[str, ...]]
+
+
+def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
+    data_root = ensure_benchmark(cfg.data)
+    model, tok, base_path = load_base(cfg, data_root, progress)
+    enc = Encoder(tok, model.n_image_tokens, model.image_size, cfg.model.max_length)
+    tasks = list(cfg.data.tasks)
+    return Stream(
+        model, enc, base_path, tasks,
+        train={t: load_samples(data_root / t, "train") for t in tasks},
+        test={t: load_samples(data_root / t, "test") for t in tasks},
+        metrics={t: task_metrics(t) for t in tasks},
+    )
 
 
 def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     source = make_source(method, cfg)  # fail fast on an unknown method
-    data_root = ensure_benchmark(cfg.data)
-    model, tok, base_path = load_base(cfg, data_root, progress)
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, cfg.model.max_length)
-    tasks = list(cfg.data.tasks)
-    train, test = _load_stream(cfg, data_root)
-    metrics = {t: task_metrics(t) for t in tasks}
+    st = prepare_stream(cfg, progress)
+    model, enc, tasks, train, test, metrics = st.model, st.enc, st.tasks, st.train, st.test, st.metrics
     rng = np.random.default_rng(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
@@ -97,7 +114,7 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         "train": train_log,
         "trainable_params": n_trainable,
         "experts_per_modality": {m: len(v) for m, v in modules_by_modality(mmap).items()},
-        "base": {"path": str(base_path), **_base_info(base_path)},
+        "base": base_summary(st.base_path),
         "notes": [
             f"{method}: one LoRA adapter (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}) on all "
             f"{len(mmap)} attention projections; {n_trainable} trainable parameters.",
@@ -111,6 +128,7 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
     )
 
 
-def _base_info(path: Path) -> dict:
+def base_summary(path: Path) -> dict:
     info = read_base_info(path)
-    return {k: info[k] for k in ("steps", "final_loss", "params", "wall_s") if k in info}
+    return {"path": str(path),
+            **{k: info[k] for k in ("steps", "final_loss", "params", "wall_s") if k in info}}

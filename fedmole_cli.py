@@ -52,21 +52,29 @@ def _guard(fn):
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="seq-lora | replay-lora | joint")] = "seq-lora",
+    method: Annotated[str, typer.Option(help="seq-lora | replay-lora | joint | dmole")] = "seq-lora",
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/train"),
+    replay: Annotated[bool, typer.Option("--replay", help="dmole: add the replay buffer")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Centralized continual run over the task stream; writes metrics.json, report.md, plot."""
     from simulation.centralized import run_centralized
+    from simulation.dmole import run_dmole
     from simulation.methods import METHODS
     from simulation.report import comparison_table
 
-    if method not in METHODS:
-        raise _fail(EXIT_USAGE, f"unknown --method {method!r}; known: {', '.join(METHODS)}")
+    known = [*METHODS, "dmole"]
+    if method not in known:
+        raise _fail(EXIT_USAGE, f"unknown --method {method!r}; known: {', '.join(known)}")
+    if replay and method != "dmole":
+        raise _fail(EXIT_USAGE, "--replay goes with --method dmole (use --method replay-lora)")
     cfg = _guard(lambda: _config(config, set_))
-    m = _guard(lambda: run_centralized(cfg, method, out, progress=not quiet))
+    if method == "dmole":
+        m = _guard(lambda: run_dmole(cfg, out, replay=replay, progress=not quiet))
+    else:
+        m = _guard(lambda: run_centralized(cfg, method, out, progress=not quiet))
     typer.echo(comparison_table([m]))
     typer.echo(f"report: {out / 'report.md'}")
 

@@ -1,0 +1,335 @@
+"""D-MoLE's router: one autoencoder per task; a sample goes to the task that reconstructs it best.
+
+Features (all experts off, so they do not drift as experts are added) are a list of per-modality
+blocks, each L2-normalised, concatenated and L2-normalised again:
+
+    z = norm([ norm(max_P vision(image)) | norm(h_LM(<sep>)) ])          (D = Σ d_k)
+
+The vision block is the max-pool over the P projected patch features (zeros for a text-only
+sample); the text block is the LM's last hidden state at the prompt's final <sep> token, which has
+read the whole instruction (and the image): when tasks share one image distribution only the
+instruction tells them apart, and this token routed better than mean-pooled text (dmole.md). A new
+modality (audio) appends a block to ``DEFAULT_BLOCKS``.
+
+Routing, per sample (FedMoLE; D-MoLE votes once per batch):  e_k(z) = mean((AE_k(z) − z)²),
+k* = argmin {e_k(z) : e_k(z) < τ_k}, none → None (the base model answers). τ_k is a quantile
+(default 0.95) of task k's own training errors, stored with the router.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mole.batching import Batch, Encoder
+from mole.experts import ExpertModel
+from mole.model import MoleModel
+from protocol.manifest import Sample
+
+FeatureBlock = Callable[[MoleModel, Batch], torch.Tensor]  # prompt batch → (B, d_k), un-normalised
+
+
+def vision_block(model: MoleModel, batch: Batch) -> torch.Tensor:
+    """(B, d): max over each image's P projected patch features; zeros where a row has no image."""
+    has_img = (batch.input_ids == model.image_token_id).any(dim=1)  # (B,)
+    out = torch.zeros(batch.input_ids.shape[0], model.hidden_size, device=batch.input_ids.device)
+    if batch.pixel_values is not None and batch.pixel_values.shape[0]:
+        n_img = batch.pixel_values.shape[0]
+        feats = model._image_features(batch.pixel_values)  # (N_img·P, d)
+        out[has_img] = feats.view(n_img, -1, feats.shape[-1]).amax(dim=1).float()  # (N_img, d)
+    return out
+
+
+def instruction_block(model: MoleModel, batch: Batch) -> torch.Tensor:
+    """(B, d): the LM's last hidden state at the final prompt token (<sep>, left padding)."""
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.pixel_values)  # (B, T, d)
+    return hidden[:, -1].float()  # (B, d)
+
+
+DEFAULT_BLOCKS: tuple[FeatureBlock, ...] = (vision_block, instruction_block)
+
+
+@torch.no_grad()
+def feature_blocks(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequence[Sample],
+                   batch_size: int, blocks: Sequence[FeatureBlock] = DEFAULT_BLOCKS
+                   ) -> list[torch.Tensor]:
+    """Raw blocks, each (N, d_k) on the CPU, computed with all experts off.
+
+    An ``ExpertModel`` is switched to the base for the duration; a bare ``MoleModel`` must have
+    no active expert (the caller's guarantee).
+    """
+    if not samples:
+        raise ValueError("no samples to compute router features for")
+    net = model.model if isinstance(model, ExpertModel) else model
+    was_training = net.training
+    net.eval()
+    parts: list[list[torch.Tensor]] = [[] for _ in blocks]
+    try:
+        with model.only([]) if isinstance(model, ExpertModel) else nullcontext():
+            for i in range(0, len(samples), batch_size):
+                b = enc.prompt_batch(samples[i: i + batch_size]).to(net.device)
+                assert bool((b.input_ids[:, -1] == enc.sep_id).all()), "prompts must end in <sep>"
+                for part, block in zip(parts, blocks, strict=True):
+                    part.append(block(net, b).cpu())
+    finally:
+        net.train(was_training)
+    return [torch.cat(p) for p in parts]
+
+
+def combine_blocks(blocks: Sequence[torch.Tensor], weights: Sequence[float] | None = None
+                   ) -> torch.Tensor:
+    """[(N, d_k)] → (N, Σ d_k): each block L2-normalised (a zero block stays zero) and scaled by
+    its weight (default 1: D-MoLE's plain concatenation), then the whole L2-normalised."""
+    w = [1.0] * len(blocks) if weights is None else list(weights)
+    if len(w) != len(blocks) or any(x < 0 for x in w):
+        raise ValueError(f"need one weight >= 0 per feature block ({len(blocks)}), got {w}")
+    scaled = [x * F.normalize(b.float(), dim=1) for x, b in zip(w, blocks, strict=True)]  # (N, d_k)
+    return F.normalize(torch.cat(scaled, dim=1), dim=1)
+
+
+def router_features(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequence[Sample],
+                    batch_size: int, blocks: Sequence[FeatureBlock] = DEFAULT_BLOCKS,
+                    weights: Sequence[float] | None = None) -> torch.Tensor:
+    """(N, D) routing features, sample order kept; layout follows ``blocks`` (vision | text)."""
+    return combine_blocks(feature_blocks(model, enc, samples, batch_size, blocks), weights)
+
+
+class TaskAutoencoder(nn.Module):
+    """D-MoLE's AE (Linear→ReLU→Linear→Sigmoid) with the Sigmoid's (0, 1) stretched to (−1, 1).
+
+    Features are L2-normalised, so coordinates are signed: a plain Sigmoid cannot reconstruct the
+    negative half and leaves an error floor that is the same for every task and drowns the
+    signal. ``2σ(·) − 1`` keeps D-MoLE's bounded output and covers exactly the range of a unit
+    vector's coordinates, so e_k(z) = mean((AE(z) − z)²) compares like with like.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(hidden, dim), nn.Sigmoid())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) → (N, D)
+        return 2.0 * self.decoder(self.encoder(z)) - 1.0
+
+
+def _check_features(features: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if features.ndim != 2 or (dim is not None and features.shape[1] != dim):
+        want = f"(N, {dim})" if dim is not None else "(N, D)"
+        raise ValueError(f"router features must have shape {want}, got {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("router features contain NaN or inf")
+    return features.detach().float().cpu()
+
+
+def reconstruction_error(ae: TaskAutoencoder, features: torch.Tensor) -> torch.Tensor:
+    """(N, D) → (N,): e(z) = mean over coordinates of (AE(z) − z)²."""
+    z = _check_features(features)
+    ae.eval()
+    with torch.no_grad():
+        return ((ae(z) - z) ** 2).mean(dim=1)
+
+
+def fit_autoencoder(features: torch.Tensor, hidden: int = 128, epochs: int = 200, lr: float = 1e-3,
+                    val_fraction: float = 0.1, patience: int = 20, seed: int = 0,
+                    batch_size: int = 64) -> TaskAutoencoder:
+    """Adam + MSE, early stopping on a held-out ``val_fraction`` (best weights restored).
+
+    Deterministic for a seed: init, split and shuffling use their own seeded RNG (global RNG
+    untouched). ``val_fraction=0`` trains all epochs and keeps the last weights.
+    """
+    z = _check_features(features)
+    n = z.shape[0]
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    if n - n_val < 1 or epochs < 1 or patience < 1:
+        raise ValueError(f"need >= {n_val + 1} features, epochs >= 1 and patience >= 1; got "
+                         f"{n} features, epochs={epochs}, patience={patience}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ae = TaskAutoencoder(z.shape[1], hidden)
+    perm = torch.randperm(n, generator=gen)
+    val, train = z[perm[:n_val]], z[perm[n_val:]]
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    best, best_state, bad = float("inf"), {k: v.clone() for k, v in ae.state_dict().items()}, 0
+    for _ in range(epochs):
+        ae.train()
+        for idx in torch.randperm(train.shape[0], generator=gen).split(batch_size):
+            loss = F.mse_loss(ae(train[idx]), train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if n_val == 0:
+            continue
+        v = float(reconstruction_error(ae, val).mean())
+        if v < best:
+            best, bad = v, 0
+            best_state = {k: t.clone() for k, t in ae.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if n_val:
+        ae.load_state_dict(best_state)
+    return ae.eval()
+
+
+def threshold(errors: torch.Tensor, quantile: float) -> float:
+    """τ = the ``quantile`` of a task's training reconstruction errors (linear interpolation)."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"router quantile must be in (0, 1], got {quantile}")
+    if errors.ndim != 1 or errors.numel() == 0 or not bool(torch.isfinite(errors).all()):
+        raise ValueError(f"errors must be a non-empty finite 1-D tensor, got shape {tuple(errors.shape)}")
+    return float(torch.quantile(errors.double(), quantile))
+
+
+@dataclass
+class RouteEntry:
+    autoencoder: TaskAutoencoder
+    threshold: float  # τ_k
+    quantile: float  # the quantile τ_k was taken at
+
+
+ROUTER_JSON, ROUTER_WEIGHTS = "router.json", "router.safetensors"
+
+
+@dataclass
+class TaskRouter:
+    """Ordered task → (autoencoder, τ); ties in error go to the earlier task."""
+
+    hidden: int = 128
+    quantile: float = 0.95
+    feature_dim: int | None = None  # fixed by the first task
+    tasks: dict[str, RouteEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"router hidden size must be >= 1, got {self.hidden}")
+        if not 0 < self.quantile <= 1:
+            raise ValueError(f"router quantile must be in (0, 1], got {self.quantile}")
+
+    def add_task(self, task: str, features: torch.Tensor, quantile: float | None = None,
+                 **fit: Any) -> RouteEntry:
+        """Fit task's AE on its (N, D) training features; τ from the errors on all of them."""
+        q = self.quantile if quantile is None else quantile
+        if not 0 < q <= 1:  # checked before the fit, not after it
+            raise ValueError(f"router quantile must be in (0, 1], got {q}")
+        z = _check_features(features, self.feature_dim)
+        ae = fit_autoencoder(z, hidden=self.hidden, **fit)
+        return self.put(task, ae, threshold(reconstruction_error(ae, z), q), q)
+
+    def put(self, task: str, ae: TaskAutoencoder, tau: float, quantile: float) -> RouteEntry:
+        """Install an already-fitted AE (e.g. one the cloud aggregated from clients)."""
+        if task in self.tasks:
+            raise ValueError(f"router already has task {task!r}; tasks: {list(self.tasks)}")
+        first: nn.Linear = ae.encoder[0]  # type: ignore[assignment]
+        dim, hidden = first.in_features, first.out_features
+        if (self.feature_dim is not None and dim != self.feature_dim) or hidden != self.hidden:
+            raise ValueError(f"autoencoder for {task!r} is {dim}→{hidden}; the router expects "
+                             f"{self.feature_dim}→{self.hidden}")
+        self.feature_dim = dim
+        self.tasks[task] = RouteEntry(ae.eval(), float(tau), float(quantile))
+        return self.tasks[task]
+
+    def errors(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) → (N, n_tasks) reconstruction errors, columns in task order."""
+        z = _check_features(features, self.feature_dim)
+        cols = [reconstruction_error(e.autoencoder, z) for e in self.tasks.values()]
+        return torch.stack(cols, dim=1) if cols else torch.zeros(z.shape[0], 0)
+
+    def route(self, features: torch.Tensor) -> list[str | None]:
+        """Per sample: the lowest-error task among those under their τ; None if no task claims it."""
+        err = self.errors(features)  # (N, K)
+        if err.shape[1] == 0:
+            return [None] * err.shape[0]
+        taus = torch.tensor([e.threshold for e in self.tasks.values()], dtype=err.dtype)
+        masked = torch.where(err < taus, err, torch.full_like(err, float("inf")))
+        best = masked.argmin(dim=1)  # first minimum → earlier task on ties
+        names = list(self.tasks)
+        return [names[int(k)] if torch.isfinite(masked[i, k]) else None for i, k in enumerate(best)]
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {f"{t}/{k}": v.detach().contiguous().cpu()
+                   for t, e in self.tasks.items() for k, v in e.autoencoder.state_dict().items()}
+        save_file(weights, str(folder / ROUTER_WEIGHTS), metadata={"format": "fedmole-router"})
+        meta = {"format": "fedmole-router", "version": 1, "feature_dim": self.feature_dim,
+                "hidden": self.hidden, "quantile": self.quantile,
+                "tasks": [{"name": t, "threshold": e.threshold, "quantile": e.quantile}
+                          for t, e in self.tasks.items()]}
+        (folder / ROUTER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> TaskRouter:
+        """Inverse of ``save``; any missing, malformed or inconsistent piece is a ValueError."""
+        meta_path, w_path = folder / ROUTER_JSON, folder / ROUTER_WEIGHTS
+        for p in (meta_path, w_path):
+            if not p.is_file():
+                raise ValueError(f"router file {str(p)!r} is missing; save the router with TaskRouter.save")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(meta_path)!r} is not valid JSON: {e}") from e
+        try:
+            weights = load_file(str(w_path))
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise ValueError(f"router weights {str(w_path)!r} are unreadable: {e}") from e
+        router = cls(hidden=_num(meta, "hidden", int, meta_path),
+                     quantile=_num(meta, "quantile", float, meta_path))
+        dim = meta.get("feature_dim") if isinstance(meta, dict) else None
+        tasks = meta.get("tasks") if isinstance(meta, dict) else None
+        if not isinstance(tasks, list) or (tasks and not isinstance(dim, int)):
+            raise ValueError(f"{str(meta_path)!r}: fields `tasks` (a list) and `feature_dim` (an int) "
+                             "are required")
+        expected: set[str] = set()
+        for i, rec in enumerate(tasks):
+            name = rec.get("name") if isinstance(rec, dict) else None
+            if not isinstance(name, str) or not name or name in router.tasks:
+                raise ValueError(f"{str(meta_path)!r}: `tasks[{i}].name` must be a new non-empty string, "
+                                 f"got {name!r}")
+            ae = TaskAutoencoder(int(dim), router.hidden)  # type: ignore[arg-type]
+            state = {}
+            for key, ref in ae.state_dict().items():
+                full = f"{name}/{key}"
+                if full not in weights:
+                    raise ValueError(f"{str(w_path)!r} lacks weights for task {name!r} (key {full!r})")
+                if weights[full].shape != ref.shape:
+                    raise ValueError(f"{str(w_path)!r}: {full!r} has shape {tuple(weights[full].shape)}, "
+                                     f"expected {tuple(ref.shape)} (feature_dim {dim}, "
+                                     f"hidden {router.hidden})")
+                state[key] = weights[full]
+                expected.add(full)
+            ae.load_state_dict(state)
+            router.put(name, ae, _num(rec, "threshold", float, meta_path, f"tasks[{i}]."),
+                       _num(rec, "quantile", float, meta_path, f"tasks[{i}]."))
+        extra = sorted(set(weights) - expected)
+        if extra:
+            raise ValueError(f"{str(w_path)!r} has weights for no task in {ROUTER_JSON}: {extra[:5]}")
+        return router
+
+
+def _num(d: Any, key: str, kind: type, path: Path, prefix: str = "") -> Any:
+    """A finite number field of router.json, or a ValueError naming the file and field."""
+    v = d.get(key) if isinstance(d, dict) else None
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    if not ok or (kind is int and not isinstance(v, int)):
+        raise ValueError(f"{str(path)!r}: field `{prefix}{key}` must be a finite {kind.__name__}, got {v!r}")
+    return kind(v)
+
+
+def routing_accuracy(pred: Sequence[str | None], truth: Sequence[str | None]) -> float:
+    """Percent of samples routed to their own task (None counts as a task: "base model")."""
+    if len(pred) != len(truth) or not truth:
+        raise ValueError(f"need equal, non-empty prediction and truth lists, "
+                         f"got {len(pred)} and {len(truth)}")
+    return 100.0 * sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth)

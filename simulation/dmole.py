@@ -1,0 +1,240 @@
+"""Centralized D-MoLE over the task stream (shared/dmole.md), with its ablations.
+
+For each task t:
+ (a) proxy  — accumulated-gradient norms of every candidate module's base weights on ~1% of
+     task t's training batches, experts off;
+ (b,c) plan — ``cloud.allocator.allocate``: budget B = round(κ·|M|) split across modalities by
+     gradient mass with a floor, top modules per modality; a new expert (PEFT adapter named t)
+     on exactly those modules;
+ (d) router — an autoencoder on task t's base-model features; τ_t = quantile of its own errors;
+ (e) train — only expert t learns; the best-matching older task (by routing t's training
+     samples through the older autoencoders, ≥ ``dmole.coactivate-share`` of the votes) joins the
+     forward pass frozen. D-MoLE votes per batch; our batches are task-homogeneous, so one vote
+     over the task's samples is the same rule computed once. The partner is remembered and
+     co-activated again whenever a sample is routed to t, so inference sees the expert set that
+     training saw.
+Evaluation routes every test sample on its own (mixed batches are fine): its routed task's
+experts answer, or the base model when no autoencoder claims the sample.
+
+``--replay`` adds the bounded replay buffer to training batches: the new expert then also sees
+old tasks' samples (with its partner active), which teaches it not to break them when the router
+sends an old sample its way — the router is the part that can still forget.
+
+Ablations (config): ``dmole.allocation = uniform`` (no curriculum), ``all-modules`` (an expert in
+every module, rank lowered to equal parameters), ``dmole.router = none`` (all experts on) or
+``oracle`` (the true task: the gap to it is the router's cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cloud.allocator import all_modules_allocation, allocate, equal_param_rank
+from edge.replay import make_replay_buffer, mix_batch_sizes
+from mole.experts import ExpertModel
+from mole.modality import modality_map
+from mole.proxy import proxy_batch_count, proxy_scores
+from mole.router import TaskRouter, router_features, routing_accuracy
+from mole.scoring import score_answers
+from mole.steps import generate_answers, train_steps
+from protocol.config import RunConfig
+from protocol.manifest import Sample
+from protocol.plan import ExpertPlan
+from simulation.centralized import Stream, base_summary, prepare_stream
+from simulation.report import write_run_outputs
+
+log = logging.getLogger(__name__)
+
+
+def _partner(router: TaskRouter, feats: torch.Tensor, share: float) -> str | None:
+    """The older task most of these samples route to, if it holds ≥ ``share`` of the votes."""
+    if share <= 0 or not router.tasks:
+        return None
+    votes = Counter(r for r in router.route(feats) if r is not None)
+    if not votes:
+        return None
+    task, n = votes.most_common(1)[0]
+    return task if n / feats.shape[0] >= share else None
+
+
+class DmoleLearner:
+    """The per-task steps of D-MoLE on one model; the federated client reuses the same pieces."""
+
+    def __init__(self, cfg: RunConfig, stream: Stream):
+        self.cfg = cfg
+        self.s = stream
+        self.experts = ExpertModel(stream.model)
+        self.mmap = modality_map(stream.model)
+        self.plan = ExpertPlan.empty(self.mmap)
+        self.router = TaskRouter(hidden=cfg.dmole.router_hidden, quantile=cfg.dmole.router_quantile)
+        self.partners: dict[str, list[str]] = {}
+        self.rank = cfg.lora.rank
+        if cfg.dmole.allocation == "all-modules":
+            budget = round(cfg.dmole.budget_fraction * len(self.mmap))
+            self.rank = equal_param_rank(cfg.lora.rank, budget, len(self.mmap))
+        self.feat_cache: dict[str, torch.Tensor] = {}
+
+    def features(self, key: str, samples: list[Sample]) -> torch.Tensor:
+        """Base-model router features (N, D); the base is frozen, so they are cached by key."""
+        if key not in self.feat_cache:
+            self.feat_cache[key] = router_features(self.experts, self.s.enc, samples,
+                                                   self.cfg.train.eval_batch_size)
+        return self.feat_cache[key]
+
+    def plan_task(self, task: str, rng: np.random.Generator) -> dict:
+        cfg, train = self.cfg, self.s.train[task]
+        t0 = time.perf_counter()
+        bs = cfg.train.batch_size
+        n_b = proxy_batch_count(len(train), bs, cfg.dmole.proxy_fraction,
+                                cfg.dmole.proxy_min_batches)
+        order = rng.permutation(len(train))
+        batches = [self.s.enc.train_batch([train[int(i)] for i in order[k * bs:(k + 1) * bs]])
+                   for k in range(n_b) if order[k * bs:(k + 1) * bs].size]
+        proxy = proxy_scores(self.experts, batches, list(self.mmap))
+        if cfg.dmole.allocation == "all-modules":
+            alloc = all_modules_allocation(task, self.mmap, proxy.scores)
+        else:
+            alloc = allocate(task, proxy.scores, self.mmap, kappa=cfg.dmole.budget_fraction,
+                             floor=cfg.dmole.modality_floor,
+                             uniform=cfg.dmole.allocation == "uniform")
+        alloc = dataclasses.replace(alloc, seconds=time.perf_counter() - t0)
+        self.plan = self.plan.with_task(alloc, self.rank, self._alpha())
+        lora = dataclasses.replace(cfg.lora, rank=self.rank, alpha=self._alpha())
+        self.experts.add_expert(task, list(alloc.modules), lora)
+        return {"proxy_s": proxy.seconds, "plan_s": alloc.seconds, "proxy_batches": n_b,
+                "per_modality": dict(alloc.per_modality), "shares": dict(alloc.shares)}
+
+    def _alpha(self) -> int:
+        # Keep alpha/rank (the LoRA scale) when the ablation lowers the rank.
+        return max(1, round(self.cfg.lora.alpha * self.rank / self.cfg.lora.rank))
+
+    def fit_router(self, task: str) -> str | None:
+        feats = self.features(f"train/{task}", self.s.train[task])
+        partner = _partner(self.router, feats, self.cfg.dmole.coactivate_share)
+        self.partners[task] = [partner] if partner else []
+        self.router.add_task(task, feats)
+        return partner
+
+    def train_task(self, task: str, rng: np.random.Generator, buffer, progress: bool, desc: str):
+        cfg, enc, cur = self.cfg, self.s.enc, self.s.train[task]
+        self.experts.activate([task, *self.partners[task]], trainable=task)
+        bs = cfg.train.batch_size
+
+        def next_batch(_: int):
+            n_cur, n_old = mix_batch_sizes(bs, cfg.replay.mix_ratio, len(buffer)) if buffer \
+                else (bs, 0)
+            old = buffer.sample(n_old, rng) if n_old else []
+            return enc.train_batch([cur[int(i)] for i in rng.integers(0, len(cur), n_cur)] + old)
+
+        stats = train_steps(self.s.model, next_batch, cfg.train.steps_per_task, cfg.train.lr,
+                            cfg.train.weight_decay, cfg.train.warmup_fraction, desc=desc,
+                            progress=progress)
+        self.experts.activate([])
+        return stats
+
+    def routes(self, task: str, seen: list[str]) -> list[str | None]:
+        samples = self.s.test[task]
+        mode = self.cfg.dmole.router
+        if mode == "oracle":
+            return [task if task in seen else None] * len(samples)
+        if mode == "none":
+            return ["*"] * len(samples)
+        return self.router.route(self.features(f"test/{task}", samples))
+
+    def evaluate(self, task: str, seen: list[str]) -> dict[str, float]:
+        """Per-sample routing: group samples by routed task, answer each group with its experts."""
+        samples = self.s.test[task]
+        routes = self.routes(task, seen)
+        preds: list[str] = [""] * len(samples)
+        for route in dict.fromkeys(routes):
+            idx = [i for i, r in enumerate(routes) if r == route]
+            active = (list(seen) if route == "*" else
+                      [] if route is None else [route, *self.partners.get(route, [])])
+            with self.experts.only(active):
+                out = generate_answers(self.s.model, self.s.enc, [samples[i] for i in idx],
+                                       self.cfg.train.eval_batch_size, self.cfg.train.max_new_tokens)
+            for i, p in zip(idx, out, strict=True):
+                preds[i] = p
+        return score_answers(preds, [s.answer for s in samples], self.s.metrics[task])
+
+
+def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    stream = prepare_stream(cfg, progress)
+    learner = DmoleLearner(cfg, stream)
+    tasks = stream.tasks
+    rng = np.random.default_rng(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    buffer = make_replay_buffer(cfg.replay.policy, cfg.replay.buffer_size, cfg.train.seed) \
+        if replay else None
+    zero = {t: learner.evaluate(t, []) for t in tasks}  # no task seen: the base model answers
+
+    acc: list[list[float]] = []
+    rows: list[dict[str, dict[str, float]]] = []
+    per_task: list[dict] = []
+    method = "dmole" + ("-replay" if replay else "")
+    for t, task in enumerate(tasks):
+        planned = learner.plan_task(task, rng)
+        t_router = time.perf_counter()
+        partner = learner.fit_router(task)
+        router_s = time.perf_counter() - t_router
+        stats = learner.train_task(task, rng, buffer, progress,
+                                   f"{method} task {t + 1}/{len(tasks)} {task}")
+        if buffer is not None:
+            buffer.add(task, stream.train[task])
+        seen = tasks[: t + 1]
+        detail = {i: learner.evaluate(i, seen) for i in tasks}
+        rows.append(detail)
+        acc.append([detail[i]["exact"] for i in tasks])
+        learner.experts.save_expert(task, out / "experts")
+        per_task.append({"task": task, **planned, "partner": partner,
+                         "router_fit_s": round(router_s, 3), "train_s": round(stats.seconds, 2),
+                         "last_loss": round(stats.last_loss, 4),
+                         "proxy_plan_over_train": round(
+                             (planned["proxy_s"] + planned["plan_s"]) / stats.seconds, 4)})
+        if progress:
+            print(f"[{method}] after task {t + 1}/{len(tasks)} ({task}, experts "
+                  f"{planned['per_modality']}, partner {partner}): "
+                  + " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, acc[-1], strict=True)),
+                  flush=True)
+
+    learner.plan.save(out / "plan.json")
+    learner.router.save(out / "router")
+    truth = [t for t in tasks for _ in stream.test[t]]
+    pred = [r for t in tasks for r in learner.routes(t, tasks)]
+    router_acc = routing_accuracy(pred, truth) if cfg.dmole.router == "autoencoder" else None
+    extra = {
+        "task_scores": rows[-1],
+        "zero_shot_scores": zero,
+        "dmole": {
+            "allocation": cfg.dmole.allocation, "router": cfg.dmole.router, "replay": replay,
+            "rank": learner.rank, "per_task": per_task,
+            "experts_per_modality": {t: learner.plan.experts_per_modality(t) for t in tasks},
+            "router_accuracy": router_acc,
+            "proxy_plan_over_train": round(
+                sum(p["proxy_s"] + p["plan_s"] for p in per_task)
+                / sum(p["train_s"] for p in per_task), 4),
+        },
+        "trainable_params": sum(p.numel() for n, p in stream.model.named_parameters()
+                                if "lora_" in n),
+        "base": base_summary(stream.base_path),
+        "notes": [
+            f"{method}: {len(learner.mmap)} candidate modules, κ={cfg.dmole.budget_fraction}, "
+            f"floor {cfg.dmole.modality_floor}, allocation {cfg.dmole.allocation}, "
+            f"router {cfg.dmole.router}, experts of rank {learner.rank}.",
+            f"Router accuracy on the mixed test set: {router_acc if router_acc is not None else 'n/a'}.",
+        ],
+    }
+    return write_run_outputs(
+        out, method=method, tasks=tasks, acc_matrix=acc,
+        zero_shot=[zero[t]["exact"] for t in tasks], bytes_up=0, bytes_down=0,
+        wall_s=time.perf_counter() - t_start, config=cfg.to_flat(), extra=extra,
+    )

@@ -198,6 +198,10 @@ class DmoleConfig:
     router: str = "autoencoder"
     router_quantile: float = 0.95
     router_hidden: int = 128
+    # Weight of the vision block in the router features (text block weight 1). Five of the six
+    # default tasks share one image distribution, so the image mostly adds noise: measured
+    # routing accuracy 90.1% at 1.0 (D-MoLE's equal weight), 93.4% at 0.3, 93.2% at 0.0 (q 0.95).
+    router_vision_weight: float = 0.3
     # Co-activate the best-matching older task's experts (frozen) when it wins ≥ this share of
     # the batch's routing votes; 0 disables co-activation.
     coactivate_share: float = 0.3
@@ -218,6 +222,8 @@ class DmoleConfig:
         _check(0 < self.router_quantile < 1, "dmole.router-quantile", "in (0, 1)",
                self.router_quantile)
         _check(self.router_hidden > 0, "dmole.router-hidden", "> 0", self.router_hidden)
+        _check(self.router_vision_weight >= 0, "dmole.router-vision-weight", ">= 0",
+               self.router_vision_weight)
         _check(0 <= self.coactivate_share <= 1, "dmole.coactivate-share", "in [0, 1]",
                self.coactivate_share)
 

@@ -84,8 +84,9 @@ class DmoleLearner:
     def features(self, key: str, samples: list[Sample]) -> torch.Tensor:
         """Base-model router features (N, D); the base is frozen, so they are cached by key."""
         if key not in self.feat_cache:
-            self.feat_cache[key] = router_features(self.experts, self.s.enc, samples,
-                                                   self.cfg.train.eval_batch_size)
+            self.feat_cache[key] = router_features(
+                self.experts, self.s.enc, samples, self.cfg.train.eval_batch_size,
+                weights=[self.cfg.dmole.router_vision_weight, 1.0])  # (vision, text) blocks
         return self.feat_cache[key]
 
     def plan_task(self, task: str, rng: np.random.Generator) -> dict:

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from cloud.allocator import all_modules_allocation, allocate, equal_param_rank
-from edge.replay import make_replay_buffer, mix_batch_sizes
 from mole.experts import ExpertModel
 from mole.modality import modality_map
 from mole.proxy import proxy_batch_count, proxy_scores
@@ -48,6 +47,7 @@ from protocol.config import RunConfig
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.centralized import Stream, base_summary, prepare_stream
+from simulation.methods import BatchSource, make_source
 from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
@@ -124,21 +124,22 @@ class DmoleLearner:
         self.router.add_task(task, feats)
         return partner
 
-    def train_task(self, task: str, rng: np.random.Generator, buffer, progress: bool, desc: str):
-        cfg, enc, cur = self.cfg, self.s.enc, self.s.train[task]
+    def train_task(self, task: str, rng: np.random.Generator, source: BatchSource, progress: bool,
+                   desc: str):
+        """Train expert ``task`` on batches from ``source`` (current task, or + replay)."""
+        cfg, enc = self.cfg, self.s.enc
         self.experts.activate([task, *self.partners[task]], trainable=task)
+        source.start_task(task, self.s.train[task])
         bs = cfg.train.batch_size
 
         def next_batch(_: int):
-            n_cur, n_old = mix_batch_sizes(bs, cfg.replay.mix_ratio, len(buffer)) if buffer \
-                else (bs, 0)
-            old = buffer.sample(n_old, rng) if n_old else []
-            return enc.train_batch([cur[int(i)] for i in rng.integers(0, len(cur), n_cur)] + old)
+            return enc.train_batch(source.batch(rng, bs))
 
         stats = train_steps(self.s.model, next_batch, cfg.train.steps_per_task, cfg.train.lr,
                             cfg.train.weight_decay, cfg.train.warmup_fraction, desc=desc,
                             progress=progress)
         self.experts.activate([])
+        source.end_task(task, self.s.train[task])
         return stats
 
     def routes(self, task: str, seen: list[str]) -> list[str | None]:
@@ -175,8 +176,8 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
     tasks = stream.tasks
     rng = np.random.default_rng(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    buffer = make_replay_buffer(cfg.replay.policy, cfg.replay.buffer_size, cfg.train.seed) \
-        if replay else None
+    # The baselines' batch sources: the current task only, or mixed with the replay buffer.
+    source = make_source("replay-lora" if replay else "seq-lora", cfg)
     zero = {t: learner.evaluate(t, []) for t in tasks}  # no task seen: the base model answers
 
     acc: list[list[float]] = []
@@ -188,10 +189,8 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
         t_router = time.perf_counter()
         partner = learner.fit_router(task)
         router_s = time.perf_counter() - t_router
-        stats = learner.train_task(task, rng, buffer, progress,
+        stats = learner.train_task(task, rng, source, progress,
                                    f"{method} task {t + 1}/{len(tasks)} {task}")
-        if buffer is not None:
-            buffer.add(task, stream.train[task])
         seen = tasks[: t + 1]
         detail = {i: learner.evaluate(i, seen) for i in tasks}
         rows.append(detail)

@@ -12,6 +12,7 @@ from protocol.config import parse_config
 from protocol.plan import ExpertPlan
 from simulation.centralized import prepare_stream
 from simulation.dmole import DmoleLearner, run_dmole
+from simulation.methods import make_source
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,12 @@ def test_older_experts_stay_bit_identical(cfg):
     first, second = cfg.data.tasks[:2]
     learner.plan_task(first, rng)
     learner.fit_router(first)
-    learner.train_task(first, rng, None, progress=False, desc="t1")
+    learner.train_task(first, rng, make_source("seq-lora", cfg), progress=False, desc="t1")
     snap = {n: p.detach().clone() for n, p in stream.model.named_parameters()
             if f".{first}." in n or "lora_" not in n}
     learner.plan_task(second, rng)
     learner.fit_router(second)
-    learner.train_task(second, rng, None, progress=False, desc="t2")
+    learner.train_task(second, rng, make_source("seq-lora", cfg), progress=False, desc="t2")
     changed = [n for n, p in stream.model.named_parameters() if n in snap
                and not torch.equal(p, snap[n])]
     assert changed == []  # base and task-1 experts untouched

@@ -51,7 +51,7 @@ def main() -> None:
     tok = build_word_tokenizer([w for s in samples for w in (s.instruction, s.answer)])
     torch.manual_seed(0)
     model = build_backbone(cfg.model, tok, cfg.data.image_size).to(device)
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, cfg.model.max_length)
+    enc = Encoder.for_model(tok, model, cfg.model.max_length)
     rng = np.random.default_rng(0)
     bs = cfg.train.batch_size
     batches = [enc.train_batch([samples[i] for i in rng.integers(0, len(samples), bs)]).to(device)

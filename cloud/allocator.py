@@ -4,7 +4,9 @@ Math (dmole.md (b)–(c), generalised to k modalities). Over the candidate modul
 budget is B = round(κ·|M|) new experts. Modality k's share of the gradient mass is
 π_k = S_k / Σ_j S_j with S_k = Σ_{m ∈ k} s_t(m) (all scores zero → π_k = 1/k). Each modality
 gets n_k = max(⌊floor·B⌋, round(B·π_k)) experts, capped at its number of candidates c_k, and
-then the *remainder rule* makes Σ n_k = B exactly:
+then the *remainder rule* makes Σ n_k = B exactly. A modality with zero gradient mass (S_k = 0
+while others have mass) is absent from the task's data — a text-only task sends nothing through
+the vision or audio tower — so it gets no floor: experts there would never receive a gradient.
 
 * while Σ n_k > B: take one from the modality with the largest surplus n_k − B·π_k among those
   still above their floor;
@@ -150,7 +152,9 @@ def split_budget(budget: int, shares: Mapping[str, float], caps: Mapping[str, in
         raise AllocationError(f"`budget` must be an integer in [0, {sum(caps.values())}] (the number "
                               f"of candidates), got {budget!r}")
     target = {k: budget * shares[k] for k in mods}  # B·π_k
-    floors = {k: min(caps[k], math.floor(floor * budget + _EPS)) for k in mods}
+    # No floor for a modality the task does not use (share 0 while another has mass).
+    absent = {k for k in mods if shares[k] == 0} if any(shares[k] > 0 for k in mods) else set()
+    floors = {k: 0 if k in absent else min(caps[k], math.floor(floor * budget + _EPS)) for k in mods}
     n = {k: max(floors[k], min(caps[k], _round_half_up(target[k]))) for k in mods}
     while sum(n.values()) > budget:  # some n_k > floor_k exists: Σ floors ≤ floor·k·B ≤ B
         k = min((k for k in mods if n[k] > floors[k]), key=lambda k: (-round(n[k] - target[k], 9), k))
@@ -171,9 +175,9 @@ def allocate(task: str, scores: Mapping[str, float], modality_of: Mapping[str, s
              kappa: float = 0.5, floor: float = 0.25, uniform: bool = False) -> TaskAllocation:
     """D-MoLE's allocation of task ``task``'s experts from its (aggregated) proxy scores.
 
-    ``uniform=True`` is the "no curriculum" ablation: B is split equally over the modalities
-    (same floors, caps and remainder rule), ignoring the gradient shares; ``shares`` in the
-    result still reports the measured π_k.
+    ``uniform=True`` is the "no curriculum" ablation: B is split equally over the modalities the
+    task uses (π_k > 0; same floors, caps and remainder rule), ignoring the gradient shares;
+    ``shares`` in the result still reports the measured π_k.
     """
     t0 = time.perf_counter()
     task = _check_task(task)
@@ -183,7 +187,8 @@ def allocate(task: str, scores: Mapping[str, float], modality_of: Mapping[str, s
     s = _check_scores(scores, mmap)
     budget = budget_of(len(mmap), kappa)
     shares = gradient_shares(s, mmap)
-    split = {k: 1.0 / len(mods) for k in mods} if uniform else shares
+    present = [k for k in mods if shares[k] > 0]
+    split = {k: (1.0 / len(present) if k in present else 0.0) for k in mods} if uniform else shares
     caps = {k: sum(1 for m in mmap if mmap[m] == k) for k in mods}
     n = split_budget(budget, split, caps, floor)
     chosen = [m for k in mods for m in _top(mmap, s, k, n[k])]

@@ -2,9 +2,12 @@
 
 The default is sized for a CPU: a SigLIP vision tower (64-d × 2 layers, 8-px patches → 16
 patch tokens for a 32-px image) and a Qwen2 language model (128-d × 4 layers, GQA 4/2 heads),
-joined by LLaVA's 2-layer MLP projector. Nothing is downloaded: configs come from
+joined by LLaVA's 2-layer MLP projector, plus (``model.audio-hidden`` > 0) a Whisper audio
+encoder with its own projector (mole.audio). Nothing is downloaded: configs come from
 ``ModelConfig``, the tokenizer from the data (mole.tokenizer). Any LLaVA-family checkpoint in
-``save_pretrained`` layout loads by path with the same code (``model.base-path``).
+``save_pretrained`` layout loads by path with the same code (``model.base-path``); the audio
+tower, when present, sits beside it as ``audio_tower.json`` + ``audio_tower.safetensors`` and
+the Whisper feature extractor's ``preprocessor_config.json``.
 
 Pitfalls handled here (shared/versions.md): SigLIP has no CLS token, so the feature strategy is
 "full" with exactly one <image> token per patch; ``vision_feature_layer=-1`` for a tiny tower;
@@ -17,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
     LlavaConfig,
@@ -24,13 +28,17 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
     SiglipVisionConfig,
+    WhisperFeatureExtractor,
 )
 
+from mole.audio import AudioTower, build_audio_tower, build_feature_extractor
 from mole.model import MoleModel
-from mole.tokenizer import IMAGE, SEP, ensure_special_tokens
+from mole.tokenizer import AUDIO, IMAGE, SEP, ensure_special_tokens
 from protocol.config import ModelConfig
 
 BASE_INFO = "fedmole_base.json"
+AUDIO_CONFIG = "audio_tower.json"
+AUDIO_WEIGHTS = "audio_tower.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -87,7 +95,13 @@ def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_s
     )
     torch.manual_seed(0)  # the architecture's init is part of the (cached) base's identity
     llava = LlavaForConditionalGeneration(config)
-    return MoleModel(llava, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if not cfg.audio_hidden:
+        return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, audio_tower=build_audio_tower(cfg),
+                     audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO),
+                     feature_extractor=build_feature_extractor(cfg))
 
 
 def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Path,
@@ -96,6 +110,12 @@ def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Pa
     path.mkdir(parents=True, exist_ok=True)
     model.llava.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    if model.audio_tower is not None:
+        assert model.feature_extractor is not None
+        save_file({k: v.contiguous() for k, v in model.audio_tower.state_dict().items()},
+                  str(path / AUDIO_WEIGHTS))
+        (path / AUDIO_CONFIG).write_text(json.dumps(model.audio_tower.describe(), indent=2))
+        model.feature_extractor.save_pretrained(path)
     (path / BASE_INFO).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
 
 
@@ -128,10 +148,30 @@ def load_backbone(path: str | Path, device: torch.device | None = None
         )
     if tokenizer.convert_tokens_to_ids(SEP) is None:
         raise CheckpointError(f"tokenizer of {str(p)!r} has no {SEP} token")
+    audio = _load_audio_tower(p, tokenizer)
     model = MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=tokenizer.pad_token_id, **audio)
     model.eval()
     return model.to(device or torch.device("cpu")), tokenizer
+
+
+def _load_audio_tower(p: Path, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """MoleModel's audio arguments from the folder (empty when the base has no audio tower)."""
+    if not (p / AUDIO_CONFIG).is_file():
+        return {}
+    try:
+        tower = AudioTower.from_description(json.loads((p / AUDIO_CONFIG).read_text()))
+        tower.load_state_dict(load_file(str(p / AUDIO_WEIGHTS)), strict=True)
+        extractor = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
+    except Exception as e:  # json, safetensors, torch and transformers each raise their own types
+        raise CheckpointError(
+            f"cannot load the audio tower of base checkpoint {str(p)!r}: {e}; delete the folder "
+            "to rebuild the cached base, or restore its audio_tower.* and preprocessor_config.json"
+        ) from e
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO)
+    if audio_id is None or audio_id == tokenizer.unk_token_id:
+        raise CheckpointError(f"tokenizer of {str(p)!r} has no {AUDIO} token for its audio tower")
+    return {"audio_tower": tower, "audio_token_id": int(audio_id), "feature_extractor": extractor}
 
 
 def read_base_info(path: Path) -> dict:

@@ -1,21 +1,29 @@
 """Samples → tensors. Training batches are right-padded with labels; prompts are left-padded.
 
-Image placeholders: a sample with an image gets ``n_image_tokens`` ``<image>`` ids at the front
-of its prompt, and its image one row of ``pixel_values``; text-only samples get neither, so a
-batch may mix both (the model scatters features by placeholder position).
+Placeholders: a sample with an image gets ``n_image_tokens`` ``<image>`` ids at the front of its
+prompt and one row of ``pixel_values``; a sample with audio then gets ``n_audio_tokens``
+``<audio>`` ids and one row of ``input_features`` (log-mel, from the base's Whisper feature
+extractor). Text-only samples get neither, so a batch may mix all kinds (the model scatters
+features by placeholder position).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mole.tokenizer import IMAGE, SEP
+from mole.tokenizer import AUDIO, IMAGE, SEP
 from protocol.manifest import Sample
+
+if TYPE_CHECKING:
+    from transformers import WhisperFeatureExtractor
+
+    from mole.model import MoleModel
 
 
 @dataclass
@@ -24,18 +32,17 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     pixel_values: torch.Tensor | None  # (N_img, 3, H, W), N_img ≤ B
     labels: torch.Tensor | None  # (B, T), -100 outside answers
+    input_features: torch.Tensor | None = None  # (N_audio, M, F) log-mel, N_audio ≤ B
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            None if self.pixel_values is None else self.pixel_values.to(device),
-            None if self.labels is None else self.labels.to(device),
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     move(self.pixel_values), move(self.labels), move(self.input_features))
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "pixel_values": self.pixel_values}
+                "pixel_values": self.pixel_values, "input_features": self.input_features}
 
 
 def image_tensor(image: np.ndarray, image_size: int, sample_id: str) -> torch.Tensor:
@@ -49,19 +56,77 @@ def image_tensor(image: np.ndarray, image_size: int, sample_id: str) -> torch.Te
     return (x - 0.5) / 0.5
 
 
+class AudioFeatures:
+    """Waveform → (M, F) log-mel with the base's feature extractor, memoised per sample.
+
+    Whisper's extractor costs ~3 ms a clip on a CPU core, as much as a training step per batch,
+    and the same clips recur every epoch and in replay; the cache keeps (M, F) float32 per
+    (task, id) — 8 KB at the default sizes — up to ``max_items``.
+    """
+
+    def __init__(self, extractor: WhisperFeatureExtractor, max_items: int = 50_000):
+        self.extractor = extractor
+        self.rate = int(extractor.sampling_rate)
+        self.max_samples = int(extractor.n_samples)
+        self.max_items = max_items
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def check(self, s: Sample) -> np.ndarray:
+        a = s.audio
+        assert a is not None
+        rate = getattr(s, "audio_rate", None) or self.rate
+        if rate != self.rate:
+            raise ValueError(f"audio of sample {s.id!r} is sampled at {rate} Hz; the model "
+                             f"expects {self.rate} Hz: resample it")
+        if a.ndim != 1 or a.dtype != np.float32 or a.size == 0:
+            raise ValueError(f"audio of sample {s.id!r} has shape {a.shape} and dtype {a.dtype}; "
+                             "expected a non-empty (T,) float32 waveform")
+        if a.size > self.max_samples:
+            raise ValueError(f"audio of sample {s.id!r} is {a.size} samples long, over the "
+                             f"model's window of {self.max_samples} "
+                             f"({self.max_samples / self.rate:g} s): cut it")
+        if not np.isfinite(a).all():
+            raise ValueError(f"audio of sample {s.id!r} has non-finite values")
+        return a
+
+    def __call__(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """(N, M, F) for the samples (all with audio), in order."""
+        missing = [s for s in samples if (s.task, s.id) not in self._cache]
+        if missing:
+            waves = [self.check(s) for s in missing]
+            feats = self.extractor(waves, sampling_rate=self.rate, return_tensors="pt")
+            if len(self._cache) + len(missing) > self.max_items:
+                self._cache.clear()
+            for s, f in zip(missing, feats["input_features"], strict=True):
+                self._cache[(s.task, s.id)] = f.float()
+        return torch.stack([self._cache[(s.task, s.id)] for s in samples])
+
+
 class Encoder:
-    """Tokenises samples for one model (its placeholder count, image size and max length)."""
+    """Tokenises samples for one model (its placeholder counts, image size and max length)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, image_size: int,
-                 max_length: int):
+                 max_length: int, audio: AudioFeatures | None = None, n_audio_tokens: int = 0):
         self.tok = tokenizer
         self.n_image_tokens = n_image_tokens
         self.image_size = image_size
         self.max_length = max_length
+        self.audio = audio
+        self.n_audio_tokens = n_audio_tokens
+        self.audio_id = int(tokenizer.convert_tokens_to_ids(AUDIO))
         self.image_id = int(tokenizer.convert_tokens_to_ids(IMAGE))
         self.sep_id = int(tokenizer.convert_tokens_to_ids(SEP))
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id)
+
+    @classmethod
+    def for_model(cls, tokenizer: PreTrainedTokenizerBase, model: MoleModel, max_length: int
+                  ) -> Encoder:
+        """The encoder matching ``model``'s towers (and its saved audio feature extractor)."""
+        extractor = getattr(model, "feature_extractor", None)
+        audio = AudioFeatures(extractor) if extractor is not None else None
+        return cls(tokenizer, model.n_image_tokens, model.image_size, max_length,
+                   audio, model.n_audio_tokens)
 
     def _words(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -70,11 +135,23 @@ class Encoder:
         if not s.instruction.strip():
             raise ValueError(f"sample {s.id!r} has an empty instruction")
         head = [self.image_id] * self.n_image_tokens if s.image is not None else []
+        if s.audio is not None:
+            if self.audio is None:
+                raise ValueError(f"sample {s.id!r} has audio, but this base has no audio tower; "
+                                 "use a base with model.audio-hidden > 0")
+            head += [self.audio_id] * self.n_audio_tokens
         return head + self._words(s.instruction) + [self.sep_id]
 
     def _pixels(self, samples: Sequence[Sample]) -> torch.Tensor | None:
         imgs = [image_tensor(s.image, self.image_size, s.id) for s in samples if s.image is not None]
         return torch.stack(imgs) if imgs else None
+
+    def _audio(self, samples: Sequence[Sample]) -> torch.Tensor | None:
+        with_audio = [s for s in samples if s.audio is not None]
+        if not with_audio:
+            return None
+        assert self.audio is not None  # prompt_ids refused audio without a tower
+        return self.audio(with_audio)
 
     def _check_len(self, n: int, s: Sample) -> None:
         if n > self.max_length:
@@ -99,7 +176,7 @@ class Encoder:
             ids[i, : len(r)] = torch.tensor(r)
             lab[i, : len(lb)] = torch.tensor(lb)
             mask[i, : len(r)] = 1
-        return Batch(ids, mask, self._pixels(samples), lab)
+        return Batch(ids, mask, self._pixels(samples), lab, self._audio(samples))
 
     def prompt_batch(self, samples: Sequence[Sample]) -> Batch:
         """Left-padded prompts, for generation and for router features (last token = <sep>)."""
@@ -112,7 +189,7 @@ class Encoder:
         for i, r in enumerate(rows):
             ids[i, t - len(r):] = torch.tensor(r)
             mask[i, t - len(r):] = 1
-        return Batch(ids, mask, self._pixels(samples), None)
+        return Batch(ids, mask, self._pixels(samples), None, self._audio(samples))
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tok.decode(ids, skip_special_tokens=True)).strip()

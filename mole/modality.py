@@ -53,6 +53,10 @@ register_modality(ModalitySpec(
     r"(?:^|\.)vision_tower\.(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)$",
 ))
 register_modality(ModalitySpec(
+    "audio",  # mole.audio's Whisper encoder (out_proj, like SigLIP)
+    r"(?:^|\.)audio_tower\.(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)$",
+))
+register_modality(ModalitySpec(
     "language",
     r"(?:^|\.)language_model\.(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)$",
 ))

@@ -1,12 +1,13 @@
 """The multimodal model both sides share: a LLaVA-architecture backbone with placeholder tokens.
 
 ``MoleModel`` wraps a ``LlavaForConditionalGeneration`` (vision tower → projector → causal LM)
-and does the one thing LLaVA's own forward does not: batches where only *some* samples carry an
-image (replay mixes text-only and image tasks). Each image occupies ``n_image_tokens``
-consecutive ``<image>`` placeholder tokens in its prompt; the projected patch features are
-scattered into those positions, row by row, in batch order.
+and does what LLaVA's own forward does not: batches where only *some* samples carry an image
+(replay mixes text-only and image tasks), and a second perception tower for audio
+(mole.audio, optional). Each image occupies ``n_image_tokens`` consecutive ``<image>``
+placeholder tokens in its prompt, each audio clip ``n_audio_tokens`` ``<audio>`` tokens; the
+projected features are scattered into those positions, row by row, in batch order.
 
-Sequence layout (one sample):  [<image> × P] instruction words <sep> answer words <eos>
+Sequence layout (one sample):  [<image> × P] [<audio> × Q] instruction words <sep> answer <eos>
 Loss: cross-entropy on the answer words and <eos> only.
 LoRA experts are injected in place by PEFT (mole.experts), so every method here runs through
 whatever experts are active.
@@ -14,17 +15,29 @@ whatever experts are active.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, WhisperFeatureExtractor
 from transformers.cache_utils import DynamicCache
+
+from mole.audio import AudioTower
 
 
 class MoleModel(nn.Module):
-    def __init__(self, llava: LlavaForConditionalGeneration, eos_token_id: int, pad_token_id: int):
+    def __init__(self, llava: LlavaForConditionalGeneration, eos_token_id: int, pad_token_id: int,
+                 audio_tower: AudioTower | None = None, audio_token_id: int | None = None,
+                 feature_extractor: WhisperFeatureExtractor | None = None):
         super().__init__()
         self.llava = llava
+        if not (audio_tower is None) == (audio_token_id is None) == (feature_extractor is None):
+            raise ValueError("an audio tower needs an <audio> token id and its feature extractor")
+        self.audio_tower = audio_tower
+        self.feature_extractor = feature_extractor  # the processor that feeds the audio tower
+        self.audio_token_id = audio_token_id
+        self.n_audio_tokens = 0 if audio_tower is None else audio_tower.n_tokens
         self.image_token_id = int(llava.config.image_token_index)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -54,31 +67,36 @@ class MoleModel(nn.Module):
             return torch.cat(list(feats), dim=0)
         return feats.reshape(-1, feats.shape[-1])
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) ids + (N, 3, H, W) images → (B, T, d) input embeddings."""
+    def audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """(N, M, F) log-mel → (N·Q, d) projected audio features, clips in order."""
+        if self.audio_tower is None:
+            raise ValueError("this base has no audio tower (model.audio-hidden = 0); "
+                             "it cannot take audio inputs")
+        return self.audio_tower(input_features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              input_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids + (N, 3, H, W) images + (N_a, M, F) audio → (B, T, d) input embeddings."""
         embeds = self.llava.get_input_embeddings()(input_ids)
-        slots = input_ids == self.image_token_id  # (B, T)
-        n_slots = int(slots.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if n_slots:
-                raise ValueError(f"{n_slots} <image> tokens in the batch but no images given")
+        embeds = _scatter(embeds, input_ids == self.image_token_id, pixel_values, "image",
+                          self.n_image_tokens,
+                          lambda x: self._image_features(x.to(embeds.dtype)))
+        if self.audio_token_id is None:
+            if input_features is not None and input_features.shape[0]:
+                raise ValueError("audio inputs given, but this base has no audio tower")
             return embeds
-        feats = self._image_features(pixel_values.to(embeds.dtype))  # (N·P, d)
-        if feats.shape[0] != n_slots:
-            raise ValueError(
-                f"{pixel_values.shape[0]} images give {feats.shape[0]} features, but the batch "
-                f"has {n_slots} <image> tokens ({self.n_image_tokens} per image expected)"
-            )
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+        return _scatter(embeds, input_ids == self.audio_token_id, input_features, "audio",
+                        self.n_audio_tokens, lambda x: self.audio_features(x.to(embeds.dtype)))
 
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last-layer hidden states (B, T, d) of the language model."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, input_features)
         out = self.llava.model.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask,
             position_ids=_positions(attention_mask), use_cache=False,
@@ -91,9 +109,10 @@ class MoleModel(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits (B, T, V), loss or None). ``labels`` is -100 where no loss applies."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, input_features)
         logits = self.llava.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -112,10 +131,11 @@ class MoleModel(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         max_new_tokens: int,
+        input_features: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Greedy decoding with a KV cache from left-padded prompts (B, T); returns new ids."""
         lm = self.llava.model.language_model
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, input_features)
         mask = attention_mask
         pos = _positions(mask)
         cache = DynamicCache()
@@ -140,6 +160,23 @@ class MoleModel(nn.Module):
             next_pos = next_pos + 1
         ids = torch.stack(generated, dim=1).tolist()  # (B, n)
         return [row[: _eos_cut(row, self.eos_token_id)] for row in ids]
+
+
+def _scatter(embeds: torch.Tensor, slots: torch.Tensor, inputs: torch.Tensor | None, kind: str,
+             per_item: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Write ``encode(inputs)`` (N·per_item, d) into the (B, T) ``slots`` of ``embeds`` (B, T, d)."""
+    n_slots = int(slots.sum())
+    if inputs is None or inputs.shape[0] == 0:
+        if n_slots:
+            raise ValueError(f"{n_slots} <{kind}> tokens in the batch but no {kind} inputs given")
+        return embeds
+    feats = encode(inputs)  # (N·per_item, d)
+    if feats.shape[0] != n_slots:
+        raise ValueError(
+            f"{inputs.shape[0]} {kind} inputs give {feats.shape[0]} features, but the batch has "
+            f"{n_slots} <{kind}> tokens ({per_item} per {kind} expected)"
+        )
+    return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
 
 
 def _eos_cut(row: list[int], eos: int) -> int:

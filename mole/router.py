@@ -3,13 +3,14 @@
 Features (all experts off, so they do not drift as experts are added) are a list of per-modality
 blocks, each L2-normalised, concatenated and L2-normalised again:
 
-    z = norm([ norm(max_P vision(image)) | norm(h_LM(<sep>)) ])          (D = Σ d_k)
+    z = norm([ w_v·norm(max_P vision(image)) | norm(h_LM(<sep>)) | w_a·norm(max_Q audio(clip)) ])
 
-The vision block is the max-pool over the P projected patch features (zeros for a text-only
-sample); the text block is the LM's last hidden state at the prompt's final <sep> token, which has
+(D = Σ d_k). The vision block is the max-pool over the P projected patch features (zeros for a
+sample without an image), the audio block the same over the Q projected audio frames; the text
+block is the LM's last hidden state at the prompt's final <sep> token, which has
 read the whole instruction (and the image): when tasks share one image distribution only the
 instruction tells them apart, and this token routed better than mean-pooled text (dmole.md). A new
-modality (audio) appends a block to ``DEFAULT_BLOCKS``.
+modality appends a block to ``DEFAULT_BLOCKS``; a base without an audio tower gives a zero block.
 
 Routing, per sample (FedMoLE; D-MoLE votes once per batch):  e_k(z) = mean((AE_k(z) − z)²),
 k* = argmin {e_k(z) : e_k(z) < τ_k}, none → None (the base model answers). τ_k is a quantile
@@ -51,11 +52,25 @@ def vision_block(model: MoleModel, batch: Batch) -> torch.Tensor:
 
 def instruction_block(model: MoleModel, batch: Batch) -> torch.Tensor:
     """(B, d): the LM's last hidden state at the final prompt token (<sep>, left padding)."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.pixel_values)  # (B, T, d)
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                 batch.input_features)  # (B, T, d)
     return hidden[:, -1].float()  # (B, d)
 
 
-DEFAULT_BLOCKS: tuple[FeatureBlock, ...] = (vision_block, instruction_block)
+def audio_block(model: MoleModel, batch: Batch) -> torch.Tensor:
+    """(B, d): max over each clip's Q projected audio features; zeros where a row has no audio."""
+    out = torch.zeros(batch.input_ids.shape[0], model.hidden_size, device=batch.input_ids.device)
+    if model.audio_token_id is None or batch.input_features is None:
+        return out
+    has_audio = (batch.input_ids == model.audio_token_id).any(dim=1)  # (B,)
+    n = batch.input_features.shape[0]
+    if n:
+        feats = model.audio_features(batch.input_features)  # (N_a·Q, d)
+        out[has_audio] = feats.view(n, -1, feats.shape[-1]).amax(dim=1).float()  # (N_a, d)
+    return out
+
+
+DEFAULT_BLOCKS: tuple[FeatureBlock, ...] = (vision_block, instruction_block, audio_block)
 
 
 @torch.no_grad()
@@ -99,7 +114,7 @@ def combine_blocks(blocks: Sequence[torch.Tensor], weights: Sequence[float] | No
 def router_features(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequence[Sample],
                     batch_size: int, blocks: Sequence[FeatureBlock] = DEFAULT_BLOCKS,
                     weights: Sequence[float] | None = None) -> torch.Tensor:
-    """(N, D) routing features, sample order kept; layout follows ``blocks`` (vision | text)."""
+    """(N, D) routing features, sample order kept; layout follows ``blocks`` (vision | text | audio)."""
     return combine_blocks(feature_blocks(model, enc, samples, batch_size, blocks), weights)
 
 

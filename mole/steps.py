@@ -88,7 +88,8 @@ def generate_answers(model: MoleModel, enc: Encoder, samples: Sequence[Sample], 
     out: list[str] = []
     for i in range(0, len(samples), batch_size):
         b = enc.prompt_batch(samples[i: i + batch_size]).to(model.device)
-        for ids in model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens):
+        for ids in model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens,
+                                  b.input_features):
             out.append(enc.decode(ids))
     return out
 

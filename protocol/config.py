@@ -33,7 +33,9 @@ class DataConfig:
     """The embedded benchmark: a generated continual multimodal instruction stream."""
 
     seed: int = 0
-    tasks: tuple[str, ...] = ("color", "count", "ground", "caption", "digits", "arith")
+    # The vision/text tasks, then the audio tasks: audio arrives mid-stream as a new modality.
+    tasks: tuple[str, ...] = ("color", "count", "ground", "caption", "digits", "arith",
+                              "pitch", "beats", "sweep")
     train_per_task: int = 600
     test_per_task: int = 200
     pretrain_size: int = 8000
@@ -68,6 +70,18 @@ class ModelConfig:
     text_kv_heads: int = 2
     mlp_ratio: int = 2
     max_length: int = 64
+    # Audio tower: a Whisper encoder (log-mel input) + a pooling projector; audio-hidden 0 → none.
+    # One clip is padded/cut to audio-seconds at audio-sample-rate and cut into audio-frames mel
+    # frames; the encoder halves them and the projector pools audio-pool frames per LM token:
+    # 64 frames → 32 encoder positions → 16 <audio> tokens (as many as an image has patches).
+    audio_hidden: int = 64
+    audio_layers: int = 2
+    audio_heads: int = 4
+    audio_mels: int = 32
+    audio_frames: int = 64
+    audio_pool: int = 2
+    audio_sample_rate: int = 16000
+    audio_seconds: int = 1
 
     def validate(self) -> None:
         for key, v in (
@@ -89,6 +103,28 @@ class ModelConfig:
                f"divisible by model.text-heads={self.text_heads}", self.text_hidden)
         _check(self.text_heads % self.text_kv_heads == 0, "model.text-kv-heads",
                f"a divisor of model.text-heads={self.text_heads}", self.text_kv_heads)
+        _check(self.audio_hidden >= 0, "model.audio-hidden", ">= 0 (0: no audio tower)",
+               self.audio_hidden)
+        if self.audio_hidden:
+            for key, v in (
+                ("model.audio-layers", self.audio_layers),
+                ("model.audio-heads", self.audio_heads),
+                ("model.audio-mels", self.audio_mels),
+                ("model.audio-frames", self.audio_frames),
+                ("model.audio-pool", self.audio_pool),
+                ("model.audio-sample-rate", self.audio_sample_rate),
+                ("model.audio-seconds", self.audio_seconds),
+            ):
+                _check(v > 0, key, "> 0", v)
+            _check(self.audio_hidden % self.audio_heads == 0, "model.audio-hidden",
+                   f"divisible by model.audio-heads={self.audio_heads}", self.audio_hidden)
+            samples = self.audio_sample_rate * self.audio_seconds
+            _check(samples % self.audio_frames == 0, "model.audio-frames",
+                   f"a divisor of audio-sample-rate × audio-seconds = {samples} (the hop length "
+                   "must be whole)", self.audio_frames)
+            _check(self.audio_frames % 2 == 0 and (self.audio_frames // 2) % self.audio_pool == 0,
+                   "model.audio-frames", f"even, with audio-frames/2 divisible by "
+                   f"model.audio-pool={self.audio_pool}", self.audio_frames)
         if self.base_path:
             _check(Path(self.base_path).is_dir(), "model.base-path",
                    "an existing local checkpoint folder", self.base_path)
@@ -202,6 +238,8 @@ class DmoleConfig:
     # default tasks share one image distribution, so the image mostly adds noise: measured
     # routing accuracy 90.1% at 1.0 (D-MoLE's equal weight), 93.4% at 0.3, 93.2% at 0.0 (q 0.95).
     router_vision_weight: float = 0.3
+    # Weight of the audio block (zeros for samples without audio).
+    router_audio_weight: float = 0.3
     # Co-activate the best-matching older task's experts (frozen) when it wins ≥ this share of
     # the batch's routing votes; 0 disables co-activation.
     coactivate_share: float = 0.3
@@ -224,6 +262,8 @@ class DmoleConfig:
         _check(self.router_hidden > 0, "dmole.router-hidden", "> 0", self.router_hidden)
         _check(self.router_vision_weight >= 0, "dmole.router-vision-weight", ">= 0",
                self.router_vision_weight)
+        _check(self.router_audio_weight >= 0, "dmole.router-audio-weight", ">= 0",
+               self.router_audio_weight)
         _check(0 <= self.coactivate_share <= 1, "dmole.coactivate-share", "in [0, 1]",
                self.coactivate_share)
 

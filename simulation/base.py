@@ -61,7 +61,7 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
     tok = build_word_tokenizer(_vocabulary_texts(data_root))
     device = pick_device(cfg.train.device)
     model = build_backbone(cfg.model, tok, cfg.data.image_size).to(device)
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, cfg.model.max_length)
+    enc = Encoder.for_model(tok, model, cfg.model.max_length)
     samples = load_samples(data_root / "pretrain")
     rng = np.random.default_rng(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

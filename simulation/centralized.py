@@ -50,7 +50,7 @@ class Stream:
 def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
     data_root = ensure_benchmark(cfg.data)
     model, tok, base_path = load_base(cfg, data_root, progress)
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, cfg.model.max_length)
+    enc = Encoder.for_model(tok, model, cfg.model.max_length)
     tasks = list(cfg.data.tasks)
     return Stream(
         model, enc, base_path, tasks,

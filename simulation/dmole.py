@@ -86,7 +86,8 @@ class DmoleLearner:
         if key not in self.feat_cache:
             self.feat_cache[key] = router_features(
                 self.experts, self.s.enc, samples, self.cfg.train.eval_batch_size,
-                weights=[self.cfg.dmole.router_vision_weight, 1.0])  # (vision, text) blocks
+                weights=[self.cfg.dmole.router_vision_weight, 1.0, self.cfg.dmole.router_audio_weight])
+            # (vision, text, audio) blocks
         return self.feat_cache[key]
 
     def plan_task(self, task: str, rng: np.random.Generator) -> dict:

@@ -11,7 +11,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "what color is the shape red green blue how many 1 2 3 plus 4 7 describe image a circle"
+WORDS = ("what color is the shape red green blue how many 1 2 3 plus 4 7 describe image a circle "
+         "which note is played c e g")
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,13 @@ def tiny_model(tiny_cfg):
     return build_backbone(tiny_cfg.model, tok, 32), tok
 
 
-def make_samples(n_img: int = 6, n_txt: int = 3):
+def tone(freq: float, seconds: float = 0.5, rate: int = 16000) -> np.ndarray:
+    """(T,) float32: a plain sine, the simplest audio sample."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def make_samples(n_img: int = 6, n_txt: int = 3, n_aud: int = 0):
     from protocol.manifest import Sample
 
     colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -46,4 +53,9 @@ def make_samples(n_img: int = 6, n_txt: int = 3):
     for i in range(n_txt):
         out.append(Sample(id=f"txt{i}", task="arith", instruction="what is 3 plus 4", answer="7",
                           image=None, audio=None))
+    notes = {"c": 261.6, "e": 329.6, "g": 392.0}
+    for i in range(n_aud):
+        name = list(notes)[i % 3]
+        out.append(Sample(id=f"aud{i}", task="pitch", instruction="which note is played",
+                          answer=name, image=None, audio=tone(notes[name])))
     return out

@@ -43,7 +43,7 @@ def same(a: TaskAllocation, b: TaskAllocation) -> bool:
 
 
 def test_budget_for_the_real_default_model():
-    """|M| = 4 projections × (2 vision + 4 language layers) = 24 → B = 12 at κ = 0.5."""
+    """|M| = 4 projections × (2 vision + 4 language + 2 audio layers) = 32 → B = 16 at κ = 0.5."""
     from mole.backbone import build_backbone
     from mole.modality import modality_map
     from mole.tokenizer import build_word_tokenizer
@@ -52,11 +52,25 @@ def test_budget_for_the_real_default_model():
     cfg = RunConfig()
     model = build_backbone(cfg.model, build_word_tokenizer(["what color is it"]), cfg.data.image_size)
     modality_of = modality_map(model)
-    assert len(modality_of) == 4 * (cfg.model.vision_layers + cfg.model.text_layers) == 24
-    assert budget_of(len(modality_of), 0.5) == 12
+    m = cfg.model
+    assert len(modality_of) == 4 * (m.vision_layers + m.text_layers + m.audio_layers) == 32
+    assert budget_of(len(modality_of), 0.5) == 16
     alloc = allocate("color", dict.fromkeys(modality_of, 1.0), modality_of)
-    assert alloc.budget == len(alloc.modules) == 12
-    assert alloc.per_modality == {"language": 8, "vision": 4}  # π = 16/24, 8/24 of equal scores
+    assert alloc.budget == len(alloc.modules) == 16
+    assert alloc.per_modality == {"audio": 4, "language": 8, "vision": 4}  # π = 8/32, 16/32, 8/32
+
+
+def test_absent_modality_gets_no_floor():
+    """A text-only task sends no gradient into the vision/audio towers: no experts there."""
+    mmap = {f"v{i}": V for i in range(4)} | {f"l{i}": L for i in range(8)} | {f"a{i}": A for i in range(4)}
+    text_only = {m: (1.0 + int(m[1:]) if mmap[m] == L else 0.0) for m in mmap}
+    alloc = allocate("arith", text_only, mmap, kappa=0.5, floor=0.25)
+    assert alloc.per_modality == {A: 0, L: 8, V: 0}
+    # An image task: audio absent (no floor), vision present keeps its floor ⌊0.25·8⌋ = 2.
+    image = {m: (0.0 if mmap[m] == A else 0.01 if mmap[m] == V else 1.0) for m in mmap}
+    assert allocate("color", image, mmap, kappa=0.5, floor=0.25).per_modality == {A: 0, L: 6, V: 2}
+    # The uniform ablation splits over the modalities in use, not the absent ones.
+    assert allocate("color", image, mmap, uniform=True).per_modality == {A: 0, L: 4, V: 4}
 
 
 @pytest.mark.parametrize("n,kappa,expected", [(24, 0.5, 12), (96, 0.5, 48), (5, 0.5, 3), (3, 0.1, 1),
@@ -92,7 +106,9 @@ V, L, A = "vision", "language", "audio"
         # no floor at all: pure rounding of the targets.
         (12, {V: 0.01, L: 0.99}, {V: 12, L: 12}, 0.0, {V: 0, L: 12}),
         # floor larger than a modality's candidates: capped there.
-        (16, {V: 0.0, L: 1.0}, {V: 2, L: 30}, 0.25, {V: 2, L: 14}),
+        (16, {V: 0.01, L: 0.99}, {V: 2, L: 30}, 0.25, {V: 2, L: 14}),
+        # a modality with no gradient mass is absent from the task: no floor.
+        (16, {V: 0.0, L: 1.0}, {V: 2, L: 30}, 0.25, {V: 0, L: 16}),
     ],
 )
 def test_split_budget_cases(budget, shares, caps, floor, expected):
@@ -124,7 +140,9 @@ def test_sum_is_the_budget_for_many_random_score_vectors():
         assert len(set(alloc.modules)) == len(alloc.modules)
         for mod, n in alloc.per_modality.items():
             cands = [m for m in modality_of if modality_of[m] == mod]
-            assert min(len(cands), math.floor(floor * alloc.budget + 1e-9)) <= n <= len(cands)
+            present = alloc.shares[mod] > 0 or not any(alloc.shares.values())
+            floor_n = math.floor(floor * alloc.budget + 1e-9) if present else 0
+            assert min(len(cands), floor_n) <= n <= len(cands)
             chosen = [m for m in alloc.modules if modality_of[m] == mod]
             assert len(chosen) == n
             rest = [scores[m] for m in cands if m not in chosen]

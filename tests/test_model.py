@@ -15,7 +15,7 @@ from tests.conftest import make_samples
 
 
 def _enc(model, tok):
-    return Encoder(tok, model.n_image_tokens, model.image_size, 64)
+    return Encoder.for_model(tok, model, 64)
 
 
 def test_modality_map_tags_every_attention_projection(tiny_model, tiny_cfg):
@@ -23,9 +23,12 @@ def test_modality_map_tags_every_attention_projection(tiny_model, tiny_cfg):
     mmap = modality_map(model)
     vision = [n for n, m in mmap.items() if m == "vision"]
     language = [n for n, m in mmap.items() if m == "language"]
+    audio = [n for n, m in mmap.items() if m == "audio"]
     # q, k, v and the output projection of every layer of each tower; MLPs get none.
     assert len(vision) == 4 * tiny_cfg.model.vision_layers
     assert len(language) == 4 * tiny_cfg.model.text_layers
+    assert len(audio) == 4 * tiny_cfg.model.audio_layers
+    assert all(n.startswith("audio_tower.encoder.layers.") for n in audio)
     assert any(n.endswith("out_proj") for n in vision)  # SigLIP's name, not o_proj
     assert any(n.endswith("o_proj") for n in language)
     assert not any("mlp" in n or "projector" in n for n in mmap)
@@ -55,6 +58,41 @@ def test_mixed_image_and_text_batch_runs_and_images_matter(tiny_model):
     assert torch.allclose(logits[2:], logits2[2:], atol=1e-5)  # text-only rows unaffected
 
 
+def test_batch_mixing_image_audio_and_text_rows(tiny_model):
+    """Each row's own inputs reach it: swapping the two clips changes only the audio rows."""
+    model, tok = tiny_model
+    enc = _enc(model, tok)
+    samples = make_samples(1, 1, 2)  # image, text, audio c, audio e
+    b = enc.train_batch(samples)
+    assert b.input_features is not None and b.input_features.shape[0] == 2
+    assert int((b.input_ids == model.audio_token_id).sum()) == 2 * model.n_audio_tokens
+    logits, loss = model(**b.model_inputs(), labels=b.labels)
+    assert torch.isfinite(loss)
+    b.input_features = torch.flip(b.input_features, dims=[0])
+    logits2, _ = model(**b.model_inputs())
+    assert torch.allclose(logits[:2], logits2[:2], atol=1e-5)
+    assert not torch.allclose(logits[2:], logits2[2:])
+
+
+def test_bad_audio_is_rejected_with_its_id(tiny_model):
+    model, tok = tiny_model
+    enc = _enc(model, tok)
+    good = make_samples(0, 0, 1)[0]
+    mk = type(good)
+    with pytest.raises(ValueError, match=r"long-1.*over the model's window"):
+        enc.train_batch([mk(id="long-1", task="pitch", instruction="which note is played",
+                            answer="c", audio=np.zeros(5 * 16000, np.float32))])
+    with pytest.raises(ValueError, match=r"rate-2.*8000 Hz.*16000 Hz"):
+        enc.train_batch([mk(id="rate-2", task="pitch", instruction="which note is played",
+                            answer="c", audio=good.audio, audio_rate=8000)])
+    with pytest.raises(ValueError, match=r"int-3.*float32"):
+        enc.train_batch([mk(id="int-3", task="pitch", instruction="which note is played",
+                            answer="c", audio=np.zeros(100, np.int16))])
+    no_audio = Encoder(tok, model.n_image_tokens, model.image_size, 64)
+    with pytest.raises(ValueError, match="no audio tower"):
+        no_audio.train_batch([good])
+
+
 def test_wrong_image_shape_is_rejected_with_its_id(tiny_model):
     model, tok = tiny_model
     s = make_samples(1, 0)[0]
@@ -68,15 +106,16 @@ def test_generation_with_cache_equals_full_recompute(tiny_model):
     """Greedy decoding with the KV cache and left padding matches step-by-step full forwards."""
     model, tok = tiny_model
     enc = _enc(model, tok)
-    samples = make_samples(2, 2)
+    samples = make_samples(2, 2, 2)
     b = enc.prompt_batch(samples)
-    fast = model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=4)
+    fast = model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens=4,
+                          input_features=b.input_features)
     for i, s in enumerate(samples):
         one = enc.prompt_batch([s])  # no padding at all
         ids, mask = one.input_ids, one.attention_mask
         slow = []
         for _ in range(4):
-            logits, _ = model(ids, mask, one.pixel_values)
+            logits, _ = model(ids, mask, one.pixel_values, input_features=one.input_features)
             nxt = int(logits[0, -1].argmax())
             if nxt == model.eos_token_id:
                 break
@@ -147,14 +186,17 @@ def test_local_llava_checkpoint_loads_by_path(tiny_model, tmp_path):
     save_backbone(model, tok, tmp_path / "ckpt")
     loaded, tok2 = load_backbone(tmp_path / "ckpt")
     assert tok2.get_vocab() == tok.get_vocab()
+    assert (tmp_path / "ckpt" / "preprocessor_config.json").is_file()  # the audio processor
     enc = _enc(model, tok)
-    b = enc.train_batch(make_samples(2, 1))
+    b = enc.train_batch(make_samples(2, 1, 2))
+    b2 = _enc(loaded, tok2).train_batch(make_samples(2, 1, 2))  # the reloaded feature extractor
+    assert torch.equal(b.input_features, b2.input_features)
     with torch.no_grad():
         a, _ = model(**b.model_inputs())
         c, _ = loaded(**b.model_inputs())
     assert torch.allclose(a, c, atol=1e-6)
-    assert generate_answers(loaded, enc, make_samples(2, 1), 2, 3) == generate_answers(
-        model, enc, make_samples(2, 1), 2, 3)
+    assert generate_answers(loaded, enc, make_samples(2, 1, 2), 2, 3) == generate_answers(
+        model, enc, make_samples(2, 1, 2), 2, 3)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_model, tmp_path):
@@ -165,6 +207,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_model, tmp_path):
         load_backbone(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="not a folder"):
         load_backbone(tmp_path / "missing")
+    save_backbone(model, tok, tmp_path / "ckpt2")
+    (tmp_path / "ckpt2" / "audio_tower.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="audio tower"):
+        load_backbone(tmp_path / "ckpt2")
 
 
 def test_corrupt_adapter_is_a_clear_error(tiny_model, tiny_cfg, tmp_path):

@@ -16,7 +16,7 @@ from tests.conftest import make_samples
 
 def _setup(tiny_model):
     model, tok = tiny_model
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, 64)
+    enc = Encoder.for_model(tok, model, 64)
     samples = make_samples(4, 4)
     # Two mixed batches (images and text-only in each).
     batches = [enc.train_batch(samples[0:2] + samples[4:6]), enc.train_batch(samples[2:4] + samples[6:8])]

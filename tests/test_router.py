@@ -156,25 +156,31 @@ def test_routing_accuracy_and_empty_router():
 
 def test_router_features(tiny_model, tiny_cfg):
     model, tok = tiny_model
-    enc = Encoder(tok, model.n_image_tokens, model.image_size, 64)
+    enc = Encoder.for_model(tok, model, 64)
+    # rows 0-2 images, 3 text, 4 text (another instruction), 5-6 audio (c, e)
     samples = make_samples(3, 1) + [Sample(id="t2", task="count", instruction="how many 1 2 3",
-                                           answer="3", image=None)]
+                                           answer="3", image=None)] + make_samples(0, 0, 2)
     d = model.hidden_size
-    vis, txt = feature_blocks(model, enc, samples, batch_size=2)
-    assert vis.shape == txt.shape == (5, d)
+    vis, txt, aud = feature_blocks(model, enc, samples, batch_size=2)
+    assert vis.shape == txt.shape == aud.shape == (7, d)
     assert torch.count_nonzero(vis[3:]) == 0 and bool((vis[:3].norm(dim=1) > 0).all())
+    assert torch.count_nonzero(aud[:5]) == 0 and bool((aud[5:].norm(dim=1) > 0).all())
     z = router_features(model, enc, samples, batch_size=2)
-    assert z.shape == (5, 2 * d)
-    assert torch.allclose(z.norm(dim=1), torch.ones(5))
-    assert torch.count_nonzero(z[3:, :d]) == 0  # text-only: vision block stays zero
+    assert z.shape == (7, 3 * d)
+    assert torch.allclose(z.norm(dim=1), torch.ones(7))
+    assert torch.count_nonzero(z[3:, :d]) == 0  # no image: vision block stays zero
+    assert torch.count_nonzero(z[:5, 2 * d:]) == 0  # no audio: audio block stays zero
     assert not torch.allclose(z[3], z[4])  # two instructions, two features
     assert not torch.allclose(z[0], z[1])  # red vs green image
-    half = router_features(model, enc, samples, batch_size=2, weights=[0.5, 1.0])
-    assert torch.allclose(half[:3, :d].norm(dim=1) / half[:3, d:].norm(dim=1), torch.full((3,), 0.5))
+    assert not torch.allclose(z[5, 2 * d:], z[6, 2 * d:])  # two pitches, two audio blocks
+    half = router_features(model, enc, samples, batch_size=2, weights=[0.5, 1.0, 0.25])
+    assert torch.allclose(half[:3, :d].norm(dim=1) / half[:3, d:2 * d].norm(dim=1), torch.full((3,), 0.5))
+    assert torch.allclose(half[5:, 2 * d:].norm(dim=1) / half[5:, d:2 * d].norm(dim=1),
+                          torch.full((2,), 0.25))
     with pytest.raises(ValueError, match="one weight"):
         router_features(model, enc, samples, batch_size=2, weights=[1.0])
     # Padding does not leak in: batch size does not change a sample's features.
-    assert torch.allclose(router_features(model, enc, samples, batch_size=5), z, atol=1e-5)
+    assert torch.allclose(router_features(model, enc, samples, batch_size=7), z, atol=1e-5)
     # Experts are switched off: an active, non-zero expert leaves the features unchanged.
     em = ExpertModel(model)
     em.add_expert("t0", list(modality_map(model)), tiny_cfg.lora)

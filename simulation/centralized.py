@@ -28,6 +28,7 @@ from protocol.manifest import Sample, load_samples
 from simulation.base import load_base
 from simulation.benchmark import ensure_benchmark, task_metrics
 from simulation.methods import make_source
+from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ class Stream:
     train: dict[str, list[Sample]]
     test: dict[str, list[Sample]]
     metrics: dict[str, tuple[str, ...]]
+
+    def modalities(self, task: str) -> list[str]:
+        """The modalities ``task``'s training samples carry (from the data, not the registry)."""
+        samples = self.train[task]
+        return (["image"] * any(s.image is not None for s in samples)
+                + ["audio"] * any(s.audio is not None for s in samples) + ["text"])
 
 
 def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
@@ -114,6 +121,7 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         "train": train_log,
         "trainable_params": n_trainable,
         "experts_per_modality": {m: len(v) for m, v in modules_by_modality(mmap).items()},
+        "modality_arrivals": modality_arrivals(tasks, acc, {t: st.modalities(t) for t in tasks}),
         "base": base_summary(st.base_path),
         "notes": [
             f"{method}: one LoRA adapter (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}) on all "

@@ -48,6 +48,7 @@ from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.centralized import Stream, base_summary, prepare_stream
 from simulation.methods import BatchSource, make_source
+from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
                 sum(p["proxy_s"] + p["plan_s"] for p in per_task)
                 / sum(p["train_s"] for p in per_task), 4),
         },
+        "modality_arrivals": modality_arrivals(tasks, acc, {t: stream.modalities(t) for t in tasks}),
         "trainable_params": sum(p.numel() for n, p in stream.model.named_parameters()
                                 if "lora_" in n),
         "base": base_summary(stream.base_path),

@@ -43,6 +43,7 @@ __all__ = [
     "forgetting",
     "fwt",
     "last",
+    "modality_arrivals",
     "summarize",
     "token_f1",
 ]
@@ -162,3 +163,29 @@ def summarize(acc: AccLike, zero_shot: ScoresLike | None = None) -> dict[str, fl
         "forgetting": forgetting(a),
         "fwt": fwt(a, zero_shot),
     }
+
+
+def modality_arrivals(tasks: Sequence[str], acc: AccLike,
+                      modalities: dict[str, Sequence[str]]) -> list[dict]:
+    """What learning a new modality's tasks cost the tasks learned before it arrived.
+
+    For each modality that first appears at task index ``s > 0`` (e.g. audio after the
+    vision/text tasks): every earlier task ``i`` without that modality, and its drop
+    ``a[s-1][i] − a[L][i]`` from just before the modality arrived to the end of the stream
+    (positive = lost points). ``modalities[task]`` lists the task's modalities ("text" is
+    ignored: every task has it).
+    """
+    a = as_matrix(acc)
+    if len(tasks) != a.shape[0]:
+        raise ValueError(f"{len(tasks)} task names for a {a.shape[0]}×{a.shape[0]} matrix")
+    seen: set[str] = set()
+    out: list[dict] = []
+    for s, task in enumerate(tasks):
+        new = sorted(set(modalities[task]) - seen - {"text"})
+        seen |= set(modalities[task])
+        for mod in new if s > 0 else []:
+            before = [i for i in range(s) if mod not in modalities[tasks[i]]]
+            drops = {tasks[i]: float(a[s - 1][i] - a[-1][i]) for i in before}
+            out.append({"modality": mod, "first_task": task, "before_step": s - 1,
+                        "drops": drops, "max_drop": max(drops.values()) if drops else 0.0})
+    return out

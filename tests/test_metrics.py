@@ -244,3 +244,15 @@ def test_comparison_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert len({len(line) for line in lines}) == 1  # padded: reads as plain text too
     with pytest.raises(ValueError, match="bytes_up"):
         comparison_table([{k: v for k, v in a.items() if k != "bytes_up"}])
+
+
+def test_modality_arrivals_measure_what_earlier_tasks_lose():
+    from simulation.metrics import modality_arrivals
+
+    acc = [[50, 0, 0, 0], [40, 60, 0, 0], [40, 55, 70, 0], [38, 56, 60, 80]]
+    mods = {"a": ["image", "text"], "b": ["text"], "c": ["audio", "text"], "d": ["audio", "text"]}
+    out = modality_arrivals(["a", "b", "c", "d"], acc, mods)
+    # audio arrives at c (index 2): a and b are compared with row 1 (just before) and row 3 (end).
+    assert out == [{"modality": "audio", "first_task": "c", "before_step": 1,
+                    "drops": {"a": 2.0, "b": -1.0}, "max_drop": 2.0}]
+    assert modality_arrivals(["a", "b"], [[50, 0], [40, 60]], mods) == []  # image came first

@@ -254,5 +254,5 @@ def test_modality_arrivals_measure_what_earlier_tasks_lose():
     out = modality_arrivals(["a", "b", "c", "d"], acc, mods)
     # audio arrives at c (index 2): a and b are compared with row 1 (just before) and row 3 (end).
     assert out == [{"modality": "audio", "first_task": "c", "before_step": 1,
-                    "drops": {"a": 2.0, "b": -1.0}, "max_drop": 2.0}]
+                    "drops": {"a": 2.0, "b": 4.0}, "max_drop": 4.0}]
     assert modality_arrivals(["a", "b"], [[50, 0], [40, 60]], mods) == []  # image came first

@@ -4,7 +4,7 @@ Built from a ``transformers`` ``WhisperConfig`` (nothing downloaded) and the mat
 ``WhisperFeatureExtractor`` — the real processor, saved beside the base (``preprocessor_config.json``)
 so an edge turns raw waveforms into the same features. Shapes for the default sizes::
 
-    waveform (≤ 16000,) float32 @ 16 kHz ──WhisperFeatureExtractor──▶ (M=32 mels, F=64 frames)
+    waveform (≤ 16000,) float32 @ 16 kHz ──WhisperFeatureExtractor──▶ (M=80 mels, F=64 frames)
     (N, M, F) ──WhisperEncoder (2 convs, the second strided)──▶ (N, F/2=32, d_a=64)
               ──avg-pool over time by p=2──▶ (N, 16, d_a) ──MLP──▶ (N, 16, d_text)
 

@@ -77,7 +77,7 @@ class ModelConfig:
     audio_hidden: int = 64
     audio_layers: int = 2
     audio_heads: int = 4
-    audio_mels: int = 32
+    audio_mels: int = 80
     audio_frames: int = 64
     audio_pool: int = 2
     audio_sample_rate: int = 16000

@@ -7,8 +7,11 @@ One JSON object per line (DESIGN.md §3)::
      "image": "images/color-train-00012.png", "audio": null}
 
 Array paths are relative to the task folder. Images are ``.png`` (read as RGB) or ``.npy``
-(H, W, 3) uint8; audio is ``.npy`` float32 1-D (``.wav`` is reserved for later). The benchmark
-generator writes this format and edge clients read it, so nothing here imports torch.
+(H, W, 3) uint8. Audio is ``.wav`` (mono 16-bit PCM, read as float32 in [-1, 1) with the sample
+rate from its header; other layouts are rejected rather than silently downmixed or rescaled) or
+``.npy`` float32 1-D (no rate: taken to be at the model's rate already). The benchmark generator
+writes this format (:func:`write_wav` for its audio) and edge clients read it, so nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import wave
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +29,8 @@ import numpy as np
 
 MANIFEST_NAME = "manifest.jsonl"
 MODALITIES = ("image", "text", "audio")
+WAV_SAMPWIDTH = 2  # bytes: 16-bit PCM, the only sample width read and written
+WAV_SCALE = 32768.0  # int16 full scale: sample / WAV_SCALE is in [-1, 1)
 SPLITS = ("train", "test", "pretrain")
 
 _FIX = "fix the record or regenerate the folder (delete it and rerun to rebuild the benchmark)"
@@ -148,7 +154,11 @@ def read_manifest(folder: Path, split: str | None = None) -> list[SampleRecord]:
 
 @dataclass(frozen=True)
 class Sample:
-    """A record with its arrays loaded: image (H, W, 3) uint8, audio (T,) float32."""
+    """A record with its arrays loaded: image (H, W, 3) uint8, audio (T,) float32.
+
+    ``audio_rate`` is the sample rate in Hz from a ``.wav`` header; None for ``.npy`` audio (and
+    for samples without audio), meaning "already at the model's rate".
+    """
 
     id: str
     task: str
@@ -156,6 +166,55 @@ class Sample:
     answer: str
     image: np.ndarray | None = None
     audio: np.ndarray | None = None
+    audio_rate: int | None = None
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
+    """Write ``audio`` (T,) float in [-1, 1] as a mono 16-bit PCM ``.wav`` at ``rate`` Hz.
+
+    Values are scaled by 32768, rounded and clipped to int16, so reading the file back (which
+    divides by 32768) returns the input within half a step (1/65536), except a full-scale +1.0,
+    which becomes 32767/32768.
+    """
+    arr = np.asarray(audio)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"write_wav: audio must be a 1-D float array (T,), got {arr.shape} "
+                         f"{arr.dtype}; pass one mono channel of float samples in [-1, 1]")
+    if not isinstance(rate, int | np.integer) or rate <= 0:
+        raise ValueError(f"write_wav: rate must be a positive integer number of Hz, got {rate!r}")
+    pcm = np.clip(np.rint(arr.astype(np.float64) * WAV_SCALE), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(WAV_SAMPWIDTH)
+        w.setframerate(int(rate))
+        w.writeframes(pcm.tobytes())
+
+
+def _read_wav(path: Path, rec_id: str) -> tuple[np.ndarray, int]:
+    """(audio (T,) float32 in [-1, 1), rate in Hz) of a mono 16-bit PCM ``.wav``."""
+    what_to_do = ("convert it to mono 16-bit PCM (e.g. `ffmpeg -i IN -ac 1 -c:a pcm_s16le "
+                  "OUT.wav`) or store a float32 1-D .npy array, or regenerate the folder")
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            n = w.getnframes()
+            if channels != 1 or width != WAV_SAMPWIDTH:
+                raise ManifestError(
+                    f"record {rec_id!r}: audio {str(path)!r} must be mono 16-bit PCM, found "
+                    f"{channels} channel(s) of {8 * width}-bit samples; {what_to_do}")
+            raw = w.readframes(n)
+    except (wave.Error, EOFError) as e:
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} is not a readable PCM .wav "
+                            f"({type(e).__name__}: {e}); {what_to_do}") from e
+    if len(raw) != n * WAV_SAMPWIDTH:
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} is truncated: its header "
+                            f"announces {n} samples, found {len(raw) // WAV_SAMPWIDTH}; "
+                            f"{what_to_do}")
+    if rate <= 0:
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} has sample rate {rate} Hz; "
+                            f"{what_to_do}")
+    pcm = np.frombuffer(raw, dtype="<i2")  # (T,) int16, little-endian as in every .wav
+    return (pcm.astype(np.float32) / np.float32(WAV_SCALE)), int(rate)
 
 
 def _load_image(path: Path, rec_id: str) -> np.ndarray:
@@ -174,17 +233,17 @@ def _load_image(path: Path, rec_id: str) -> np.ndarray:
     return arr
 
 
-def _load_audio(path: Path, rec_id: str) -> np.ndarray:
+def _load_audio(path: Path, rec_id: str) -> tuple[np.ndarray, int | None]:
+    """(audio (T,) float32, rate in Hz from a .wav header or None for .npy)."""
     if path.suffix == ".wav":
-        raise ManifestError(f"record {rec_id!r}: .wav audio ({str(path)!r}) is not supported yet; "
-                            "store it as a float32 1-D .npy array")
+        return _read_wav(path, rec_id)
     if path.suffix != ".npy":
-        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} must be .npy")
+        raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} must be .wav or .npy")
     arr = np.load(path, allow_pickle=False)
     if arr.ndim != 1 or arr.dtype != np.float32:
         raise ManifestError(f"record {rec_id!r}: audio {str(path)!r} must be (T,) float32, "
                             f"got {arr.shape} {arr.dtype}")
-    return arr
+    return arr, None
 
 
 def load_samples(folder: Path, split: str | None = None) -> list[Sample]:
@@ -192,19 +251,23 @@ def load_samples(folder: Path, split: str | None = None) -> list[Sample]:
     folder = Path(folder)
     out: list[Sample] = []
     for rec in read_manifest(folder, split):
-        arrays: dict[str, np.ndarray | None] = {"image": None, "audio": None}
-        for name, rel, loader in (("image", rec.image, _load_image),
-                                  ("audio", rec.audio, _load_audio)):
+        image: np.ndarray | None = None
+        audio: np.ndarray | None = None
+        rate: int | None = None
+        for name, rel in (("image", rec.image), ("audio", rec.audio)):
             if rel is None:
                 continue
             path = folder / rel
             try:
-                arrays[name] = loader(path, rec.id)
+                if name == "image":
+                    image = _load_image(path, rec.id)
+                else:
+                    audio, rate = _load_audio(path, rec.id)
             except ManifestError:
                 raise
             except (OSError, ValueError) as e:
                 raise ManifestError(f"record {rec.id!r}: cannot read {name} file {str(path)!r} "
                                     f"({type(e).__name__}: {e}); regenerate the folder") from e
         out.append(Sample(id=rec.id, task=rec.task, instruction=rec.instruction,
-                          answer=rec.answer, **arrays))
+                          answer=rec.answer, image=image, audio=audio, audio_rate=rate))
     return out

@@ -264,6 +264,19 @@ def _report_md(m: Mapping[str, Any], acc: M.Matrix, zero_shot: M.Matrix | None) 
         out += ["## Final scores per task", ""]
         out += [_md_table(["task", *names], score_rows, [False] + [True] * len(names)), ""]
 
+    arrivals = m.get("modality_arrivals")
+    if isinstance(arrivals, Sequence) and arrivals:
+        out += ["## New modalities", ""]
+        out += ["Points each earlier task lost between the step before a modality's first task "
+                "and the end of the stream (positive = lost).", ""]
+        for arr in arrivals:
+            drops = arr.get("drops", {})
+            out += [f"- `{arr['modality']}` arrives with `{arr['first_task']}`: "
+                    + (", ".join(f"{t} {_fmt(d, 1, signed=True)}" for t, d in drops.items())
+                       or "no earlier task")
+                    + f" (max {_fmt(arr.get('max_drop'), 1)})"]
+        out += [""]
+
     notes = m.get("notes")
     if isinstance(notes, Sequence) and not isinstance(notes, str) and notes:
         out += ["## Notes", "", *(f"- {note}" for note in notes), ""]

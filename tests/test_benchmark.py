@@ -94,9 +94,10 @@ def test_generation_ignores_python_hash_seed(tmp_path: Path, bench: Path) -> Non
 def test_stream_json(bench: Path) -> None:
     stream = json.loads((bench / "stream.json").read_text())
     assert stream["tasks"] == list(DataConfig().tasks)
-    assert stream["seed"] == 0 and stream["image_size"] == 32
+    assert stream["seed"] == 0 and stream["image_size"] == 32 and stream["audio_rate"] == 16000
     assert stream["task_info"]["caption"]["metrics"] == ["exact", "f1"]
     assert stream["task_info"]["arith"]["modalities"] == ["text"]
+    assert stream["task_info"]["pitch"]["modalities"] == ["audio", "text"]
 
 
 @pytest.mark.parametrize("folder", ["pretrain", *DataConfig().tasks])
@@ -113,18 +114,23 @@ def test_every_record_parses_and_loads(bench: Path, folder: str) -> None:
         assert len(read_manifest(bench / folder, split="test")) == 10
     for r, s in zip(records, samples, strict=True):
         assert WORDS.match(r.instruction) and WORDS.match(r.answer), r
-        assert r.audio is None and s.audio is None
-        if r.image is None:
-            assert r.modalities == ("text",) and s.image is None
-        else:
-            assert r.modalities == ("image", "text")
+        assert r.image is None or r.audio is None  # one array per sample
+        if r.image is not None:
+            assert r.modalities == ("image", "text") and r.image == f"images/{r.id}.png"
             assert (bench / folder / r.image).is_file()
             assert s.image is not None and s.image.shape == (32, 32, 3)
-            assert s.image.dtype == np.uint8
-    if folder == "arith":
-        assert all(s.image is None for s in samples)
-    elif folder != "pretrain":
-        assert all(s.image is not None for s in samples)
+            assert s.image.dtype == np.uint8 and s.audio is None
+        elif r.audio is not None:
+            assert r.modalities == ("audio", "text") and r.audio == f"audio/{r.id}.wav"
+            assert s.audio is not None and s.audio.dtype == np.float32
+            assert 0 < len(s.audio) <= 16000 and s.audio_rate == 16000 and s.image is None
+        else:
+            assert r.modalities == ("text",) and s.image is None and s.audio is None
+    kinds = {m for r in records for m in r.modalities}
+    if folder == "pretrain":
+        assert kinds == {"image", "audio", "text"}
+    else:
+        assert all(r.modalities == TASKS[folder].modalities for r in records)
 
 
 def test_image_size_64(tmp_path: Path) -> None:
@@ -140,7 +146,8 @@ def test_pretrain_templates_differ_from_the_tasks(bench: Path) -> None:
     task_instr = {r.instruction for t in list_tasks() for r in read_manifest(bench / t)}
     assert not set(pre) & task_instr
     kinds = ("what shape is this", "is there a", "repeat", "what number comes after",
-             "is the digit greater than four")
+             "is the digit greater than four", "is the tone high or low", "is there a sound",
+             "are there more than three beeps")
     assert all(any(q.startswith(k) for k in kinds) for q in pre)
     assert all(any(q.startswith(k) for q in pre) for k in kinds)  # 30 samples hold every kind
 
@@ -248,8 +255,10 @@ def test_digits_come_from_the_pool_of_their_split(bench: Path) -> None:
 
 def test_registry_helpers() -> None:
     assert list_tasks() == list(TASKS) == list(DataConfig().tasks)
+    assert list_tasks() == ["color", "count", "ground", "caption", "digits", "arith",
+                            "pitch", "beats", "sweep"]  # the audio tasks come last
     assert task_metrics("caption") == ("exact", "f1")
-    assert task_metrics("arith") == ("exact",)
+    assert task_metrics("arith") == task_metrics("pitch") == ("exact",)
 
 
 def test_unknown_task_names_it_and_lists_the_known(tmp_path: Path) -> None:
@@ -424,7 +433,12 @@ def test_load_samples_npy_png_and_audio(tmp_path: Path) -> None:
     a, b, c = load_samples(folder)
     assert np.array_equal(a.image, img) and np.array_equal(b.image, img)  # type: ignore[arg-type]
     assert c.image is None and c.audio is not None and c.audio.shape == (5,)
+    assert a.audio_rate is None and c.audio_rate is None  # .npy audio carries no rate
     write_manifest(folder, [record(id="d", image=None, modalities=("audio",),
                                    audio="sound.wav")])
-    with pytest.raises(ManifestError, match=r"\.wav.*not supported yet"):
+    with pytest.raises(ManifestError, match=r"'d'.*cannot read audio file.*sound\.wav"):
+        load_samples(folder)
+    write_manifest(folder, [record(id="e", image=None, modalities=("audio",),
+                                   audio="sound.flac")])
+    with pytest.raises(ManifestError, match=r"'e'.*sound\.flac.*must be \.wav or \.npy"):
         load_samples(folder)

@@ -2,10 +2,12 @@
 
 Layout of one generated benchmark (DESIGN.md §3)::
 
-    ROOT/stream.json                  generator version, seed, image size, ordered tasks, info
+    ROOT/stream.json                  generator version, seed, image size, audio rate,
+                                      ordered tasks, info
     ROOT/pretrain/manifest.jsonl      split "pretrain", task "pretrain"
     ROOT/<task>/manifest.jsonl        train records, then test records
-    ROOT/<task>/images/<id>.png
+    ROOT/<task>/images/<id>.png       image samples (S, S, 3)
+    ROOT/<task>/audio/<id>.wav        audio samples: mono 16-bit PCM at AUDIO_RATE, ≤ MAX_SECONDS
 
 Every (task, split) stream is seeded with ``[seed, crc32(task), split_index]``, so a generation
 depends only on the seed, the task name, the split and the sizes — never on Python's ``hash``
@@ -29,10 +31,11 @@ import numpy as np
 from PIL import Image
 
 from protocol.config import DataConfig
-from protocol.manifest import SampleRecord, write_manifest
+from protocol.manifest import SampleRecord, write_manifest, write_wav
+from simulation.benchmark.audio import AUDIO_RATE, MAX_SAMPLES, MAX_SECONDS
 from simulation.benchmark.tasks import PRETRAIN, TASKS, TaskSpec, check_tasks
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: audio tasks (pitch, beats, sweep) and audio in the pretraining mix
 SPLIT_INDEX: dict[str, int] = {"train": 0, "test": 1, "pretrain": 2}
 STREAM_FILE = "stream.json"
 STALE_TMP_S = 3600.0  # a temp folder untouched this long belongs to a dead generation
@@ -52,20 +55,46 @@ def _record_id(task: str, split: str, i: int) -> str:
     return f"{task}-{i:05d}" if task == split else f"{task}-{split}-{i:05d}"
 
 
+def _kind_of(array: np.ndarray, task: str, rid: str, image_size: int) -> str:
+    """"image" for (S, S, 3) uint8, "audio" for (T,) float32 with T ≤ MAX_SAMPLES, else raise.
+
+    Checked here because a task generator bug would otherwise surface only when the model's
+    collator meets a malformed array, far from the task that made it.
+    """
+    if array.ndim == 3 and array.shape == (image_size, image_size, 3) and array.dtype == np.uint8:
+        return "image"
+    if array.ndim == 1 and array.dtype == np.float32 and 0 < len(array) <= MAX_SAMPLES:
+        return "audio"
+    raise ValueError(
+        f"task {task!r}, record {rid!r}: generated an array of shape {array.shape} "
+        f"{array.dtype}; expected an image ({image_size}, {image_size}, 3) uint8 (data.image-size = "
+        f"{image_size}) or an audio clip (T,) float32 with 1 ≤ T ≤ {MAX_SAMPLES} ({MAX_SECONDS} s "
+        f"at {AUDIO_RATE} Hz); fix the task's generator in simulation/benchmark/tasks.py")
+
+
 def _write_split(folder: Path, spec: TaskSpec, split: str, n: int, cfg: DataConfig
                  ) -> list[SampleRecord]:
     rng = stream_rng(cfg.seed, spec.name, split)
     records = []
-    for i, (instruction, answer, image) in enumerate(spec.generate(rng, n, split,
+    for i, (instruction, answer, array) in enumerate(spec.generate(rng, n, split,
                                                                    cfg.image_size)):
         rid = _record_id(spec.name, split, i)
-        rel = None
-        if image is not None:
-            rel = f"images/{rid}.png"
-            Image.fromarray(image).save(folder / rel, format="PNG")
+        kind = image = audio = None
+        if array is not None:
+            kind = _kind_of(array, spec.name, rid, cfg.image_size)
+            if kind not in spec.modalities:
+                raise ValueError(f"task {spec.name!r} generated {kind} for record {rid!r} but "
+                                 f"declares modalities {spec.modalities}; add {kind!r} to its "
+                                 "TaskSpec in simulation/benchmark/tasks.py")
+            if kind == "image":
+                image = f"images/{rid}.png"
+                Image.fromarray(array).save(folder / image, format="PNG")
+            else:
+                audio = f"audio/{rid}.wav"
+                write_wav(folder / audio, array, AUDIO_RATE)
         records.append(SampleRecord(
-            id=rid, task=spec.name, modalities=("image", "text") if rel else ("text",),
-            instruction=instruction, answer=answer, split=split, image=rel, audio=None,
+            id=rid, task=spec.name, modalities=(kind, "text") if kind else ("text",),
+            instruction=instruction, answer=answer, split=split, image=image, audio=audio,
         ))
     return records
 
@@ -76,6 +105,8 @@ def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int]], cfg: 
     folder.mkdir(parents=True, exist_ok=True)
     if "image" in spec.modalities:
         (folder / "images").mkdir(exist_ok=True)
+    if "audio" in spec.modalities:
+        (folder / "audio").mkdir(exist_ok=True)
     records: list[SampleRecord] = []
     for split, n in splits:
         records += _write_split(folder, spec, split, n, cfg)
@@ -96,6 +127,7 @@ def generate_benchmark(root: Path, cfg: DataConfig) -> Path:
         "generator_version": GENERATOR_VERSION,
         "seed": cfg.seed,
         "image_size": cfg.image_size,
+        "audio_rate": AUDIO_RATE,
         "tasks": list(cfg.tasks),
         "task_info": {
             name: {"description": TASKS[name].description,

@@ -1,10 +1,14 @@
 """The continual task stream: a registry of tasks and their per-sample generators.
 
-Every task turns a seeded ``np.random.Generator`` into ``(instruction, answer, image | None)``
-examples. Instructions have two phrasings per task, lowercase words without punctuation (the
+Every task turns a seeded ``np.random.Generator`` into ``(instruction, answer, array | None)``
+examples, the array being an image (S, S, 3) uint8 or an audio clip (T,) float32 (told apart by
+``ndim``; see :mod:`simulation.benchmark.audio`). Instructions have two phrasings per task (the
+audio QA task ``sweep`` has two questions instead), lowercase words without punctuation (the
 model's word-level tokenizer is built from the data); answers are lowercase words, numbers as
-numerals. The pretraining mixture (:data:`PRETRAIN`) uses different templates, so the base
-model learns perception and word/number primitives but scores low zero-shot on the tasks.
+numerals. The six vision/text tasks come first and the three audio tasks after them, so in the
+default stream audio arrives mid-stream as a new modality. The pretraining mixture
+(:data:`PRETRAIN`) uses different templates, so the base model learns perception (audio
+included) and word/number primitives but scores low zero-shot on the tasks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ from functools import lru_cache
 
 import numpy as np
 
+from simulation.benchmark.audio import (
+    AUDIO_RATE,
+    MAX_SECONDS,
+    NOTES,
+    beeps,
+    finish,
+    noise_only,
+    note_freq,
+    place,
+    samples,
+    sweep,
+    tone,
+)
 from simulation.benchmark.shapes import (
     COLOR_NAMES,
     GRID,
@@ -25,9 +42,11 @@ from simulation.benchmark.shapes import (
     render_intensity,
 )
 
-Example = tuple[str, str, np.ndarray | None]  # (instruction, answer, image (S, S, 3) uint8)
+# (instruction, answer, image (S, S, 3) uint8 | audio (T,) float32 with T ≤ MAX_SAMPLES | None)
+Example = tuple[str, str, np.ndarray | None]
 Generate = Callable[[np.random.Generator, int, str, int], list[Example]]
 IMAGE_TEXT: tuple[str, ...] = ("image", "text")
+AUDIO_TEXT: tuple[str, ...] = ("audio", "text")
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,69 @@ def _arith(rng: np.random.Generator, split: str, size: int) -> Example:
     return q, str(result), None
 
 
+# --- the audio tasks ---
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """A frequency spread evenly in pitch (log scale) over [lo, hi] Hz."""
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _clip(rng: np.random.Generator, sound: np.ndarray,
+          gain: tuple[float, float] | None = None) -> np.ndarray:
+    """``sound`` at a random onset in a clip of random length ≤ MAX_SECONDS → float32 (T,).
+
+    The onset and the trailing silence vary so neither "where" nor "how long" gives the answer
+    away; the clip length varies so the model's padding to one second is exercised.
+    """
+    seconds = len(sound) / AUDIO_RATE
+    onset = float(rng.uniform(0.02, MAX_SECONDS - seconds - 0.02))
+    total = samples(min(MAX_SECONDS, onset + seconds + float(rng.uniform(0.02, 0.1))))
+    clip = place(sound, samples(onset), total)
+    return finish(rng, clip) if gain is None else finish(rng, clip, gain)
+
+
+def _pitch(rng: np.random.Generator, split: str, size: int) -> Example:
+    note = _pick(rng, NOTES)
+    freq = note_freq(note, octave=4, cents=float(rng.uniform(-15, 15)))  # 258–498 Hz
+    sound = tone(rng, freq, float(rng.uniform(0.3, 0.9)))
+    q = _pick(rng, ("which note is played", "name the note of the tone"))
+    return q, note, _clip(rng, sound)
+
+
+BEEP_COUNTS = range(1, 7)
+
+
+def _beats(rng: np.random.Generator, split: str, size: int) -> Example:
+    count = int(rng.integers(BEEP_COUNTS.start, BEEP_COUNTS.stop))
+    signal, _ = beeps(rng, count, _log_uniform(rng, 300, 1500), samples(MAX_SECONDS))
+    q = _pick(rng, ("how many beeps do you hear", "count the beeps"))
+    return q, str(count), finish(rng, signal)
+
+
+DIRECTIONS: tuple[str, ...] = ("up", "down", "flat")
+LOUDNESS: dict[str, tuple[float, float]] = {"loud": (0.6, 0.9), "soft": (0.05, 0.15)}  # peak
+
+
+def _glide(rng: np.random.Generator, direction: str, seconds: float) -> np.ndarray:
+    """A sweep going ``direction`` over 1.6–2.5× in frequency, or a steady tone ("flat")."""
+    if direction == "flat":
+        return tone(rng, _log_uniform(rng, 250, 1000), seconds)
+    low = _log_uniform(rng, 200, 500)
+    high = low * float(rng.uniform(1.6, 2.5))  # ≤ 1250 Hz
+    return sweep(rng, *((low, high) if direction == "up" else (high, low)), seconds)
+
+
+def _sweep(rng: np.random.Generator, split: str, size: int) -> Example:
+    seconds = float(rng.uniform(0.4, 0.9))
+    if rng.integers(2):
+        direction = _pick(rng, DIRECTIONS)
+        return "does the pitch go up or down", direction, _clip(rng, _glide(rng, direction,
+                                                                            seconds))
+    level = _pick(rng, tuple(LOUDNESS))
+    sound = _glide(rng, _pick(rng, DIRECTIONS), seconds)  # any shape: only the level counts
+    return "is the sound loud or soft", level, _clip(rng, sound, LOUDNESS[level])
+
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
@@ -168,6 +250,11 @@ TASKS: dict[str, TaskSpec] = {
                  _repeat(_digits)),
         TaskSpec("arith", "add or subtract two one-digit numbers", ("text",), ("exact",),
                  _repeat(_arith)),
+        TaskSpec("pitch", "name the note (c to b, octave 4) of a tone", AUDIO_TEXT, ("exact",),
+                 _repeat(_pitch)),
+        TaskSpec("beats", "count 1 to 6 beeps", AUDIO_TEXT, ("exact",), _repeat(_beats)),
+        TaskSpec("sweep", "say whether a sound goes up, down or stays flat, or is loud or soft",
+                 AUDIO_TEXT, ("exact",), _repeat(_sweep)),
     )
 }
 
@@ -210,15 +297,48 @@ def _pre_digit_gt(rng: np.random.Generator, split: str, size: int) -> Example:
     return "is the digit greater than four", "yes" if label > 4 else "no", image
 
 
-_PRETRAIN_KINDS = (_pre_shape, _pre_exists, _pre_repeat, _pre_successor, _pre_digit_gt)
+def _pre_high_low(rng: np.random.Generator, split: str, size: int) -> Example:
+    # A gap around 440 Hz keeps the labels unambiguous.
+    answer = _pick(rng, ("high", "low"))
+    freq = _log_uniform(rng, 480, 1000) if answer == "high" else _log_uniform(rng, 200, 400)
+    return "is the tone high or low", answer, _clip(rng, tone(rng, freq,
+                                                              float(rng.uniform(0.3, 0.9))))
+
+
+def _pre_sound(rng: np.random.Generator, split: str, size: int) -> Example:
+    if rng.integers(2):
+        return "is there a sound", "no", noise_only(rng, samples(float(rng.uniform(0.4, 1.0))))
+    if rng.integers(2):
+        sound = tone(rng, _log_uniform(rng, 200, 1000), float(rng.uniform(0.3, 0.9)))
+        return "is there a sound", "yes", _clip(rng, sound)
+    signal, _ = beeps(rng, int(rng.integers(1, 4)), _log_uniform(rng, 300, 1500),
+                      samples(MAX_SECONDS))
+    return "is there a sound", "yes", finish(rng, signal)
+
+
+def _pre_many_beeps(rng: np.random.Generator, split: str, size: int) -> Example:
+    count = int(rng.integers(BEEP_COUNTS.start, BEEP_COUNTS.stop))
+    signal, _ = beeps(rng, count, _log_uniform(rng, 300, 1500), samples(MAX_SECONDS))
+    return "are there more than three beeps", "yes" if count > 3 else "no", finish(rng, signal)
+
+
+# (kind, weight): the vision/text kinds keep equal shares of 75%, the audio kinds share 25%.
+AUDIO_PRETRAIN_SHARE = 0.25
+_VISION_TEXT_KINDS = (_pre_shape, _pre_exists, _pre_repeat, _pre_successor, _pre_digit_gt)
+_AUDIO_KINDS = (_pre_high_low, _pre_sound, _pre_many_beeps)
+_PRETRAIN_KINDS = _VISION_TEXT_KINDS + _AUDIO_KINDS
+_PRETRAIN_WEIGHTS = np.array(
+    [(1 - AUDIO_PRETRAIN_SHARE) / len(_VISION_TEXT_KINDS)] * len(_VISION_TEXT_KINDS)
+    + [AUDIO_PRETRAIN_SHARE / len(_AUDIO_KINDS)] * len(_AUDIO_KINDS))
 
 
 def _pretrain_one(rng: np.random.Generator, split: str, size: int) -> Example:
-    return _PRETRAIN_KINDS[int(rng.integers(len(_PRETRAIN_KINDS)))](rng, split, size)
+    kind = int(rng.choice(len(_PRETRAIN_KINDS), p=_PRETRAIN_WEIGHTS))
+    return _PRETRAIN_KINDS[kind](rng, split, size)
 
 
 PRETRAIN = TaskSpec("pretrain", "perception and word/number primitives for the base model",
-                    IMAGE_TEXT, ("exact",), _repeat(_pretrain_one))
+                    ("image", "audio", "text"), ("exact",), _repeat(_pretrain_one))
 
 
 def list_tasks() -> list[str]:

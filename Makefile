@@ -28,6 +28,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/train_step.py --out runs/bench/train_step.json
+	$(BIN)/python bench/proxy_time.py --out runs/bench/proxy_time.json
 
 clean:
 	rm -rf runs .cache

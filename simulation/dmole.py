@@ -74,7 +74,8 @@ class DmoleLearner:
         self.experts = ExpertModel(stream.model)
         self.mmap = modality_map(stream.model)
         self.plan = ExpertPlan.empty(self.mmap)
-        self.router = TaskRouter(hidden=cfg.dmole.router_hidden, quantile=cfg.dmole.router_quantile)
+        self.router = TaskRouter(hidden=cfg.dmole.router_hidden, quantile=cfg.dmole.router_quantile,
+                                 folds=cfg.dmole.router_threshold_folds)
         self.partners: dict[str, list[str]] = {}
         self.rank = cfg.lora.rank
         if cfg.dmole.allocation == "all-modules":

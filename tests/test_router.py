@@ -43,7 +43,7 @@ def router() -> TaskRouter:
     z, truth = _clusters(150, seed=0)
     # τ at the 99th percentile: at 0.95 about 5–10% of fresh in-distribution samples are (by
     # design) flagged as novel, which is what the default trades for catching unknown inputs.
-    r = TaskRouter(hidden=16, quantile=0.99)
+    r = TaskRouter(hidden=16, quantile=0.99, folds=1)
     for t in TASKS:
         r.add_task(t, z[[i for i, x in enumerate(truth) if x == t]], epochs=100, batch_size=512, seed=0)
     return r
@@ -74,10 +74,34 @@ def test_routes_a_mixed_batch_per_sample_and_flags_the_unknown(router):
 def test_threshold_quantile_bounds_the_training_samples_flagged():
     z, truth = _clusters(100, seed=6)
     own = z[[i for i, x in enumerate(truth) if x == "arith"]]
-    r = TaskRouter(hidden=8)
+    r = TaskRouter(hidden=8, folds=1)
     entry = r.add_task("arith", own, quantile=0.8, epochs=30, batch_size=512)
     flagged = (r.errors(own)[:, 0] >= entry.threshold).float().mean()
     assert entry.quantile == 0.8 and 0.15 <= float(flagged) <= 0.21  # ≈ 1 − q of its own samples
+
+
+def test_out_of_fold_threshold_keeps_about_q_of_unseen_samples():
+    """In-sample errors are those of memorised samples: τ from them rejects more than 1 − q of
+    fresh samples. Out-of-fold errors are unseen-sample errors: τ keeps about q of them."""
+    d, n = 64, 200
+    g = torch.Generator().manual_seed(3)
+    basis = torch.randn(8, d, generator=g)  # the task lives near an 8-dim subspace, + noise
+
+    def draw(m: int) -> torch.Tensor:
+        noise = 0.3 * torch.randn(m, d, generator=g)
+        return F.normalize(torch.randn(m, 8, generator=g) @ basis + noise, dim=1)
+
+    train, fresh = draw(n), draw(2000)
+    fit = {"epochs": 300, "patience": 300, "val_fraction": 0.0, "seed": 0}  # overfits on purpose
+    rejected = {}
+    for folds in (1, 5):
+        r = TaskRouter(hidden=64, quantile=0.9, folds=folds)
+        entry = r.add_task("t", train, **fit)
+        rejected[folds] = float((r.errors(fresh)[:, 0] >= entry.threshold).float().mean())
+    assert rejected[1] > 0.2  # in-sample τ: far more than 1 − q = 10% of fresh samples flagged
+    assert rejected[5] < rejected[1] and rejected[5] <= 0.15
+    with pytest.raises(ValueError, match="folds"):
+        TaskRouter(folds=0)
 
 
 def test_fit_is_deterministic_and_keeps_the_best_weights():

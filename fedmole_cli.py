@@ -109,6 +109,25 @@ def demo(
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their metrics.json)")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this file")] = None,
+) -> None:
+    """One comparison table (AVG, Last, BWT, …) over finished runs' metrics.json."""
+    from simulation.report import comparison_table, load_metrics
+
+    rows = [_guard(lambda r=r: load_metrics(r)) for r in runs]
+    try:
+        table = comparison_table(rows)
+    except ValueError as e:
+        raise _fail(EXIT_DATA, str(e)) from None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+    typer.echo(table)
+
+
+@app.command()
 def data(
     out: Annotated[Path | None, typer.Option(help="Write here instead of the cache")] = None,
     config: ConfigOpt = None,

@@ -215,7 +215,11 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
     truth = [t for t in tasks for _ in stream.test[t]]
     pred = [r for t in tasks for r in learner.routes(t, tasks)]
     router_acc = routing_accuracy(pred, truth) if cfg.dmole.router == "autoencoder" else None
+    variant = [f"{k}={v}" for k, v, default in (
+        ("allocation", cfg.dmole.allocation, "gradient"), ("router", cfg.dmole.router, "autoencoder"))
+        if v != default]
     extra = {
+        "label": method + (f" ({', '.join(variant)})" if variant else ""),
         "task_scores": rows[-1],
         "zero_shot_scores": zero,
         "dmole": {

@@ -386,7 +386,11 @@ def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """One line per run: method, AVG, Last, BWT, Forgetting, wall s, MB up (1 decimal)."""
+    """One line per run: method, AVG, Last, BWT, Forgetting, wall s, MB up (1 decimal).
+
+    A run's ``label`` (e.g. a D-MoLE ablation) names its line instead of ``method``; when any
+    run reports a router accuracy (``dmole.router_accuracy``), a "router %" column is added.
+    """
     columns = [
         ("method", "method"),
         ("AVG", "avg"),
@@ -396,6 +400,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         ("wall s", "wall_s"),
         ("MB up", "bytes_up"),
     ]
+    routed = any(isinstance(r.get("dmole"), Mapping) and "router_accuracy" in r["dmole"]
+                 for r in rows)
     body: list[list[str]] = []
     for k, row in enumerate(rows):
         missing = [key for _, key in columns if key not in row]
@@ -404,15 +410,18 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
                 f"run {k} ({row.get('method', '?')}) lacks metrics.json keys {missing}"
             )
         up = row["bytes_up"]
-        body.append(
-            [
-                str(row["method"]),
-                _fmt(row["avg"], 1),
-                _fmt(row["last"], 1),
-                _fmt(row["bwt"], 1, signed=True),
-                _fmt(row["forgetting"], 1),
-                _fmt(row["wall_s"], 1),
-                _fmt(None if up is None else up / _MB, 1),
-            ]
-        )
-    return _md_table([h for h, _ in columns], body, [False] + [True] * (len(columns) - 1))
+        line = [
+            str(row.get("label") or row["method"]),
+            _fmt(row["avg"], 1),
+            _fmt(row["last"], 1),
+            _fmt(row["bwt"], 1, signed=True),
+            _fmt(row["forgetting"], 1),
+            _fmt(row["wall_s"], 1),
+            _fmt(None if up is None else up / _MB, 1),
+        ]
+        if routed:
+            d = row.get("dmole")
+            line.append(_fmt(d.get("router_accuracy") if isinstance(d, Mapping) else None, 1))
+        body.append(line)
+    header = [h for h, _ in columns] + (["router %"] if routed else [])
+    return _md_table(header, body, [False] + [True] * (len(header) - 1))

@@ -256,3 +256,27 @@ def test_modality_arrivals_measure_what_earlier_tasks_lose():
     assert out == [{"modality": "audio", "first_task": "c", "before_step": 1,
                     "drops": {"a": 2.0, "b": 4.0}, "max_drop": 4.0}]
     assert modality_arrivals(["a", "b"], [[50, 0], [40, 60]], mods) == []  # image came first
+
+
+def test_comparison_table_labels_ablations_and_adds_router_accuracy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = _write(tmp_path)
+    ab = dict(a, method="dmole", label="dmole (router=none)", dmole={"router_accuracy": None})
+    full = dict(a, method="dmole", dmole={"router_accuracy": 97.25})
+    lines = comparison_table([full, ab, a]).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")][-1] == "router %"
+    assert [c.strip() for c in lines[2].strip("|").split("|")][::7] == ["dmole", "97.2"]
+    assert [c.strip() for c in lines[3].strip("|").split("|")][::7] == ["dmole (router=none)", "—"]
+    assert [c.strip() for c in lines[4].strip("|").split("|")][::7] == ["fedmole", "—"]
+
+
+def test_compare_command_reads_runs_and_rejects_a_missing_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from fedmole_cli import app
+
+    _write(tmp_path / "r1")
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "r1" / "run"), "--out", str(tmp_path / "t.md")])
+    assert res.exit_code == 0 and "fedmole" in res.output
+    assert (tmp_path / "t.md").read_text().startswith("| method")
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "missing")])
+    assert res.exit_code == 3

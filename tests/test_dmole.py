@@ -69,5 +69,13 @@ def test_run_writes_outputs_plan_and_router(cfg, tmp_path, overrides, replay):
         else:
             assert n == round(c.dmole.budget_fraction * len(plan.modality_of))
     assert (tmp_path / "router" / "router.json").is_file()
+    if c.dmole.allocation == "gradient":  # experts only where the task's data flows
+        assert plan.experts_per_modality("arith").get("vision", 0) == 0
+        assert plan.experts_per_modality("arith").get("audio", 0) == 0
+        assert plan.experts_per_modality("pitch").get("audio", 0) > 0
+        assert plan.experts_per_modality("pitch").get("vision", 0) == 0
+    arrivals = on_disk["modality_arrivals"]
+    assert [(a["modality"], a["first_task"]) for a in arrivals] == [("audio", "pitch")]
+    assert set(arrivals[0]["drops"]) == {"color", "arith", "count"}
     if c.dmole.router == "autoencoder":
         assert 0 <= m["dmole"]["router_accuracy"] <= 100

@@ -1,0 +1,446 @@
+"""Per-modality aggregation of one task's LoRA expert updates: pure numpy, streaming (DESIGN §2.4).
+
+Math. An expert on module m (a d_out×d_in linear) adds ΔW = s·B·A with A (r, d_in), B (d_out, r)
+and s = alpha/r; s is the same for every client, so it is factored out and all below is on B·A.
+For module m of modality k, over the clients c that hold k and sent m, with weights
+w_c = n_samples, the target is the exact weighted mean of the clients' updates,
+ΔW̄_m = Σ_c w_c B_c A_c / Σ_c w_c. The global expert must again be a rank-r LoRA (a PEFT adapter),
+so rule "svd" re-factors ΔW̄ by a truncated SVD: ΔW̄ = U S Vᵀ → B' = U_r √S_r, A' = √S_r V_rᵀ.
+This is exact whenever rank(ΔW̄) ≤ r: one client, identical clients, clients sharing A (or
+sharing B). Otherwise it is NOT ΔW̄ but its best rank-r approximation in Frobenius norm
+(Eckart–Young): a mean of N rank-r updates can have rank min(N·r, d_out, d_in). The relative
+error ‖ΔW̄ − B'A'‖_F / ‖ΔW̄‖_F is measured and reported per module (0 where exact, up to the
+float32 cast). Averaging A and B separately (rule "fedavg-ab", plain FedAvg on the LoRA
+parameters, registered for comparison only) is not averaging ΔW: with Ā, B̄ the weighted means,
+B̄·Ā = ΔW̄ − Σ_c w_c (B_c − B̄)(A_c − Ā) / Σ_c w_c, and that cross term vanishes only when the
+clients agree on A or on B. Both rules report their error against the same exact ΔW̄.
+
+Per modality: a client's tensors for modules of a modality it does not hold are ignored (they were
+never trained on such data, so they neither contribute nor dilute the weights) and are recorded.
+Streaming: ``DeltaAccumulator.add`` folds one update into per-module running sums (float64
+Σ w·B·A, Σ w, plus the rule's own sums) and keeps no per-client tensor, so memory is flat in the
+number of clients. Every update is validated in full before any state changes
+(:func:`validate_update`, the place to extend with clipping or robust checks).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from protocol.plan import ExpertPlan
+
+F64 = NDArray[np.float64]
+F32 = NDArray[np.float32]
+_KINDS = ("lora_A", "lora_B")
+
+
+class UpdateError(ValueError):
+    """A client update was rejected; the message names the client, the key and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# contracts
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """The expert expected on one module: lora_A is (rank, d_in), lora_B is (d_out, rank)."""
+
+    modality: str
+    rank: int
+    d_in: int
+    d_out: int
+
+    def shape_of(self, kind: str) -> tuple[int, int]:
+        return (self.rank, self.d_in) if kind == "lora_A" else (self.d_out, self.rank)
+
+
+@dataclass(frozen=True)
+class AggregationSpec:
+    """Task ``task``'s experts: module → :class:`ModuleSpec`, and the LoRA scale s = alpha/r.
+
+    ``modalities`` are the names a client may claim to hold (default: those of ``modules``);
+    :meth:`from_plan` uses every modality of the plan's map, so a client holding audio is fine
+    in a task with no audio expert, while a misspelt name ("image" for "vision") is rejected.
+    """
+
+    task: str
+    modules: Mapping[str, ModuleSpec]
+    scale: float = 1.0
+    modalities: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"`task` must be a non-empty string, got {self.task!r}")
+        if not self.modules:
+            raise ValueError(f"task {self.task!r}: the spec has no modules")
+        for m, s in self.modules.items():
+            dims = (s.rank, s.d_in, s.d_out)
+            if not isinstance(m, str) or not m or any(not _is_int(v) or v < 1 for v in dims):
+                raise ValueError(f"module {m!r}: rank, d_in, d_out must be integers >= 1, got {dims}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or self.scale <= 0:
+            raise ValueError(f"`scale` (alpha/r) must be a number > 0, got {self.scale!r}")
+        used = frozenset(s.modality for s in self.modules.values())
+        known = frozenset(self.modalities) or used
+        if not used <= known:
+            raise ValueError(f"modules use modalities {sorted(used - known)} missing from "
+                             f"`modalities` {sorted(known)}")
+        object.__setattr__(self, "modules", dict(self.modules))
+        object.__setattr__(self, "modalities", known)
+
+    @classmethod
+    def from_plan(cls, plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, int]]
+                  ) -> AggregationSpec:
+        """Task ``task``'s experts in ``plan``; ``dims`` maps each module to its (d_in, d_out)."""
+        experts = [e for e in plan.experts if e.task == task]
+        if not experts:
+            raise ValueError(f"task {task!r} has no experts in the plan; tasks: {list(plan.tasks)}")
+        scales = {e.alpha / e.rank for e in experts}
+        if len(scales) != 1:
+            raise ValueError(f"task {task!r}: experts have different alpha/rank {sorted(scales)}; "
+                             f"the scale must be one constant to factor it out")
+        missing = [e.module for e in experts if e.module not in dims]
+        if missing:
+            raise ValueError(f"`dims` lacks (d_in, d_out) for modules {missing}")
+        modules = {e.module: ModuleSpec(e.modality, e.rank, *dims[e.module]) for e in experts}
+        return cls(task, modules, scales.pop(), frozenset(plan.modality_of.values()))
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """One client's reply: task ``task``'s expert tensors, keyed ``"<module>.lora_A"``/``".lora_B"``."""
+
+    client_id: str
+    task: str
+    round: int
+    n_samples: int  # > 0: the client's weight
+    modalities: frozenset[str]  # the modalities the client holds
+    tensors: Mapping[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.asarray(t).nbytes) for t in self.tensors.values())
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedUpdate:
+    """What :func:`validate_update` accepted: the (A, B) pairs that contribute, and what is ignored."""
+
+    client_id: str
+    weight: int
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]  # module → (A (r, d_in), B (d_out, r))
+    ignored: tuple[str, ...]  # modules sent for a modality the client does not hold
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _few(names: Iterable[str], n: int = 3) -> str:
+    names = list(names)
+    return ", ".join(repr(x) for x in names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
+def validate_update(update: ClientUpdate, spec: AggregationSpec, *, round: int | None = None,
+                    seen: Collection[str] = ()) -> CheckedUpdate:
+    """Check one update against ``spec`` without changing anything; raise :class:`UpdateError`.
+
+    ``round`` is the round being aggregated (None: any), ``seen`` the client ids already added
+    in it. Tensors of modalities the client does not hold are validated too (a malformed reply is
+    rejected whole) but come back in ``ignored``, not in ``pairs``.
+    """
+    if not isinstance(update, ClientUpdate):
+        raise UpdateError(f"expected a ClientUpdate, got {type(update).__name__}")
+    cid = update.client_id
+    if not isinstance(cid, str) or not cid:
+        raise UpdateError(f"client {cid!r}: `client_id` must be a non-empty string")
+    who = f"client {cid!r}"
+    if update.task != spec.task:
+        raise UpdateError(f"{who}: task {update.task!r} does not match the aggregated task {spec.task!r}")
+    if not _is_int(update.round) or update.round < 0:
+        raise UpdateError(f"{who}: `round` must be an integer >= 0, got {update.round!r}")
+    if round is not None and update.round != round:
+        raise UpdateError(f"{who}: round {update.round} but this accumulator aggregates round {round}")
+    if cid in seen:
+        raise UpdateError(f"{who}: already added in round {update.round}; one update per client per round")
+    if not _is_int(update.n_samples) or update.n_samples <= 0:
+        raise UpdateError(f"{who}: `n_samples` must be an integer > 0, got {update.n_samples!r}")
+    mods = update.modalities
+    if not isinstance(mods, set | frozenset) or any(not isinstance(k, str) for k in mods):
+        raise UpdateError(f"{who}: `modalities` must be a frozenset of names, got {mods!r}")
+    unknown_mods = sorted(set(mods) - spec.modalities)
+    if unknown_mods:
+        raise UpdateError(f"{who}: unknown modalities {unknown_mods}; known: {sorted(spec.modalities)}")
+    if not isinstance(update.tensors, Mapping):
+        raise UpdateError(f"{who}: `tensors` must be a mapping key → array, got "
+                          f"{type(update.tensors).__name__}")
+
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, x in update.tensors.items():
+        module, _, kind = key.rpartition(".") if isinstance(key, str) else ("", "", "")
+        if kind not in _KINDS or module not in spec.modules:
+            raise UpdateError(f"{who}: unknown key {key!r}; expected '<module>.lora_A' or "
+                              f"'<module>.lora_B' for a module of task {spec.task!r} such as "
+                              f"{_few(spec.modules)}")
+        ms = spec.modules[module]
+        if not isinstance(x, np.ndarray):
+            raise UpdateError(f"{who}: {key!r} must be a numpy array, got {type(x).__name__}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise UpdateError(f"{who}: {key!r} has dtype {x.dtype}; expected a float dtype")
+        if x.shape != ms.shape_of(kind):
+            what = "(rank, d_in)" if kind == "lora_A" else "(d_out, rank)"
+            raise UpdateError(f"{who}: {key!r} has shape {x.shape}; expected {what} = "
+                              f"{ms.shape_of(kind)}")
+        if not np.isfinite(x).all():
+            raise UpdateError(f"{who}: {key!r} has {int(x.size - np.isfinite(x).sum())} "
+                              f"non-finite values (NaN or inf)")
+        found.setdefault(module, {})[kind] = x
+    for module, pair in found.items():
+        if len(pair) != 2:
+            (have,) = pair
+            other = "lora_B" if have == "lora_A" else "lora_A"
+            raise UpdateError(f"{who}: {module + '.' + have!r} was sent without "
+                              f"{module + '.' + other!r}")
+
+    pairs = {m: (p["lora_A"], p["lora_B"]) for m, p in found.items() if spec.modules[m].modality in mods}
+    ignored = tuple(m for m in spec.modules if m in found and m not in pairs)  # spec's own strings
+    return CheckedUpdate(cid, int(update.n_samples), pairs, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules (a registry: DESIGN §5.5)
+
+
+class LoraAggregator(Protocol):
+    """How the folded sums of one module become the global expert's (A', B').
+
+    The accumulator always keeps the exact Σ w·B·A; a rule may keep more running sums (O(1) in
+    the number of clients) in ``state`` and returns float64 factors A' (r, d_in), B' (d_out, r).
+    """
+
+    name: str
+
+    def new_state(self, spec: ModuleSpec) -> dict[str, F64]: ...
+
+    def fold(self, state: dict[str, F64], w: int, a: F64, b: F64) -> None: ...
+
+    def factors(self, state: dict[str, F64], mean_delta: F64, weight: int, spec: ModuleSpec
+                ) -> tuple[F64, F64]: ...
+
+
+def svd_factors(delta: F64, rank: int) -> tuple[F64, F64]:
+    """Best rank-``rank`` factors of ``delta`` (d_out, d_in): A' = √S_r V_rᵀ, B' = U_r √S_r.
+
+    Zero-padded to exactly ``rank`` when rank > min(d_out, d_in) (PEFT needs shape (r, ·)).
+    """
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    k = min(rank, s.size)
+    root = np.sqrt(s[:k])
+    a = np.zeros((rank, delta.shape[1]))
+    b = np.zeros((delta.shape[0], rank))
+    a[:k] = root[:, None] * vt[:k]
+    b[:, :k] = u[:, :k] * root
+    return a, b
+
+
+class SvdAggregator:
+    """Exact weighted mean of ΔW, re-factored to rank r by truncated SVD (the default)."""
+
+    name = "svd"
+
+    def new_state(self, spec: ModuleSpec) -> dict[str, F64]:
+        return {}
+
+    def fold(self, state: dict[str, F64], w: int, a: F64, b: F64) -> None:
+        pass  # the accumulator's Σ w·B·A is all this rule needs
+
+    def factors(self, state: dict[str, F64], mean_delta: F64, weight: int, spec: ModuleSpec
+                ) -> tuple[F64, F64]:
+        return svd_factors(mean_delta, spec.rank)
+
+
+class FedAvgABAggregator:
+    """Naive FedAvg of lora_A and lora_B separately: B̄·Ā ≠ mean(B·A); for comparison only."""
+
+    name = "fedavg-ab"
+
+    def new_state(self, spec: ModuleSpec) -> dict[str, F64]:
+        return {"A": np.zeros((spec.rank, spec.d_in)), "B": np.zeros((spec.d_out, spec.rank))}
+
+    def fold(self, state: dict[str, F64], w: int, a: F64, b: F64) -> None:
+        state["A"] += w * a
+        state["B"] += w * b
+
+    def factors(self, state: dict[str, F64], mean_delta: F64, weight: int, spec: ModuleSpec
+                ) -> tuple[F64, F64]:
+        return state["A"] / weight, state["B"] / weight
+
+
+AGGREGATORS: dict[str, LoraAggregator] = {"svd": SvdAggregator(), "fedavg-ab": FedAvgABAggregator()}
+
+
+def register_aggregator(rule: LoraAggregator, *, replace: bool = False) -> None:
+    if rule.name in AGGREGATORS and not replace:
+        raise ValueError(f"aggregator {rule.name!r} is already registered; pass replace=True")
+    AGGREGATORS[rule.name] = rule
+
+
+def get_aggregator(name: str) -> LoraAggregator:
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming accumulation
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleResult:
+    """The new global expert on one module (multiply B'A' by the spec's scale for ΔW)."""
+
+    module: str
+    modality: str
+    lora_A: F32  # (r, d_in)
+    lora_B: F32  # (d_out, r)
+    weight: int  # Σ n_samples of the contributing clients
+    n_clients: int
+    error: float  # ‖ΔW̄ − B'A'‖_F / ‖ΔW̄‖_F of the returned float32 factors (0 if ΔW̄ = B'A' = 0)
+
+
+@dataclass(frozen=True, eq=False)
+class AggregationResult:
+    """One round's aggregate. Modules without any contribution are in ``missing``, not ``modules``:
+    the caller keeps their old global expert. Client ids are sorted (order-independent)."""
+
+    task: str
+    round: int | None
+    rule: str
+    scale: float
+    modules: dict[str, ModuleResult]  # in the spec's order
+    weight_by_modality: dict[str, int]  # every modality of the spec's modules (0 if none)
+    clients_by_modality: dict[str, tuple[str, ...]]  # clients that contributed to ≥ 1 module of it
+    missing: tuple[str, ...]
+    ignored: dict[str, tuple[str, ...]]  # client → modules sent for a modality it does not hold
+    clients: tuple[str, ...]  # every accepted client
+
+    def tensors(self) -> dict[str, F32]:
+        """The new experts keyed like a :class:`ClientUpdate` (``"<module>.lora_A"``, …)."""
+        out: dict[str, F32] = {}
+        for m, r in self.modules.items():
+            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = r.lora_A, r.lora_B
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-ready values (for logs and metrics)."""
+        return {
+            "task": self.task, "round": self.round, "rule": self.rule, "scale": self.scale,
+            "modules": {m: {"modality": r.modality, "weight": r.weight, "n_clients": r.n_clients,
+                            "error": r.error} for m, r in self.modules.items()},
+            "weight_by_modality": dict(self.weight_by_modality),
+            "clients_by_modality": {k: list(v) for k, v in self.clients_by_modality.items()},
+            "missing": list(self.missing),
+            "ignored": {c: list(v) for c, v in self.ignored.items()},
+            "clients": list(self.clients),
+        }
+
+
+class DeltaAccumulator:
+    """Folds client updates of one (task, round) into running sums; see the module docstring.
+
+    ``round=None`` takes the round of the first accepted update. State per module: the float64
+    (d_out, d_in) Σ w·B·A, Σ w, a client count and the rule's own sums; per client only its id
+    (and which modules it had ignored), never its tensors.
+    """
+
+    def __init__(self, spec: AggregationSpec, rule: str | LoraAggregator = "svd", *,
+                 round: int | None = None):
+        self.spec = spec
+        self.rule = get_aggregator(rule) if isinstance(rule, str) else rule
+        self.round = round
+        self._seen: set[str] = set()
+        self._sum = {m: np.zeros((s.d_out, s.d_in)) for m, s in spec.modules.items()}  # Σ w·B·A
+        self._state = {m: self.rule.new_state(s) for m, s in spec.modules.items()}
+        self._weight = dict.fromkeys(spec.modules, 0)
+        self._count = dict.fromkeys(spec.modules, 0)
+        used = sorted({s.modality for s in spec.modules.values()})
+        self._mod_weight = dict.fromkeys(used, 0)
+        self._mod_clients: dict[str, list[str]] = {k: [] for k in used}
+        self._ignored: dict[str, tuple[str, ...]] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        """Validate ``update`` in full (UpdateError, nothing changed), then fold it in."""
+        checked = validate_update(update, self.spec, round=self.round, seen=self._seen)
+        self.round = update.round
+        self._seen.add(checked.client_id)
+        w = checked.weight
+        touched: set[str] = set()
+        for m, (a, b) in checked.pairs.items():
+            a64 = np.asarray(a, dtype=np.float64)  # (r, d_in)
+            b64 = np.asarray(b, dtype=np.float64)  # (d_out, r)
+            self._sum[m] += (w * b64) @ a64  # (d_out, d_in)
+            self.rule.fold(self._state[m], w, a64, b64)
+            self._weight[m] += w
+            self._count[m] += 1
+            touched.add(self.spec.modules[m].modality)
+        for k in touched:
+            self._mod_weight[k] += w
+            self._mod_clients[k].append(checked.client_id)
+        if checked.ignored:
+            self._ignored[checked.client_id] = checked.ignored
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the accumulator holds (constant in the number of clients)."""
+        return (sum(a.nbytes for a in self._sum.values())
+                + sum(a.nbytes for st in self._state.values() for a in st.values()))
+
+    def mean_delta(self, module: str) -> F64:
+        """The exact weighted mean ΔW̄ (d_out, d_in) of ``module``, without the scale s."""
+        if module not in self.spec.modules:
+            raise KeyError(f"module {module!r} is not in the spec; e.g. {_few(self.spec.modules)}")
+        if self._weight[module] == 0:
+            raise ValueError(f"module {module!r} got no contribution yet")
+        return self._sum[module] / self._weight[module]
+
+    def finalize(self) -> AggregationResult:
+        """The new experts (float32 factors), weights, clients, errors; the state is unchanged."""
+        modules: dict[str, ModuleResult] = {}
+        for m, s in self.spec.modules.items():
+            if self._weight[m] == 0:
+                continue
+            target = self.mean_delta(m)
+            a, b = self.rule.factors(self._state[m], target, self._weight[m], s)
+            a32, b32 = a.astype(np.float32), b.astype(np.float32)
+            diff = float(np.linalg.norm(target - b32.astype(np.float64) @ a32.astype(np.float64)))
+            norm = float(np.linalg.norm(target))
+            err = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+            modules[m] = ModuleResult(m, s.modality, a32, b32, self._weight[m], self._count[m], err)
+        return AggregationResult(
+            task=self.spec.task, round=self.round, rule=self.rule.name, scale=float(self.spec.scale),
+            modules=modules,
+            weight_by_modality=dict(self._mod_weight),
+            clients_by_modality={k: tuple(sorted(v)) for k, v in self._mod_clients.items()},
+            missing=tuple(m for m in self.spec.modules if self._weight[m] == 0),
+            ignored={c: self._ignored[c] for c in sorted(self._ignored)},
+            clients=tuple(sorted(self._seen)),
+        )
+
+
+def aggregate(spec: AggregationSpec, updates: Iterable[ClientUpdate], rule: str = "svd", *,
+              round: int | None = None) -> AggregationResult:
+    """Fold ``updates`` one at a time (an iterator keeps memory flat) and finalize."""
+    acc = DeltaAccumulator(spec, rule, round=round)
+    for u in updates:
+        acc.add(u)
+    return acc.finalize()

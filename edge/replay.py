@@ -43,7 +43,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
-def _quotas(capacity: int, n_tasks: int) -> list[int]:
+def task_quotas(capacity: int, n_tasks: int) -> list[int]:
     """Even split of ``capacity`` over ``n_tasks``; the remainder goes to the earliest tasks.
 
     A task's quota never grows as tasks are added, so shrinking is the only change ever needed.
@@ -78,7 +78,7 @@ def _validate_state(d: Any, policy: str, capacity: int) -> np.random.Generator:
     tasks = d["tasks"]
     if not isinstance(tasks, list):
         raise _bad("tasks", "a list", type(tasks).__name__)
-    quotas = _quotas(capacity, len(tasks)) if tasks else []
+    quotas = task_quotas(capacity, len(tasks)) if tasks else []
     names: set[str] = set()
     for i, (t, q) in enumerate(zip(tasks, quotas, strict=True)):
         f = f"tasks[{i}]"
@@ -137,7 +137,7 @@ class BalancedReservoirBuffer(Generic[T]):
             self._items[task] = []
             self._seen[task] = 0
             self._shrink_to_quotas()
-        k = _quotas(self.capacity, len(self._items))[list(self._items).index(task)]
+        k = task_quotas(self.capacity, len(self._items))[list(self._items).index(task)]
         kept, seen = self._items[task], self._seen[task]
         # Fill phase: below quota nothing was ever dropped (quotas only shrink, and a shrink
         # leaves a task exactly at quota), so keeping everything here is Algorithm R.
@@ -156,7 +156,7 @@ class BalancedReservoirBuffer(Generic[T]):
 
     def _shrink_to_quotas(self) -> None:
         """Evict uniformly at random down to each task's quota (a uniform subset stays uniform)."""
-        quotas = _quotas(self.capacity, len(self._items))
+        quotas = task_quotas(self.capacity, len(self._items))
         for (name, kept), q in zip(list(self._items.items()), quotas, strict=True):
             if len(kept) > q:
                 keep = np.sort(self._rng.choice(len(kept), size=q, replace=False))

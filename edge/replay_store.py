@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.replay import BalancedReservoirBuffer, _quotas
+from edge.replay import BalancedReservoirBuffer, task_quotas
 from protocol.manifest import (
     MANIFEST_NAME,
     MODALITIES,
@@ -65,8 +65,8 @@ from protocol.manifest import (
 )
 
 # Loaders of one array file; shared with load_samples so both read files the same way.
-from protocol.manifest import _load_audio as _read_audio_file
-from protocol.manifest import _load_image as _read_image_file
+from protocol.manifest import load_audio as _read_audio_file
+from protocol.manifest import load_image as _read_image_file
 
 STATE_NAME = "replay_state.json"
 STORE_FORMAT = "fedmole-replay-store"
@@ -180,7 +180,7 @@ def _evict_to(state: dict[str, Any], capacity: int, rng: np.random.Generator) ->
     """Set ``state``'s capacity, evicting uniformly at random down to the new quotas."""
     evicted: list[str] = []
     tasks = state["tasks"]
-    for t, q in zip(tasks, _quotas(capacity, len(tasks)) if tasks else [], strict=True):
+    for t, q in zip(tasks, task_quotas(capacity, len(tasks)) if tasks else [], strict=True):
         items = t["items"]
         while len(items) > q:
             evicted.append(items.pop(int(rng.integers(len(items)))))
@@ -518,7 +518,7 @@ class ReplayStore:
                     f"replay store {str(self.folder)!r}: the committed state references "
                     f"{len(bad)} missing or corrupt file(s): {listed}; reopen with repair=True "
                     "to drop those samples, or restore the files")
-            quotas = _quotas(state["capacity"], len(state["tasks"]))
+            quotas = task_quotas(state["capacity"], len(state["tasks"]))
             for t, q in zip(state["tasks"], quotas, strict=True):
                 t["items"] = [k for k in t["items"] if k not in bad]
                 if len(t["items"]) < q:  # below quota the buffer's invariant is seen == kept:

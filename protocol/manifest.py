@@ -217,7 +217,7 @@ def _read_wav(path: Path, rec_id: str) -> tuple[np.ndarray, int]:
     return (pcm.astype(np.float32) / np.float32(WAV_SCALE)), int(rate)
 
 
-def _load_image(path: Path, rec_id: str) -> np.ndarray:
+def load_image(path: Path, rec_id: str) -> np.ndarray:
     from PIL import Image
 
     if path.suffix == ".png":
@@ -233,7 +233,7 @@ def _load_image(path: Path, rec_id: str) -> np.ndarray:
     return arr
 
 
-def _load_audio(path: Path, rec_id: str) -> tuple[np.ndarray, int | None]:
+def load_audio(path: Path, rec_id: str) -> tuple[np.ndarray, int | None]:
     """(audio (T,) float32, rate in Hz from a .wav header or None for .npy)."""
     if path.suffix == ".wav":
         return _read_wav(path, rec_id)
@@ -260,9 +260,9 @@ def load_samples(folder: Path, split: str | None = None) -> list[Sample]:
             path = folder / rel
             try:
                 if name == "image":
-                    image = _load_image(path, rec.id)
+                    image = load_image(path, rec.id)
                 else:
-                    audio, rate = _load_audio(path, rec.id)
+                    audio, rate = load_audio(path, rec.id)
             except ManifestError:
                 raise
             except (OSError, ValueError) as e:

@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from protocol.plan import ExpertPlan
+from protocol.updates import ClientUpdate
 
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
@@ -110,22 +111,6 @@ class AggregationSpec:
             raise ValueError(f"`dims` lacks (d_in, d_out) for modules {missing}")
         modules = {e.module: ModuleSpec(e.modality, e.rank, *dims[e.module]) for e in experts}
         return cls(task, modules, scales.pop(), frozenset(plan.modality_of.values()))
-
-
-@dataclass(frozen=True, eq=False)
-class ClientUpdate:
-    """One client's reply: task ``task``'s expert tensors, keyed ``"<module>.lora_A"``/``".lora_B"``."""
-
-    client_id: str
-    task: str
-    round: int
-    n_samples: int  # > 0: the client's weight
-    modalities: frozenset[str]  # the modalities the client holds
-    tensors: Mapping[str, np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.asarray(t).nbytes) for t in self.tensors.values())
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,88 @@
+"""A client's expert update, and its encoding as a Flower message payload (``RecordDict``).
+
+The edge sends task t's LoRA factors and the metadata the cloud weighs them by; the cloud
+decodes, then validates the tensors against the expert plan (cloud.aggregation). Decoding
+here checks the *envelope* only — every field present with the right type — and raises
+:class:`MessageError` naming the field, so a malformed reply is rejected before any math::
+
+    RecordDict {
+      "expert": ArrayRecord { "<module>.lora_A": (r, d_in) float, "<module>.lora_B": (d_out, r) float, … }
+      "meta":   ConfigRecord { "client-id": str, "task": str, "round": int, "num-examples": int,
+                               "modalities": [str, …] }
+    }
+
+``num-examples`` is the key Flower's strategies weigh by (``weighted_by_key``). Arrays travel as
+numpy (Flower's ArrayRecord has no bfloat16: cast at the edge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+ARRAYS_KEY = "expert"
+META_KEY = "meta"
+_META_FIELDS: dict[str, type] = {"client-id": str, "task": str, "round": int, "num-examples": int}
+
+
+class MessageError(ValueError):
+    """A message payload is malformed; the message names the field."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """One client's reply: task ``task``'s expert tensors, keyed ``"<module>.lora_A"``/``".lora_B"``."""
+
+    client_id: str
+    task: str
+    round: int
+    n_samples: int  # > 0: the client's weight
+    modalities: frozenset[str]  # the modalities the client holds
+    tensors: Mapping[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.asarray(t).nbytes) for t in self.tensors.values())
+
+
+def encode_update(u: ClientUpdate) -> RecordDict:
+    """``ClientUpdate`` → the ``RecordDict`` a ClientApp puts in its reply."""
+    arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in u.tensors.items()})
+    meta = ConfigRecord({"client-id": u.client_id, "task": u.task, "round": int(u.round),
+                         "num-examples": int(u.n_samples), "modalities": sorted(u.modalities)})
+    return RecordDict({ARRAYS_KEY: arrays, META_KEY: meta})
+
+
+def _meta_field(meta: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in meta:
+        raise MessageError(f"update metadata lacks `{name}`; the client must send {sorted(_META_FIELDS)}")
+    v = meta[name]
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise MessageError(f"update metadata `{name}` must be {kind.__name__}, got {v!r}")
+    return v
+
+
+def decode_update(content: RecordDict) -> ClientUpdate:
+    """A reply's ``RecordDict`` → ``ClientUpdate``; a malformed envelope raises :class:`MessageError`."""
+    if ARRAYS_KEY not in content or META_KEY not in content:
+        raise MessageError(f"update must carry records {ARRAYS_KEY!r} and {META_KEY!r}, "
+                           f"got {sorted(content)}")
+    arrays, meta = content[ARRAYS_KEY], content[META_KEY]
+    if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
+        raise MessageError(f"{ARRAYS_KEY!r} must be an ArrayRecord and {META_KEY!r} a ConfigRecord, "
+                           f"got {type(arrays).__name__} and {type(meta).__name__}")
+    fields = {name: _meta_field(meta, name, kind) for name, kind in _META_FIELDS.items()}
+    raw = meta.get("modalities")
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
+        raise MessageError(f"update metadata `modalities` must be a list of names, got {raw!r}")
+    mods = [str(m) for m in raw]
+    try:
+        tensors = {k: arrays[k].numpy() for k in arrays}
+    except Exception as e:  # a corrupt Array (bad bytes, shape or dtype) raises several types
+        raise MessageError(f"update arrays cannot be decoded: {e}") from e
+    return ClientUpdate(client_id=fields["client-id"], task=fields["task"], round=fields["round"],
+                        n_samples=fields["num-examples"], modalities=frozenset(mods), tensors=tensors)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS_KEY = "expert"
 META_KEY = "meta"
@@ -86,3 +86,42 @@ def decode_update(content: RecordDict) -> ClientUpdate:
         raise MessageError(f"update arrays cannot be decoded: {e}") from e
     return ClientUpdate(client_id=fields["client-id"], task=fields["task"], round=fields["round"],
                         n_samples=fields["num-examples"], modalities=frozenset(mods), tensors=tensors)
+
+
+# --- the probe round: a client's zero-cost proxy scores (one float per candidate module) ---
+
+SCORES_KEY = "scores"
+
+
+@dataclass(frozen=True)
+class ProbeReply:
+    client_id: str
+    task: str
+    n_samples: int  # the weight of this client's vector in the cloud's mean
+    scores: Mapping[str, float]  # candidate module → accumulated-gradient norm
+
+
+def encode_probe(p: ProbeReply) -> RecordDict:
+    return RecordDict({SCORES_KEY: MetricRecord({k: float(v) for k, v in p.scores.items()}),
+                       META_KEY: ConfigRecord({"client-id": p.client_id, "task": p.task,
+                                               "num-examples": int(p.n_samples)})})
+
+
+def decode_probe(content: RecordDict) -> ProbeReply:
+    """A probe reply → ``ProbeReply``; scores must be finite numbers >= 0 (gradient norms)."""
+    if SCORES_KEY not in content or META_KEY not in content:
+        raise MessageError(f"probe reply must carry records {SCORES_KEY!r} and {META_KEY!r}, "
+                           f"got {sorted(content)}")
+    scores, meta = content[SCORES_KEY], content[META_KEY]
+    if not isinstance(scores, MetricRecord) or not isinstance(meta, ConfigRecord):
+        raise MessageError(f"{SCORES_KEY!r} must be a MetricRecord and {META_KEY!r} a ConfigRecord")
+    fields = {name: _meta_field(meta, name, kind) for name, kind in _META_FIELDS.items()
+              if name != "round"}
+    out: dict[str, float] = {}
+    for k, v in scores.items():
+        if not isinstance(v, int | float) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+            raise MessageError(f"probe score of {k!r} must be a finite number >= 0, got {v!r}")
+        out[k] = float(v)
+    if not out:
+        raise MessageError("probe reply has no scores; the client must score every candidate module")
+    return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out)

@@ -47,3 +47,23 @@ def test_wrong_record_types_are_rejected():
     rd = RecordDict({"expert": ConfigRecord({"a": 1}), "meta": ArrayRecord()})
     with pytest.raises(MessageError, match="must be an ArrayRecord"):
         decode_update(rd)
+
+
+def test_probe_reply_round_trip_and_bad_scores():
+    from flwr.app import MetricRecord
+
+    from protocol.updates import ProbeReply, decode_probe, encode_probe
+
+    p = ProbeReply("c1", "pitch", 64, {MOD: 0.5, "audio_tower.encoder.layers.0.self_attn.q_proj": 0.0})
+    back = decode_probe(encode_probe(p))
+    assert back == p
+    for bad in (float("nan"), -1.0):
+        rd = encode_probe(p)
+        rd["scores"] = MetricRecord({MOD: bad})
+        with pytest.raises(MessageError, match="finite number >= 0"):
+            decode_probe(rd)
+    rd = encode_probe(p)
+    rd["meta"].pop("num-examples")
+    with pytest.raises(MessageError, match="num-examples"):
+        decode_probe(rd)
+

@@ -13,8 +13,10 @@ loop (``Strategy.start``); only what a round *means* changes, by :mod:`cloud.sch
   counted under ``rejected`` (reason → count) and the round goes on with the others.
 
 Stock ``FedAvg.aggregate_train`` cannot do this: replies carry different keys per modality and
-FedAvg averages A and B separately. Status: probe and training rounds are in place; evaluation
-rounds, routers, checkpoints and the ClientApp come with the rest of the federated issue.
+FedAvg averages A and B separately. A task's last training round also evaluates: every seen
+task's experts go out and the clients' per-task accuracies, weighted by their test counts, form
+row t of the accuracy matrix. Status: routers, checkpoints/--resume and the ClientApp come with
+the rest of the federated issue.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cloud.allocator import AllocationError, allocate, weighted_mean_scores
 from cloud.schedule import PROBE, round_plan
 from protocol.config import RunConfig
 from protocol.plan import ExpertPlan
-from protocol.updates import ClientUpdate, MessageError, decode_probe, decode_update
+from protocol.updates import ClientUpdate, MessageError, decode_eval, decode_probe, decode_update
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class FedMoleStrategy(FedAvg):
         self.plan = ExpertPlan.empty(modality_of)
         self.experts: dict[str, dict[str, np.ndarray]] = {}  # task → global LoRA factors
         self.rejected: Counter[str] = Counter()
+        # Row t: accuracy (%) on every task after training through task t, NaN where no client
+        # holding that task replied (weighted by the clients' test counts).
+        self.acc_matrix: dict[int, list[float]] = {}
 
     def _round(self, server_round: int):  # Flower's round → the global schedule
         return round_plan(server_round + self.offset, self.tasks, self.cfg.federation.rounds_per_task)
@@ -140,6 +145,46 @@ class FedMoleStrategy(FedAvg):
         errors = [r.error for r in result.modules.values()]
         return _as_record(self.experts[task]), MetricRecord(
             {"clients": len(result.clients), "max-truncation-error": max(errors, default=0.0)})
+
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Only a task's last training round evaluates: every expert seen so far goes out."""
+        rp = self._round(server_round)
+        if not rp.evaluate:
+            return []
+        seen = self.tasks[: rp.task_index + 1]
+        config = ConfigRecord({"phase": "evaluate", "task": rp.task, "seen": seen,
+                               "global-round": rp.server_round,
+                               "plan": json.dumps(self.plan.to_json())})
+        arrays = _as_record({f"{t}/{k}": v for t in seen for k, v in self.experts[t].items()})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        rp = self._round(server_round)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for m in replies:
+            if m.has_error():
+                self.rejected["client-error"] += 1
+                continue
+            try:
+                e = decode_eval(m.content)
+            except MessageError as err:
+                self.rejected["malformed"] += 1
+                log.warning("evaluation reply rejected: %s", err)
+                continue
+            if e.global_round != rp.server_round or not set(e.scores) <= set(self.tasks):
+                self.rejected["stale-or-unknown"] += 1
+                continue
+            for task, (acc, n) in e.scores.items():
+                sums[task] = sums.get(task, 0.0) + acc * n
+                counts[task] = counts.get(task, 0) + n
+        row = [sums[t] / counts[t] if t in counts else float("nan") for t in self.tasks]
+        self.acc_matrix[rp.task_index] = row
+        return MetricRecord({f"acc/{t}": a for t, a in zip(self.tasks, row, strict=True)
+                             if t in counts})
 
 
 def _as_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:

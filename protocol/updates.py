@@ -125,3 +125,47 @@ def decode_probe(content: RecordDict) -> ProbeReply:
     if not out:
         raise MessageError("probe reply has no scores; the client must score every candidate module")
     return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out)
+
+
+# --- the evaluation round: a client's exact-match accuracy on its local test data per task ---
+
+EVAL_KEY = "eval"
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    client_id: str
+    global_round: int
+    scores: Mapping[str, tuple[float, int]]  # task → (accuracy in percent, test samples)
+
+
+def encode_eval(e: EvalReply) -> RecordDict:
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
+    for task, (acc, n) in e.scores.items():
+        metrics[f"acc/{task}"], metrics[f"n/{task}"] = float(acc), int(n)
+    return RecordDict({EVAL_KEY: MetricRecord(metrics),
+                       META_KEY: ConfigRecord({"client-id": e.client_id, "round": e.global_round})})
+
+
+def decode_eval(content: RecordDict) -> EvalReply:
+    """An evaluation reply → ``EvalReply``; accuracies in [0, 100], counts > 0, paired per task."""
+    if EVAL_KEY not in content or META_KEY not in content:
+        raise MessageError(f"evaluation reply must carry records {EVAL_KEY!r} and {META_KEY!r}, "
+                           f"got {sorted(content)}")
+    metrics, meta = content[EVAL_KEY], content[META_KEY]
+    if not isinstance(metrics, MetricRecord) or not isinstance(meta, ConfigRecord):
+        raise MessageError(f"{EVAL_KEY!r} must be a MetricRecord and {META_KEY!r} a ConfigRecord")
+    client = _meta_field(meta, "client-id", str)
+    rnd = _meta_field(meta, "round", int)
+    tasks = {k[4:] for k in metrics if k.startswith("acc/")}
+    if {k for k in metrics} != {f"acc/{t}" for t in tasks} | {f"n/{t}" for t in tasks}:
+        raise MessageError(f"evaluation metrics must pair acc/TASK with n/TASK, got {sorted(metrics)}")
+    scores: dict[str, tuple[float, int]] = {}
+    for t in sorted(tasks):
+        acc, n = metrics[f"acc/{t}"], metrics[f"n/{t}"]
+        if not isinstance(acc, int | float) or not 0 <= float(acc) <= 100:
+            raise MessageError(f"accuracy of task {t!r} must be in [0, 100], got {acc!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise MessageError(f"test count of task {t!r} must be an int > 0, got {n!r}")
+        scores[t] = (float(acc), n)
+    return EvalReply(client, rnd, scores)

@@ -99,3 +99,39 @@ def test_training_round_is_the_exact_weighted_mean_of_client_delta_w(strategy):
     stale = ClientUpdate("c5", "color", 1, 1, frozenset({"language"}), updates[0].tensors)
     strategy.aggregate_train(3, [_reply(msgs[0], encode_update(stale))])
     assert strategy.rejected["invalid"] == 2
+
+
+def test_only_a_tasks_last_round_evaluates_and_rows_are_count_weighted(strategy):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from protocol.updates import EvalReply, encode_eval
+
+    probe = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    strategy.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5,
+                                                                   {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0})))
+                                 for i, m in enumerate(probe)])
+    assert list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), Grid())) == []
+    msgs = list(strategy.configure_evaluate(3, ArrayRecord(), ConfigRecord(), Grid()))  # color's last
+    assert len(msgs) == 3 and list(msgs[0].content["config"]["seen"]) == ["color"]
+    assert all(k.startswith("color/") for k in msgs[0].content["arrays"].keys())
+    replies = [_reply(msgs[0], encode_eval(EvalReply("c0", 3, {"color": (80.0, 10), "pitch": (0.0, 5)}))),
+               _reply(msgs[1], encode_eval(EvalReply("c1", 3, {"color": (50.0, 30)}))),
+               _reply(msgs[2], encode_eval(EvalReply("c2", 2, {"color": (0.0, 99)})))]  # stale round
+    metrics = strategy.aggregate_evaluate(3, replies)
+    assert metrics["acc/color"] == pytest.approx((80 * 10 + 50 * 30) / 40)
+    assert strategy.acc_matrix[0] == [pytest.approx(57.5), 0.0]
+    assert strategy.rejected == {"stale-or-unknown": 1}
+
+
+def test_malformed_evaluation_metrics_are_named():
+    from flwr.app import MetricRecord
+
+    from protocol.updates import EvalReply, MessageError, decode_eval, encode_eval
+
+    rd = encode_eval(EvalReply("c0", 3, {"color": (80.0, 10)}))
+    rd["eval"] = MetricRecord({"acc/color": 80.0})
+    with pytest.raises(MessageError, match="pair acc/TASK with n/TASK"):
+        decode_eval(rd)
+    rd["eval"] = MetricRecord({"acc/color": 180.0, "n/color": 3})
+    with pytest.raises(MessageError, match=r"\[0, 100\]"):
+        decode_eval(rd)

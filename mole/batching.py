@@ -74,7 +74,7 @@ class AudioFeatures:
     def check(self, s: Sample) -> np.ndarray:
         a = s.audio
         assert a is not None
-        rate = getattr(s, "audio_rate", None) or self.rate
+        rate = s.audio_rate or self.rate
         if rate != self.rate:
             raise ValueError(f"audio of sample {s.id!r} is sampled at {rate} Hz; the model "
                              f"expects {self.rate} Hz: resample it")
@@ -123,7 +123,7 @@ class Encoder:
     def for_model(cls, tokenizer: PreTrainedTokenizerBase, model: MoleModel, max_length: int
                   ) -> Encoder:
         """The encoder matching ``model``'s towers (and its saved audio feature extractor)."""
-        extractor = getattr(model, "feature_extractor", None)
+        extractor = model.feature_extractor
         audio = AudioFeatures(extractor) if extractor is not None else None
         return cls(tokenizer, model.n_image_tokens, model.image_size, max_length,
                    audio, model.n_audio_tokens)

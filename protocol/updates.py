@@ -66,15 +66,20 @@ def _meta_field(meta: Mapping[str, Any], name: str, kind: type) -> Any:
     return v
 
 
+def _envelope(content: RecordDict, what: str, key: str, kind: type) -> tuple[Any, ConfigRecord]:
+    """The payload record ``key`` (of type ``kind``) and the ``meta`` ConfigRecord of a reply."""
+    if key not in content or META_KEY not in content:
+        raise MessageError(f"{what} must carry records {key!r} and {META_KEY!r}, got {sorted(content)}")
+    payload, meta = content[key], content[META_KEY]
+    if not isinstance(payload, kind) or not isinstance(meta, ConfigRecord):
+        raise MessageError(f"{key!r} must be an {kind.__name__} and {META_KEY!r} a ConfigRecord, "
+                           f"got {type(payload).__name__} and {type(meta).__name__}")
+    return payload, meta
+
+
 def decode_update(content: RecordDict) -> ClientUpdate:
     """A reply's ``RecordDict`` → ``ClientUpdate``; a malformed envelope raises :class:`MessageError`."""
-    if ARRAYS_KEY not in content or META_KEY not in content:
-        raise MessageError(f"update must carry records {ARRAYS_KEY!r} and {META_KEY!r}, "
-                           f"got {sorted(content)}")
-    arrays, meta = content[ARRAYS_KEY], content[META_KEY]
-    if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
-        raise MessageError(f"{ARRAYS_KEY!r} must be an ArrayRecord and {META_KEY!r} a ConfigRecord, "
-                           f"got {type(arrays).__name__} and {type(meta).__name__}")
+    arrays, meta = _envelope(content, "update", ARRAYS_KEY, ArrayRecord)
     fields = {name: _meta_field(meta, name, kind) for name, kind in _META_FIELDS.items()}
     raw = meta.get("modalities")
     if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
@@ -109,12 +114,7 @@ def encode_probe(p: ProbeReply) -> RecordDict:
 
 def decode_probe(content: RecordDict) -> ProbeReply:
     """A probe reply → ``ProbeReply``; scores must be finite numbers >= 0 (gradient norms)."""
-    if SCORES_KEY not in content or META_KEY not in content:
-        raise MessageError(f"probe reply must carry records {SCORES_KEY!r} and {META_KEY!r}, "
-                           f"got {sorted(content)}")
-    scores, meta = content[SCORES_KEY], content[META_KEY]
-    if not isinstance(scores, MetricRecord) or not isinstance(meta, ConfigRecord):
-        raise MessageError(f"{SCORES_KEY!r} must be a MetricRecord and {META_KEY!r} a ConfigRecord")
+    scores, meta = _envelope(content, "probe reply", SCORES_KEY, MetricRecord)
     fields = {name: _meta_field(meta, name, kind) for name, kind in _META_FIELDS.items()
               if name != "round"}
     out: dict[str, float] = {}
@@ -149,12 +149,7 @@ def encode_eval(e: EvalReply) -> RecordDict:
 
 def decode_eval(content: RecordDict) -> EvalReply:
     """An evaluation reply → ``EvalReply``; accuracies in [0, 100], counts > 0, paired per task."""
-    if EVAL_KEY not in content or META_KEY not in content:
-        raise MessageError(f"evaluation reply must carry records {EVAL_KEY!r} and {META_KEY!r}, "
-                           f"got {sorted(content)}")
-    metrics, meta = content[EVAL_KEY], content[META_KEY]
-    if not isinstance(metrics, MetricRecord) or not isinstance(meta, ConfigRecord):
-        raise MessageError(f"{EVAL_KEY!r} must be a MetricRecord and {META_KEY!r} a ConfigRecord")
+    metrics, meta = _envelope(content, "evaluation reply", EVAL_KEY, MetricRecord)
     client = _meta_field(meta, "client-id", str)
     rnd = _meta_field(meta, "round", int)
     tasks = {k[4:] for k in metrics if k.startswith("acc/")}

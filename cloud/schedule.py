@@ -8,7 +8,8 @@ lays the continual task loop onto them without re-implementing that loop: task t
     rounds 2 + t·(1+R) … (1+R)(t+1)   train — clients train t's experts; the cloud aggregates them
     the last train round of t    also evaluates every task seen so far (row t of the matrix)
 
-so a stream of T tasks takes T·(1+R) server rounds. A resumed run continues from a checkpointed
+so a stream of T tasks takes T·(1+R) server rounds. The FedAvg baselines (one shared adapter, no
+allocation) have no probe round: ``probe=False`` gives each task R rounds, all training. A resumed run continues from a checkpointed
 round: it calls ``start`` with the remaining rounds and adds the offset to Flower's round number.
 """
 
@@ -29,18 +30,20 @@ class RoundPlan:
     evaluate: bool  # the task's last training round: evaluate every task seen so far
 
 
-def total_rounds(n_tasks: int, rounds_per_task: int) -> int:
+def total_rounds(n_tasks: int, rounds_per_task: int, probe: bool = True) -> int:
     if n_tasks < 1 or rounds_per_task < 1:
         raise ValueError(f"need >= 1 task and >= 1 round per task, got {n_tasks} and {rounds_per_task}")
-    return n_tasks * (1 + rounds_per_task)
+    return n_tasks * (int(probe) + rounds_per_task)
 
 
-def round_plan(server_round: int, tasks: list[str] | tuple[str, ...], rounds_per_task: int) -> RoundPlan:
+def round_plan(server_round: int, tasks: list[str] | tuple[str, ...], rounds_per_task: int,
+               probe: bool = True) -> RoundPlan:
     """The task and phase of global round ``server_round`` (1-based)."""
-    last = total_rounds(len(tasks), rounds_per_task)
+    last = total_rounds(len(tasks), rounds_per_task, probe)
     if not 1 <= server_round <= last:
-        raise ValueError(f"server round {server_round} is outside 1..{last} "
-                         f"({len(tasks)} tasks × (1 probe + {rounds_per_task} training rounds))")
-    t, k = divmod(server_round - 1, 1 + rounds_per_task)  # k = 0 probe, 1..R train
+        raise ValueError(f"server round {server_round} is outside 1..{last} ({len(tasks)} tasks × "
+                         f"({int(probe)} probe + {rounds_per_task} training rounds))")
+    t, k = divmod(server_round - 1, int(probe) + rounds_per_task)  # k = 0 probe, 1..R train
+    k += int(not probe)
     return RoundPlan(server_round, t, tasks[t], PROBE if k == 0 else TRAIN, k,
                      evaluate=k == rounds_per_task)

@@ -3,42 +3,62 @@
 It subclasses Flower's ``FedAvg`` and keeps its node sampling, message construction and round
 loop (``Strategy.start``); only what a round *means* changes, by :mod:`cloud.schedule`:
 
-* probe round of task t — clients reply with proxy scores (:class:`protocol.updates.ProbeReply`);
-  the cloud takes their sample-weighted mean, runs the D-MoLE allocator (cloud.allocator) and
-  extends the plan; the new experts start from one shared seeded init (A small, B = 0) so every
-  client trains the same starting point;
-* training rounds — clients reply with task t's LoRA factors (:class:`protocol.updates.ClientUpdate`);
-  they are aggregated per modality by :class:`cloud.aggregation.DeltaAccumulator` (exact
-  weighted-mean ΔW, then an SVD re-factor; see that module). A malformed or invalid reply is
-  counted under ``rejected`` (reason → count) and the round goes on with the others.
+* probe round of task t — clients reply with proxy scores, co-activation votes and a first local
+  fit of task t's autoencoder (:class:`protocol.updates.ProbeReply` + router part); the cloud
+  takes the scores' sample-weighted mean, runs the D-MoLE allocator (cloud.allocator), extends
+  the plan, picks the partner (the older task with ≥ ``dmole.coactivate-share`` of all votes),
+  and FedAvg's the autoencoders. New experts start from one shared seeded init (A small, B = 0).
+* training rounds — clients reply with task t's LoRA factors (:class:`protocol.updates.ClientUpdate`)
+  and their router part; factors are aggregated **per modality** by
+  :class:`cloud.aggregation.DeltaAccumulator` (exact weighted-mean ΔW = B·A, then an SVD re-factor
+  to rank r; averaging A and B separately is not averaging ΔW — see that module), routers by
+  :class:`cloud.routers.RouterAccumulator` (FedAvg of AE weights from a common init; τ from the
+  pooled held-out error histogram). A malformed or invalid reply is counted under ``rejected``
+  (reason → count) and the round goes on with the others.
+* a task's last training round also evaluates every client on its local test data of every task
+  with the global experts and routers; count-weighted accuracies form row t of the matrix.
 
-Stock ``FedAvg.aggregate_train`` cannot do this: replies carry different keys per modality and
-FedAvg averages A and B separately. A task's last training round also evaluates: every seen
-task's experts go out and the clients' per-task accuracies, weighted by their test counts, form
-row t of the accuracy matrix. Status: routers, checkpoints/--resume and the ClientApp come with
-the rest of the federated issue.
+The FedAvg baselines (``fedavg-seq-lora``, ``fedavg-replay-lora``) run through the same code with
+one shared adapter on every candidate module, no probe round and no router.
+
+Dropout (``federation.dropout``) is simulated here: each sampled node's training message is
+withheld with that probability (seeded per round), so the round proceeds with the others, as
+with a client that never answers. Evaluation messages are never withheld (the matrix is a
+measurement). After every round the whole :class:`cloud.state.GlobalState` can be checkpointed
+(``on_round_end``); ``GlobalState.round`` offsets Flower's round numbers on resume.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from cloud import comm
 from cloud.aggregation import AggregationSpec, DeltaAccumulator, UpdateError
-from cloud.allocator import AllocationError, allocate, weighted_mean_scores
-from cloud.schedule import PROBE, round_plan
+from cloud.allocator import AllocationError, all_modules_allocation, allocate, weighted_mean_scores
+from cloud.routers import RouterAccumulator, RouterUpdateError
+from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
+from cloud.state import GlobalState, save_checkpoint
 from protocol.config import RunConfig
+from protocol.instructions import Instruction, pack_state
 from protocol.plan import ExpertPlan
-from protocol.updates import ClientUpdate, MessageError, decode_eval, decode_probe, decode_update
+from protocol.updates import (
+    MessageError,
+    decode_eval,
+    decode_probe,
+    decode_router_part,
+    decode_update,
+    skip_reason,
+)
 
 log = logging.getLogger(__name__)
+SHARED = "shared"
 
 
 def initial_factors(plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, int]], seed: int
@@ -54,67 +74,149 @@ def initial_factors(plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, i
     return out
 
 
+def is_shared(method: str) -> bool:
+    return method.startswith("fedavg-")
+
+
 class FedMoleStrategy(FedAvg):
     def __init__(self, cfg: RunConfig, modality_of: Mapping[str, str],
-                 dims: Mapping[str, tuple[int, int]], rule: str = "svd", round_offset: int = 0):
+                 dims: Mapping[str, tuple[int, int]], rule: str = "svd",
+                 state: GlobalState | None = None, router_dim: int | None = None,
+                 full_model_bytes: int = 0, checkpoint_dir: Path | None = None):
         fed = cfg.federation
-        super().__init__(fraction_train=fed.fraction, fraction_evaluate=fed.fraction,
+        super().__init__(fraction_train=fed.fraction, fraction_evaluate=1.0,
                          min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients,
                          min_available_nodes=fed.min_clients)
         self.cfg = cfg
         self.tasks = list(cfg.data.tasks)
         self.dims = dict(dims)
         self.rule = rule
-        self.offset = round_offset
-        self.plan = ExpertPlan.empty(modality_of)
-        self.experts: dict[str, dict[str, np.ndarray]] = {}  # task → global LoRA factors
-        self.rejected: Counter[str] = Counter()
-        # Row t: accuracy (%) on every task after training through task t, NaN where no client
-        # holding that task replied (weighted by the clients' test counts).
-        self.acc_matrix: dict[int, list[float]] = {}
+        self.method = fed.method
+        self.probe = not is_shared(self.method)
+        self.router_on = self.probe and cfg.dmole.router == "autoencoder"
+        self.router_dim = router_dim
+        self.checkpoint_dir = checkpoint_dir
+        if state is None:
+            state = GlobalState(ExpertPlan.empty(modality_of), self.method,
+                                comm=comm.new_comm(full_model_bytes))
+            if not self.probe:  # the baselines: one adapter on every module from the start
+                alloc = all_modules_allocation(SHARED, state.plan.modality_of)
+                state.plan = state.plan.with_task(alloc, cfg.lora.rank, cfg.lora.alpha)
+                state.experts[SHARED] = initial_factors(state.plan, SHARED, self.dims, fed.seed)
+        if state.method != self.method:
+            raise ValueError(f"the checkpoint is of method {state.method!r}, this run is "
+                             f"{self.method!r}; resume with the same method")
+        self.state = state
+        self.offset = state.round
 
-    def _round(self, server_round: int):  # Flower's round → the global schedule
-        return round_plan(server_round + self.offset, self.tasks, self.cfg.federation.rounds_per_task)
+    # -- convenience ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> ExpertPlan:
+        return self.state.plan
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        rp = self._round(server_round)
-        # Clients echo "global-round" in their updates: a reply for another round is stale.
-        config = ConfigRecord({"phase": rp.phase, "task": rp.task, "task-index": rp.task_index,
-                               "train-round": rp.train_round, "global-round": rp.server_round})
-        if rp.phase == PROBE:
-            arrays = ArrayRecord()
-        else:
-            config["plan"] = json.dumps(self.plan.to_json())
-            arrays = _as_record(self.experts[rp.task])
-        return super().configure_train(server_round, arrays, config, grid)
+    @property
+    def rejected(self):
+        return self.state.rejected
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rp = self._round(server_round)
+    @property
+    def total_rounds(self) -> int:
+        return total_rounds(len(self.tasks), self.cfg.federation.rounds_per_task, self.probe)
+
+    def _round(self, server_round: int) -> RoundPlan:  # Flower's round → the global schedule
+        return round_plan(server_round + self.offset, self.tasks, self.cfg.federation.rounds_per_task,
+                          self.probe)
+
+    def _instruction(self, rp: RoundPlan, phase: str, **kw) -> ConfigRecord:
+        return Instruction(phase=phase, task=rp.task, task_index=rp.task_index,
+                           global_round=rp.server_round, method=self.method, plan=self.plan,
+                           train_round=rp.train_round, rounds=self.cfg.federation.rounds_per_task,
+                           router_seed=self.cfg.federation.seed * 1000 + rp.task_index, **kw
+                           ).to_record()
+
+    def _send(self, msgs: Iterable[Message]) -> list[Message]:
+        out = list(msgs)
+        for m in out:
+            comm.add(self.state.comm, "down", comm.payload_bytes(m.content, self.plan.modality_of))
+        return out
+
+    def _received(self, replies: Iterable[Message], rp: RoundPlan) -> list[RecordDict]:
         contents = []
         for m in replies:
             if m.has_error():
                 self.rejected["client-error"] += 1
-            else:
-                contents.append(m.content)
-        if rp.phase == PROBE:
-            return self._allocate(rp.task, contents)
-        return self._aggregate(rp.task, rp.server_round, contents)
+                log.warning("round %d: client error %s", rp.server_round, m.error)
+                continue
+            comm.add(self.state.comm, "up", comm.payload_bytes(m.content, self.plan.modality_of))
+            if skip_reason(m.content) is not None:
+                continue
+            contents.append(m.content)
+        return contents
 
-    def _allocate(self, task: str, contents: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rows = []
+    # -- training rounds -----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        rp = self._round(server_round)
+        s = self.state
+        if rp.phase == PROBE:
+            older = {t: s.routers[t] for t in s.plan.tasks if t in s.routers}
+            config = self._instruction(rp, PROBE, thresholds={t: s.thresholds[t] for t in older})
+            arrays = pack_state({}, older)
+        else:
+            name = SHARED if not self.probe else rp.task
+            partners = s.partners.get(name, [])
+            router_fit = self.router_on and rp.train_round < self.cfg.federation.rounds_per_task
+            config = self._instruction(rp, "train", partners={name: tuple(partners)},
+                                       router_fit=router_fit)
+            routers = {rp.task: s.routers[rp.task]} if self.router_on and rp.task in s.routers else {}
+            arrays = pack_state({t: s.experts[t] for t in [name, *partners]}, routers)
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        return self._send(self._drop(msgs, rp))
+
+    def _drop(self, msgs: list[Message], rp: RoundPlan) -> list[Message]:
+        p = self.cfg.federation.dropout
+        if p <= 0:
+            return msgs
+        rng = np.random.default_rng([self.cfg.federation.seed, rp.server_round, 7])
+        keep = [m for m in msgs if rng.random() >= p]
+        self.state.rejected["dropped"] += len(msgs) - len(keep)
+        return keep
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rp = self._round(server_round)
+        contents = self._received(replies, rp)
+        if rp.phase == PROBE:
+            metrics = self._allocate(rp.task, contents)
+        else:
+            metrics = self._aggregate(rp, contents)
+        self.state.rounds.append({"round": rp.server_round, "task": rp.task, "phase": rp.phase,
+                                  "bytes_up": self.state.comm["bytes_up"],
+                                  "bytes_down": self.state.comm["bytes_down"],
+                                  **{k: v for k, v in metrics.items() if isinstance(v, int | float)}})
+        return None, MetricRecord(metrics)
+
+    def _allocate(self, task: str, contents: list[RecordDict]) -> dict:
+        rows, votes, n_total = [], {}, 0
+        routers = self._router_acc(task)
         for c in contents:
             try:
                 p = decode_probe(c)
-            except MessageError as e:
+                if p.task != task:
+                    self.rejected["stale-task"] += 1
+                    continue
+                part = decode_router_part(c)
+                if routers is not None and part is not None:
+                    routers.add(p.client_id, part.n_samples, part.state, part.histogram)
+            except (MessageError, RouterUpdateError) as e:
                 self.rejected["malformed"] += 1
                 log.warning("probe reply rejected: %s", e)
                 continue
-            if p.task != task:
-                self.rejected["stale-task"] += 1
-                continue
             rows.append((p.scores, p.n_samples))
+            n_total += p.n_samples
+            for t, v in p.votes.items():
+                if t in self.plan.tasks:
+                    votes[t] = votes.get(t, 0) + v
+            self.state.comm["client_rounds"] += 1
         if not rows:
             raise RuntimeError(f"no valid probe reply for task {task!r}; cannot allocate its experts")
         try:
@@ -124,53 +226,99 @@ class FedMoleStrategy(FedAvg):
                              floor=d.modality_floor, uniform=d.allocation == "uniform")
         except AllocationError as e:
             raise RuntimeError(f"allocation of task {task!r} failed: {e}") from e
-        self.plan = self.plan.with_task(alloc, self.cfg.lora.rank, self.cfg.lora.alpha)
-        self.experts[task] = initial_factors(self.plan, task, self.dims, self.cfg.federation.seed)
-        return _as_record(self.experts[task]), MetricRecord(
-            {"probe-clients": len(rows), "experts": len(alloc.modules)})
+        s = self.state
+        s.plan = s.plan.with_task(alloc, self.cfg.lora.rank, self.cfg.lora.alpha)
+        s.experts[task] = initial_factors(s.plan, task, self.dims, self.cfg.federation.seed)
+        best = max(votes.items(), key=lambda kv: kv[1], default=None)
+        share = self.cfg.dmole.coactivate_share
+        s.partners[task] = [best[0]] if best and share > 0 and best[1] >= share * n_total else []
+        if routers is not None and routers.n_clients:
+            s.routers[task] = routers.finalize(self.cfg.dmole.router_quantile).state
+        return {"probe-clients": len(rows), "experts": len(alloc.modules),
+                **{f"experts/{k}": v for k, v in alloc.per_modality.items()},
+                "partner": ",".join(s.partners[task]) or "-"}
 
-    def _aggregate(self, task: str, global_round: int, contents: list
-                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        acc = DeltaAccumulator(AggregationSpec.from_plan(self.plan, task, self.dims), self.rule,
-                               round=global_round)
+    def _router_acc(self, task: str) -> RouterAccumulator | None:
+        if not self.router_on or self.router_dim is None:
+            return None
+        return RouterAccumulator(task, self.router_dim, self.cfg.dmole.router_hidden)
+
+    def _aggregate(self, rp: RoundPlan, contents: list[RecordDict]) -> dict:
+        name = SHARED if not self.probe else rp.task
+        acc = DeltaAccumulator(AggregationSpec.from_plan(self.plan, name, self.dims), self.rule,
+                               round=rp.server_round)
+        routers = self._router_acc(rp.task)
+        losses = []
         for c in contents:
             try:
-                update: ClientUpdate = decode_update(c)
+                update = decode_update(c)
+                if not self.probe:  # the shared adapter travels under its own name
+                    if update.task != rp.task:
+                        raise UpdateError(f"client {update.client_id!r}: task {update.task!r}, "
+                                          f"this round trains {rp.task!r}")
+                    update = type(update)(update.client_id, SHARED, update.round, update.n_samples,
+                                          update.modalities, update.tensors)
+                part = decode_router_part(c) if routers is not None else None
                 acc.add(update)
+                if part is not None and routers is not None:
+                    try:
+                        routers.add(update.client_id, part.n_samples, part.state, part.histogram)
+                    except RouterUpdateError as e:
+                        self.rejected["router-invalid"] += 1
+                        log.warning("router part rejected: %s", e)
             except (MessageError, UpdateError) as e:
                 self.rejected["malformed" if isinstance(e, MessageError) else "invalid"] += 1
                 log.warning("update rejected: %s", e)
+                continue
+            self.state.comm["client_rounds"] += 1
+            loss = c["meta"].get("last-loss")
+            if isinstance(loss, float):
+                losses.append(loss)
         result = acc.finalize()
-        self.experts[task] = {**self.experts[task], **result.tensors()}
-        errors = [r.error for r in result.modules.values()]
-        return _as_record(self.experts[task]), MetricRecord(
-            {"clients": len(result.clients), "max-truncation-error": max(errors, default=0.0)})
+        if not result.clients:
+            log.warning("round %d: no valid update for %s; its experts stay as they were",
+                        rp.server_round, rp.task)
+        self.state.experts[name] = {**self.state.experts[name], **result.tensors()}
+        metrics: dict = {"clients": len(result.clients),
+                         "max-truncation-error": max((r.error for r in result.modules.values()),
+                                                     default=0.0)}
+        if losses:
+            metrics["client-loss"] = float(np.mean(losses))
+        if routers is not None and routers.n_clients:
+            r = routers.finalize(self.cfg.dmole.router_quantile)
+            if r.state is not None:
+                self.state.routers[rp.task] = r.state
+            if r.threshold is not None:
+                self.state.thresholds[rp.task] = r.threshold
+                metrics["router-threshold"] = r.threshold
+        return metrics
 
-
+    # -- evaluation ----------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Only a task's last training round evaluates: every expert seen so far goes out."""
+        """Only a task's last training round evaluates: every expert and router seen so far."""
         rp = self._round(server_round)
         if not rp.evaluate:
             return []
+        s = self.state
         seen = self.tasks[: rp.task_index + 1]
-        config = ConfigRecord({"phase": "evaluate", "task": rp.task, "seen": seen,
-                               "global-round": rp.server_round,
-                               "plan": json.dumps(self.plan.to_json())})
-        arrays = _as_record({f"{t}/{k}": v for t in seen for k, v in self.experts[t].items()})
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        names = [SHARED] if not self.probe else seen
+        routers = {t: s.routers[t] for t in seen if t in s.routers and t in s.thresholds}
+        config = self._instruction(rp, "evaluate", seen=tuple(seen),
+                                   partners={t: tuple(s.partners.get(t, [])) for t in names},
+                                   thresholds={t: s.thresholds[t] for t in routers})
+        arrays = pack_state({t: s.experts[t] for t in names}, routers)
+        return self._send(super().configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         rp = self._round(server_round)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for m in replies:
-            if m.has_error():
-                self.rejected["client-error"] += 1
-                continue
+        routed_ok = routed_n = 0
+        for c in self._received(replies, rp):
             try:
-                e = decode_eval(m.content)
+                e = decode_eval(c)
             except MessageError as err:
                 self.rejected["malformed"] += 1
                 log.warning("evaluation reply rejected: %s", err)
@@ -181,11 +329,21 @@ class FedMoleStrategy(FedAvg):
             for task, (acc, n) in e.scores.items():
                 sums[task] = sums.get(task, 0.0) + acc * n
                 counts[task] = counts.get(task, 0) + n
+            routed_ok += sum(e.routed.values())
+            routed_n += sum(n for t, (_, n) in e.scores.items() if t in e.routed)
         row = [sums[t] / counts[t] if t in counts else float("nan") for t in self.tasks]
-        self.acc_matrix[rp.task_index] = row
+        self.state.acc_matrix[rp.task_index] = row
+        if routed_n:
+            self.state.router_acc[rp.task_index] = 100.0 * routed_ok / routed_n
         return MetricRecord({f"acc/{t}": a for t, a in zip(self.tasks, row, strict=True)
                              if t in counts})
 
-
-def _as_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    # -- checkpoint ----------------------------------------------------------------------------
+    def on_round_end(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``Strategy.start``'s ``evaluate_fn`` hook (called after each round): checkpoint."""
+        if server_round == 0:
+            return None
+        self.state.round = server_round + self.offset
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.state, self.checkpoint_dir)
+        return None

@@ -32,12 +32,14 @@ k* = argmin {e_k(z) : e_k(z) < τ_k}, none → None (the base model answers).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -186,13 +188,18 @@ def reconstruction_error(ae: TaskAutoencoder, features: torch.Tensor) -> torch.T
 
 def fit_autoencoder(features: torch.Tensor, hidden: int = 128, epochs: int = 200, lr: float = 1e-3,
                     val_fraction: float = 0.1, patience: int = 20, seed: int = 0,
-                    batch_size: int = 64) -> TaskAutoencoder:
+                    batch_size: int = 64,
+                    init: Mapping[str, torch.Tensor | np.ndarray] | None = None) -> TaskAutoencoder:
     """Adam + MSE, early stopping on a held-out ``val_fraction`` (best weights restored).
 
     Deterministic for a seed: init, split and shuffling use their own seeded RNG (global RNG
     untouched). ``val_fraction=0`` trains all epochs and keeps the last weights.
+    ``init`` (a state dict of a ``TaskAutoencoder(D, hidden)``, e.g. the cloud's global AE of a
+    federated round) replaces the seeded init, so every client of a round starts from the same
+    weights; ``seed`` then only drives the split and the shuffling.
     """
     z = _check_features(features)
+    start = None if init is None else check_ae_state(init, z.shape[1], hidden)  # before any work
     n = z.shape[0]
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -204,6 +211,8 @@ def fit_autoencoder(features: torch.Tensor, hidden: int = 128, epochs: int = 200
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ae = TaskAutoencoder(z.shape[1], hidden)
+    if start is not None:
+        ae.load_state_dict({k: torch.from_numpy(v) for k, v in start.items()})
     perm = torch.randperm(n, generator=gen)
     val, train = z[perm[:n_val]], z[perm[n_val:]]
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
@@ -228,6 +237,171 @@ def fit_autoencoder(features: torch.Tensor, hidden: int = 128, epochs: int = 200
     if n_val:
         ae.load_state_dict(best_state)
     return ae.eval()
+
+
+def init_autoencoder(dim: int, hidden: int, seed: int) -> TaskAutoencoder:
+    """The seeded initial AE, bit-identical for the same (dim, hidden, seed) on every client.
+
+    A federated fit needs one common starting point (see ``cloud/routers.py``); the global torch
+    RNG is forked, so drawing it does not perturb anyone else's random stream. It is the very
+    init ``fit_autoencoder(..., seed=seed)`` starts from.
+    """
+    for name, v in (("dim", dim), ("hidden", hidden)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"autoencoder `{name}` must be an integer >= 1, got {v!r}")
+    if not _is_int(seed):
+        raise ValueError(f"autoencoder `seed` must be an integer, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return TaskAutoencoder(int(dim), int(hidden))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def ae_shapes(dim: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """State-dict key → shape of ``TaskAutoencoder(dim, hidden)`` (nn.Linear weights are (out, in))."""
+    return {"encoder.0.weight": (hidden, dim), "encoder.0.bias": (hidden,),
+            "decoder.0.weight": (dim, hidden), "decoder.0.bias": (dim,)}
+
+
+def check_ae_state(state: Mapping[str, np.ndarray | torch.Tensor], dim: int | None = None,
+                   hidden: int | None = None) -> dict[str, np.ndarray]:
+    """Validated float32 numpy copies of an AE state dict; any flaw is a ValueError naming the key.
+
+    ``dim``/``hidden`` default to those of ``encoder.0.weight`` (shape (hidden, dim)). Checked:
+    exactly the keys of :func:`ae_shapes`, numpy arrays or tensors of a float dtype, the expected
+    shapes, and finite values after the float32 cast (a float64 1e300 would become inf).
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"an autoencoder state must be a mapping of key → array, got {type(state).__name__}")
+    if dim is None or hidden is None:
+        w = state.get("encoder.0.weight")
+        shape = tuple(w.shape) if isinstance(w, np.ndarray | torch.Tensor) else None
+        if shape is None or len(shape) != 2:
+            raise ValueError("autoencoder state key 'encoder.0.weight' must be a 2-D (hidden, dim) array "
+                             f"to infer the sizes from, got {shape if shape is not None else w!r}")
+        hidden = shape[0] if hidden is None else hidden
+        dim = shape[1] if dim is None else dim
+    want = ae_shapes(dim, hidden)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise ValueError(f"autoencoder state keys differ from {list(want)}: missing {missing}, "
+                         f"unexpected {extra}")
+    out: dict[str, np.ndarray] = {}
+    for key, shape in want.items():
+        v = state[key]
+        if isinstance(v, torch.Tensor):
+            if not v.is_floating_point():
+                raise ValueError(f"autoencoder state key {key!r} has dtype {v.dtype}, expected a float dtype")
+            arr = v.detach().to("cpu", torch.float32).numpy()
+        elif isinstance(v, np.ndarray):
+            if not np.issubdtype(v.dtype, np.floating):
+                raise ValueError(f"autoencoder state key {key!r} has dtype {v.dtype}, expected a float dtype")
+            with np.errstate(over="ignore"):  # an overflow becomes inf, rejected just below
+                arr = v.astype(np.float32)
+        else:
+            raise ValueError(f"autoencoder state key {key!r} must be a numpy array or a tensor, "
+                             f"got {type(v).__name__}")
+        if arr.shape != shape:
+            raise ValueError(f"autoencoder state key {key!r} has shape {arr.shape}, expected {shape} "
+                             f"(dim {dim}, hidden {hidden})")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"autoencoder state key {key!r} contains NaN or inf (after the float32 cast)")
+        out[key] = np.array(arr, dtype=np.float32, copy=True)  # never a view of the caller's memory
+    return out
+
+
+def ae_state(ae: TaskAutoencoder) -> dict[str, np.ndarray]:
+    """The AE's state dict as float32 numpy copies (what a client sends; keys as ``state_dict``)."""
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in ae.state_dict().items()}
+
+
+def ae_from_state(state: Mapping[str, np.ndarray | torch.Tensor], dim: int | None = None,
+                  hidden: int | None = None) -> TaskAutoencoder:
+    """Inverse of :func:`ae_state`; sizes inferred from ``encoder.0.weight`` (hidden, dim) unless given.
+
+    Validated by :func:`check_ae_state`; building the module forks the global RNG, so loading a
+    state does not consume anyone's random numbers.
+    """
+    arrays = check_ae_state(state, dim, hidden)
+    h, d = arrays["encoder.0.weight"].shape
+    with torch.random.fork_rng(devices=[]):
+        ae = TaskAutoencoder(d, h)
+    ae.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return ae.eval()
+
+
+# Reconstruction-error histograms over fixed, shared bins: clients send counts, never errors. The
+# bins are log-spaced because errors span decades (≈1e-5 for a task's own samples, ≈1e-1 for a
+# far-away task's); 512 bins over [1e-8, 10] give a constant relative width of 10^(9/512) ≈ 4.1%.
+# Errors are means of squared differences of vectors in [−1, 1], so they are at most 4 < 10.
+N_ERROR_BINS = 512
+ERROR_BIN_EDGES: np.ndarray = 10.0 ** np.linspace(-8.0, 1.0, N_ERROR_BINS + 1)  # (513,) float64
+ERROR_BIN_EDGES.setflags(write=False)  # shared by every party: must never change in place
+
+
+def error_histogram(errors: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N,) reconstruction errors → (512,) int64 counts over :data:`ERROR_BIN_EDGES`.
+
+    Bin i is [edge_i, edge_{i+1}); errors below the first edge count in bin 0, errors at or above
+    the last in bin 511 (clipped, so no error is ever dropped). Counting is per element, so the
+    histogram of a union of disjoint sets is exactly the sum of their histograms.
+    """
+    if isinstance(errors, torch.Tensor):
+        arr = errors.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(errors, np.ndarray) and np.issubdtype(errors.dtype, np.number):
+        arr = errors.astype(np.float64)
+    else:
+        raise ValueError(f"errors must be a numeric numpy array or a tensor, got {type(errors).__name__}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"errors must be a non-empty 1-D array, got shape {arr.shape}")
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"errors must be finite and >= 0; {int(bad.sum())} are not, "
+                         f"e.g. errors[{i}] = {arr[i]}")
+    idx = np.clip(np.searchsorted(ERROR_BIN_EDGES, arr, side="right") - 1, 0, N_ERROR_BINS - 1)  # (N,)
+    return np.bincount(idx, minlength=N_ERROR_BINS).astype(np.int64)
+
+
+def check_error_histogram(counts: np.ndarray) -> np.ndarray:
+    """An int64 copy of ``counts`` if it is a histogram :func:`error_histogram` could have made."""
+    if not isinstance(counts, np.ndarray):
+        raise ValueError(f"an error histogram must be a numpy array, got {type(counts).__name__}")
+    if counts.shape != (N_ERROR_BINS,):
+        raise ValueError(f"an error histogram must have shape ({N_ERROR_BINS},) (the bins of "
+                         f"ERROR_BIN_EDGES), got {counts.shape}")
+    if not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(f"error histogram counts must have an integer dtype, got {counts.dtype}")
+    if (counts < 0).any():
+        i = int(np.flatnonzero(counts < 0)[0])
+        raise ValueError(f"error histogram counts must be >= 0, got counts[{i}] = {counts[i]}")
+    if counts.sum() <= 0:
+        raise ValueError("error histogram is empty (all counts are 0)")
+    return counts.astype(np.int64)
+
+
+def histogram_quantile(counts: np.ndarray, q: float) -> float:
+    """The q-quantile of the errors that ``counts`` describes, exact up to one bin's width.
+
+    Target rank r = q·Σcounts; the bin where the running count reaches r holds the quantile, and
+    inside it the count is taken as uniform in log(error) (the bins are log-spaced), so the value
+    is the geometric interpolation lo·(hi/lo)^f, f = the fraction of the bin's count needed to
+    reach r. q = 1 gives the upper edge of the highest non-empty bin.
+    """
+    c = check_error_histogram(counts)
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
+        raise ValueError(f"histogram quantile q must be in (0, 1], got {q!r}")
+    cum = np.cumsum(c)  # (512,)
+    target = float(q) * float(cum[-1])
+    i = int(np.searchsorted(cum, target, side="left"))  # first bin with cum >= target; counts[i] > 0
+    i = min(i, N_ERROR_BINS - 1)  # guards against float rounding of q·total at q = 1
+    below = float(cum[i - 1]) if i else 0.0
+    frac = min(max((target - below) / float(c[i]), 0.0), 1.0)
+    lo, hi = np.log10(ERROR_BIN_EDGES[i]), np.log10(ERROR_BIN_EDGES[i + 1])
+    return float(10.0 ** (lo + frac * (hi - lo)))
 
 
 def threshold(errors: torch.Tensor, quantile: float) -> float:

@@ -47,13 +47,16 @@ def train_steps(
     warmup_fraction: float = 0.03,
     desc: str = "train",
     progress: bool = True,
+    schedule: Callable[[int], float] | None = None,
 ) -> TrainStats:
+    """``schedule`` (step → lr factor) replaces the default warmup + cosine over ``steps``; a
+    federated client passes the slice of its task's schedule that this round covers."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_schedule(int(warmup_fraction * steps), steps)
+        opt, schedule or cosine_schedule(int(warmup_fraction * steps), steps)
     )
     device = model.device
     model.train()

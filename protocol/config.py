@@ -279,6 +279,11 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+FEDERATED_METHODS = ("dmole-replay", "dmole", "fedavg-replay-lora", "fedavg-seq-lora")
+# protocol.compression.COMPRESSIONS (a test keeps them equal).
+COMPRESSIONS = ("none", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Clients, their participation per round, and how the task stream is split among them."""
@@ -303,6 +308,18 @@ class FederationConfig:
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
     min_samples: int = 8
+    # What the federated run trains (fedmole simulate --method overrides it): federated D-MoLE
+    # with or without the edge replay buffer, or one shared LoRA adapter averaged with FedAvg
+    # (the forgetting baselines, no probe rounds and no router).
+    method: str = "dmole-replay"
+    # Wire format of the uploaded expert factors: float32 as trained, or fp16 / int8 (per-row
+    # absmax) to cut bytes up; the cloud aggregates in float64 either way.
+    compression: str = "none"
+    # Router federation: each client fits task t's autoencoder for this many local epochs per
+    # round from the global weights, and keeps this share of its samples out of the fit to
+    # measure the threshold's errors on unseen samples.
+    router_local_epochs: int = 30
+    router_holdout: float = 0.2
 
     def n_lacking(self, modality: str) -> int:
         """How many clients lack ``modality`` ("image" or "audio"; every client has text)."""
@@ -332,6 +349,14 @@ class FederationConfig:
         _check(self.local_steps >= 1, "federation.local-steps", ">= 1", self.local_steps)
         _check(self.seed >= 0, "federation.seed", ">= 0", self.seed)
         _check(self.min_samples >= 1, "federation.min-samples", ">= 1", self.min_samples)
+        _check(self.method in FEDERATED_METHODS, "federation.method",
+               f"one of {', '.join(FEDERATED_METHODS)}", self.method)
+        _check(self.compression in COMPRESSIONS, "federation.compression",
+               f"one of {', '.join(COMPRESSIONS)}", self.compression)
+        _check(self.router_local_epochs >= 1, "federation.router-local-epochs", ">= 1",
+               self.router_local_epochs)
+        _check(0 < self.router_holdout < 1, "federation.router-holdout", "in (0, 1)",
+               self.router_holdout)
 
 
 @dataclass(frozen=True)

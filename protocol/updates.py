@@ -18,11 +18,13 @@ numpy (Flower's ArrayRecord has no bfloat16: cast at the edge).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocol.compression import decompress
 
 ARRAYS_KEY = "expert"
 META_KEY = "meta"
@@ -77,6 +79,13 @@ def _envelope(content: RecordDict, what: str, key: str, kind: type) -> tuple[Any
     return payload, meta
 
 
+def _numpy(arrays: ArrayRecord, what: str) -> dict[str, np.ndarray]:
+    try:
+        return {k: arrays[k].numpy() for k in arrays}
+    except Exception as e:  # a corrupt Array (bad bytes, shape or dtype) raises several types
+        raise MessageError(f"{what} arrays cannot be decoded: {e}") from e
+
+
 def decode_update(content: RecordDict) -> ClientUpdate:
     """A reply's ``RecordDict`` → ``ClientUpdate``; a malformed envelope raises :class:`MessageError`."""
     arrays, meta = _envelope(content, "update", ARRAYS_KEY, ArrayRecord)
@@ -85,10 +94,11 @@ def decode_update(content: RecordDict) -> ClientUpdate:
     if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
         raise MessageError(f"update metadata `modalities` must be a list of names, got {raw!r}")
     mods = [str(m) for m in raw]
+    tensors = _numpy(arrays, "update")
     try:
-        tensors = {k: arrays[k].numpy() for k in arrays}
-    except Exception as e:  # a corrupt Array (bad bytes, shape or dtype) raises several types
-        raise MessageError(f"update arrays cannot be decoded: {e}") from e
+        tensors = decompress(tensors)
+    except ValueError as e:
+        raise MessageError(f"update arrays: {e}") from e
     return ClientUpdate(client_id=fields["client-id"], task=fields["task"], round=fields["round"],
                         n_samples=fields["num-examples"], modalities=frozenset(mods), tensors=tensors)
 
@@ -98,16 +108,23 @@ def decode_update(content: RecordDict) -> ClientUpdate:
 SCORES_KEY = "scores"
 
 
+VOTES_KEY = "votes"
+
+
 @dataclass(frozen=True)
 class ProbeReply:
     client_id: str
     task: str
     n_samples: int  # the weight of this client's vector in the cloud's mean
     scores: Mapping[str, float]  # candidate module → accumulated-gradient norm
+    # Older task → how many of the client's task-t training samples the global router sends
+    # there (D-MoLE's co-activation vote, counted on the edge).
+    votes: Mapping[str, int] = field(default_factory=dict)
 
 
 def encode_probe(p: ProbeReply) -> RecordDict:
     return RecordDict({SCORES_KEY: MetricRecord({k: float(v) for k, v in p.scores.items()}),
+                       VOTES_KEY: MetricRecord({k: int(v) for k, v in p.votes.items()}),
                        META_KEY: ConfigRecord({"client-id": p.client_id, "task": p.task,
                                                "num-examples": int(p.n_samples)})})
 
@@ -124,12 +141,24 @@ def decode_probe(content: RecordDict) -> ProbeReply:
         out[k] = float(v)
     if not out:
         raise MessageError("probe reply has no scores; the client must score every candidate module")
-    return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out)
+    raw = content.get(VOTES_KEY, MetricRecord())
+    if not isinstance(raw, MetricRecord):
+        raise MessageError(f"{VOTES_KEY!r} must be a MetricRecord, got {type(raw).__name__}")
+    votes: dict[str, int] = {}
+    for k, v in raw.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise MessageError(f"vote count for {k!r} must be an int >= 0, got {v!r}")
+        votes[k] = v
+    if fields["num-examples"] <= 0 or sum(votes.values()) > fields["num-examples"]:
+        raise MessageError(f"probe reply: `num-examples` {fields['num-examples']} must be > 0 and "
+                           f">= the {sum(votes.values())} votes cast")
+    return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out, votes)
 
 
 # --- the evaluation round: a client's exact-match accuracy on its local test data per task ---
 
 EVAL_KEY = "eval"
+ROUTING_KEY = "routing"
 
 
 @dataclass(frozen=True)
@@ -137,6 +166,8 @@ class EvalReply:
     client_id: str
     global_round: int
     scores: Mapping[str, tuple[float, int]]  # task → (accuracy in percent, test samples)
+    # Seen task → how many of its test samples the router sent to its own experts.
+    routed: Mapping[str, int] = field(default_factory=dict)
 
 
 def encode_eval(e: EvalReply) -> RecordDict:
@@ -144,6 +175,7 @@ def encode_eval(e: EvalReply) -> RecordDict:
     for task, (acc, n) in e.scores.items():
         metrics[f"acc/{task}"], metrics[f"n/{task}"] = float(acc), int(n)
     return RecordDict({EVAL_KEY: MetricRecord(metrics),
+                       ROUTING_KEY: MetricRecord({t: int(v) for t, v in e.routed.items()}),
                        META_KEY: ConfigRecord({"client-id": e.client_id, "round": e.global_round})})
 
 
@@ -163,4 +195,66 @@ def decode_eval(content: RecordDict) -> EvalReply:
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise MessageError(f"test count of task {t!r} must be an int > 0, got {n!r}")
         scores[t] = (float(acc), n)
-    return EvalReply(client, rnd, scores)
+    raw = content.get(ROUTING_KEY, MetricRecord())
+    routed: dict[str, int] = {}
+    for t, v in (raw.items() if isinstance(raw, MetricRecord) else [("?", raw)]):
+        if t not in scores or not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= scores[t][1]:
+            raise MessageError(f"routing count of {t!r} must be an int in [0, test count] of a "
+                               f"scored task, got {v!r}")
+        routed[t] = v
+    return EvalReply(client, rnd, scores, routed)
+
+
+# --- a task's router part of a reply: the client's autoencoder weights and/or error histogram ---
+
+ROUTER_KEY = "router"
+HISTOGRAM = "error-histogram"
+
+
+@dataclass(frozen=True, eq=False)
+class RouterPart:
+    """Task t's router from one client: its locally fitted AE (FedAvg'd by the cloud) and/or the
+    histogram of its held-out samples' errors under the current global AE (fixed shared bins)."""
+
+    n_samples: int  # the samples the AE was fitted on / the histogram counts
+    state: Mapping[str, np.ndarray] | None
+    histogram: np.ndarray | None
+
+
+def add_router_part(content: RecordDict, part: RouterPart) -> RecordDict:
+    arrays = {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in (part.state or {}).items()}
+    if part.histogram is not None:
+        arrays[HISTOGRAM] = Array(np.ascontiguousarray(part.histogram, dtype=np.int64))
+    content[ROUTER_KEY] = ArrayRecord(array_dict=arrays)
+    content[META_KEY]["router-samples"] = int(part.n_samples)
+    return content
+
+
+def decode_router_part(content: RecordDict) -> RouterPart | None:
+    """The router part of a reply, or None when it carries none; shapes are the cloud's to check."""
+    if ROUTER_KEY not in content:
+        return None
+    rec, meta = _envelope(content, "router part", ROUTER_KEY, ArrayRecord)
+    n = meta.get("router-samples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise MessageError(f"router part: `router-samples` must be an int > 0, got {n!r}")
+    arrays = _numpy(rec, "router")
+    hist = arrays.pop(HISTOGRAM, None)
+    return RouterPart(n, arrays or None, hist)
+
+
+# --- a client with nothing to send this round (no local data of the task) ---
+
+SKIP = "skip"
+
+
+def encode_skip(client_id: str, task: str, reason: str) -> RecordDict:
+    return RecordDict({META_KEY: ConfigRecord({"client-id": client_id, "task": task, SKIP: reason})})
+
+
+def skip_reason(content: RecordDict) -> str | None:
+    """Why a client sent nothing this round, or None for a normal reply."""
+    meta = content.get(META_KEY) if META_KEY in content else None
+    if isinstance(meta, ConfigRecord) and SKIP in meta and len(content) == 1:
+        return str(meta[SKIP])
+    return None

@@ -38,11 +38,12 @@ import torch
 
 from cloud.allocator import all_modules_allocation, allocate, equal_param_rank
 from mole.experts import ExpertModel
+from mole.inference import ALL, routed_answers
 from mole.modality import modality_map
 from mole.proxy import proxy_batch_count, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
-from mole.steps import generate_answers, train_steps
+from mole.steps import train_steps
 from protocol.config import RunConfig
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
@@ -151,23 +152,15 @@ class DmoleLearner:
         if mode == "oracle":
             return [task if task in seen else None] * len(samples)
         if mode == "none":
-            return ["*"] * len(samples)
+            return [ALL] * len(samples)
         return self.router.route(self.features(f"test/{task}", samples))
 
     def evaluate(self, task: str, seen: list[str]) -> dict[str, float]:
         """Per-sample routing: group samples by routed task, answer each group with its experts."""
         samples = self.s.test[task]
-        routes = self.routes(task, seen)
-        preds: list[str] = [""] * len(samples)
-        for route in dict.fromkeys(routes):
-            idx = [i for i, r in enumerate(routes) if r == route]
-            active = (list(seen) if route == "*" else
-                      [] if route is None else [route, *self.partners.get(route, [])])
-            with self.experts.only(active):
-                out = generate_answers(self.s.model, self.s.enc, [samples[i] for i in idx],
-                                       self.cfg.train.eval_batch_size, self.cfg.train.max_new_tokens)
-            for i, p in zip(idx, out, strict=True):
-                preds[i] = p
+        preds = routed_answers(self.experts, self.s.enc, samples, self.routes(task, seen), seen,
+                               self.partners, self.cfg.train.eval_batch_size,
+                               self.cfg.train.max_new_tokens)
         return score_answers(preds, [s.answer for s in samples], self.s.metrics[task])
 
 

@@ -1,0 +1,65 @@
+"""FedMoLE's Flower ClientApp: decode the round's message, call :mod:`edge.local`, reply.
+
+Where the client's data lives: node config ``data-dir`` (a deployed SuperNode), else
+``app.clients-dir``/client-<partition-id> (a simulation's virtual node). Its persistent state
+(the replay buffer) goes to node config ``state-dir``, else ``<data-dir>/_state``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from edge import local
+from edge.runtime import edge_model, local_data
+from protocol.app_config import split_run_config
+from protocol.instructions import Instruction, unpack_state
+
+app = ClientApp()
+
+
+def _client(context: Context) -> local.Client:
+    cfg, appcfg = split_run_config(dict(context.run_config))
+    torch.set_num_threads(appcfg.client_threads)
+    if not cfg.model.base_path:
+        raise ValueError("run config `model.base-path` is empty: the ClientApp needs the base "
+                         "checkpoint the cloud distributes (fedmole simulate sets it)")
+    node = context.node_config
+    if "data-dir" in node:
+        data_dir = Path(str(node["data-dir"]))
+    elif appcfg.clients_dir and "partition-id" in node:
+        # The layout simulation.scenario.materialize writes.
+        data_dir = Path(appcfg.clients_dir) / f"client-{int(node['partition-id']):02d}"
+    else:
+        raise ValueError("no client data folder: set node config `data-dir`, or run config "
+                         "`app.clients-dir` in a simulation")
+    state_dir = Path(str(node.get("state-dir", data_dir / "_state")))
+    em = edge_model(cfg, Path(cfg.model.base_path))
+    return local.Client(cfg, local_data(data_dir, cfg.data.tasks), state_dir, em)
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    client = _client(context)
+    ins = Instruction.from_record(msg.content["config"])
+    experts, routers = unpack_state(msg.content["arrays"])
+    with client.em.lock:
+        if ins.phase == "probe":
+            content = local.probe(client, ins, routers)
+        elif ins.phase == "train":
+            content = local.train(client, ins, experts, routers)
+        else:
+            content = local.evaluate(client, ins, experts, routers)
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)

@@ -1,0 +1,160 @@
+"""What an edge process keeps between messages: the base model with its experts, and per-client
+local data and feature caches.
+
+Flower may run many (virtual) clients in one process (a simulation actor) or one client per
+process (a SuperNode). The frozen base model is loaded once per process and shared; its LoRA
+experts are named PEFT adapters whose *values* come from each message (the global experts) and
+are overwritten before every use, so clients sharing a process never see each other's weights.
+Adapters are created from the plan the message carries, so every process holds the same module
+sets. Router features are base-model outputs (experts off), hence cached per (client, split, task).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mole.backbone import load_backbone, pick_device
+from mole.batching import Encoder
+from mole.experts import ExpertModel
+from mole.modality import modality_map
+from mole.router import router_features
+from protocol.config import LoraConfig, RunConfig
+from protocol.manifest import MANIFEST_NAME, Sample, load_samples
+from protocol.plan import ExpertPlan
+
+KINDS = ("lora_A", "lora_B")
+
+
+@dataclass
+class LocalData:
+    """A client's on-disk data (DESIGN §3): ``folder/<task>/manifest.jsonl`` per task it holds."""
+
+    client_id: str
+    folder: Path
+    train: dict[str, list[Sample]]
+    test: dict[str, list[Sample]]
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        """The model modalities the client's data feeds (mole.modality names)."""
+        return sample_modalities([s for v in self.train.values() for s in v])
+
+
+def sample_modalities(samples: list[Sample]) -> frozenset[str]:
+    """Which towers ``samples`` exercise: language always, vision/audio when present."""
+    return frozenset(["language"] + ["vision"] * any(s.image is not None for s in samples)
+                     + ["audio"] * any(s.audio is not None for s in samples))
+
+
+def load_local_data(folder: Path, tasks: list[str] | tuple[str, ...]) -> LocalData:
+    """Read the client's task folders (a missing folder: the client holds no data of it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"client data folder {str(folder)!r} does not exist; materialize "
+                                "the scenario first (fedmole simulate does) or fix node config "
+                                "`data-dir`")
+    train: dict[str, list[Sample]] = {}
+    test: dict[str, list[Sample]] = {}
+    for t in tasks:
+        if (folder / t / MANIFEST_NAME).is_file():
+            train[t] = load_samples(folder / t, "train")
+            test[t] = load_samples(folder / t, "test")
+    return LocalData(folder.name, folder, train, test)
+
+
+def module_dims(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Module → (d_in, d_out) of its base linear (before or after PEFT wrapped it)."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in modules:
+        layer = model.get_submodule(m)
+        base = getattr(layer, "base_layer", layer)
+        out[m] = (int(base.in_features), int(base.out_features))
+    return out
+
+
+class EdgeModel:
+    """The process's base model + experts; values of experts are set per message."""
+
+    def __init__(self, cfg: RunConfig, base_path: Path):
+        model, tok = load_backbone(base_path, pick_device(cfg.train.device))
+        for p in model.parameters():
+            p.requires_grad = False
+        self.cfg = cfg
+        self.model = model
+        self.enc = Encoder.for_model(tok, model, cfg.model.max_length)
+        self.experts = ExpertModel(model)
+        self.mmap = modality_map(model)
+        self.dims = module_dims(model, list(self.mmap))
+        self.lock = threading.Lock()  # one message at a time uses the model
+        self._features: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def sync_plan(self, plan: ExpertPlan) -> None:
+        """Create an adapter for every task of ``plan`` that this process does not have yet."""
+        for task in plan.tasks:
+            if task in self.experts.experts:
+                continue
+            specs = [e for e in plan.experts if e.task == task]
+            lora = LoraConfig(rank=specs[0].rank, alpha=specs[0].alpha, dropout=self.cfg.lora.dropout)
+            self.experts.add_expert(task, [e.module for e in specs], lora)
+
+    def set_factors(self, task: str, tensors: Mapping[str, np.ndarray]) -> None:
+        """Load ``{"<module>.lora_A": (r, d_in), "<module>.lora_B": (d_out, r)}`` into expert ``task``."""
+        with torch.no_grad():
+            for key, value in tensors.items():
+                module, _, kind = key.rpartition(".")
+                layer = self.model.get_submodule(module)
+                param = getattr(layer, kind)[task].weight
+                src = torch.as_tensor(np.asarray(value, dtype=np.float32))
+                if tuple(src.shape) != tuple(param.shape):
+                    raise ValueError(f"expert {task!r} {key!r}: got shape {tuple(src.shape)}, the "
+                                     f"adapter has {tuple(param.shape)}")
+                param.copy_(src.to(param.device))
+
+    def get_factors(self, task: str, plan: ExpertPlan) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for module in plan.modules_of(task):
+            layer = self.model.get_submodule(module)
+            for kind in KINDS:
+                out[f"{module}.{kind}"] = getattr(layer, kind)[task].weight.detach().cpu().numpy().copy()
+        return out
+
+    def features(self, data: LocalData, split: str, task: str) -> torch.Tensor:
+        """(N, D) router features of the client's ``split`` samples of ``task`` (cached)."""
+        key = (str(data.folder), split, task)
+        if key not in self._features:
+            samples = (data.train if split == "train" else data.test)[task]
+            d = self.cfg.dmole
+            self._features[key] = router_features(
+                self.experts, self.enc, samples, self.cfg.train.eval_batch_size,
+                weights=[d.router_vision_weight, 1.0, d.router_audio_weight])
+        return self._features[key]
+
+
+_MODELS: dict[tuple[str, str], EdgeModel] = {}
+_DATA: dict[str, LocalData] = {}
+_GUARD = threading.Lock()
+
+
+def edge_model(cfg: RunConfig, base_path: Path) -> EdgeModel:
+    """The process-wide model for this base and config (created on first use)."""
+    key = (str(Path(base_path).resolve()), repr(cfg))
+    with _GUARD:
+        if key not in _MODELS:
+            _MODELS.clear()  # a new run in the same process: drop the old one
+            _MODELS[key] = EdgeModel(cfg, base_path)
+        return _MODELS[key]
+
+
+def local_data(folder: Path, tasks: list[str] | tuple[str, ...]) -> LocalData:
+    key = f"{Path(folder).resolve()}|{','.join(tasks)}"
+    with _GUARD:
+        if key not in _DATA:
+            _DATA[key] = load_local_data(folder, tasks)
+        return _DATA[key]

@@ -1,0 +1,121 @@
+"""What the cloud sends in each round: the instruction (a ConfigRecord) and the global state a
+client needs (an ArrayRecord of experts and routers).
+
+Instruction keys (all rounds carry ``phase``, ``task``, ``task-index``, ``global-round``,
+``method`` and ``plan``, the cumulative expert plan as JSON)::
+
+    probe     router-seed  seed of task t's shared autoencoder init (clients draw the same one)
+    train     train-round (1..R), rounds (R), partners (JSON list: older experts active, frozen),
+              router-fit (fit task t's AE further this round?)
+    evaluate  seen (tasks trained so far), partners (JSON {task: [partner, …]})
+    probe, evaluate   thresholds (JSON {task: τ}) for the routers sent along
+
+Arrays: ``expert/<task>/<module>.lora_A|lora_B`` and ``router/<task>/<AE key>``. Only what the
+round needs travels: task t's experts (and its partners') in training, every seen task's in
+evaluation, older routers in the probe (clients count co-activation votes with them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from protocol.plan import ExpertPlan, PlanError
+from protocol.updates import MessageError
+
+PHASES = ("probe", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    phase: str
+    task: str
+    task_index: int
+    global_round: int
+    method: str
+    plan: ExpertPlan
+    train_round: int = 0
+    rounds: int = 0
+    partners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # task → partners
+    seen: tuple[str, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    router_fit: bool = False
+    router_seed: int = 0
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "phase": self.phase, "task": self.task, "task-index": self.task_index,
+            "global-round": self.global_round, "method": self.method,
+            "plan": json.dumps(self.plan.to_json()), "train-round": self.train_round,
+            "rounds": self.rounds, "partners": json.dumps({k: list(v) for k, v in self.partners.items()}),
+            "seen": json.dumps(list(self.seen)), "thresholds": json.dumps(dict(self.thresholds)),
+            "router-fit": self.router_fit, "router-seed": self.router_seed,
+        })
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Instruction:
+        """Parse a round's ConfigRecord; a missing or malformed key is a :class:`MessageError`."""
+        def get(key: str, kind: type) -> Any:
+            if key not in rec:
+                raise MessageError(f"round instruction lacks `{key}`")
+            v = rec[key]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise MessageError(f"round instruction `{key}` must be {kind.__name__}, got {v!r}")
+            return v
+
+        def js(key: str) -> Any:
+            try:
+                return json.loads(get(key, str))
+            except json.JSONDecodeError as e:
+                raise MessageError(f"round instruction `{key}` is not valid JSON: {e}") from e
+
+        phase = get("phase", str)
+        if phase not in PHASES:
+            raise MessageError(f"round instruction `phase` must be one of {PHASES}, got {phase!r}")
+        try:
+            plan = ExpertPlan.from_json(js("plan"))
+        except PlanError as e:
+            raise MessageError(f"round instruction `plan`: {e}") from e
+        partners, seen, thresholds = js("partners"), js("seen"), js("thresholds")
+        if not (isinstance(partners, dict) and all(isinstance(v, list) for v in partners.values())):
+            raise MessageError(f"round instruction `partners` must map task → list, got {partners!r}")
+        if not (isinstance(seen, list) and all(isinstance(t, str) for t in seen)):
+            raise MessageError(f"round instruction `seen` must be a list of tasks, got {seen!r}")
+        if not (isinstance(thresholds, dict)
+                and all(isinstance(v, int | float) and np.isfinite(v) for v in thresholds.values())):
+            raise MessageError(f"round instruction `thresholds` must map task → finite τ, got {thresholds!r}")
+        return cls(phase=phase, task=get("task", str), task_index=get("task-index", int),
+                   global_round=get("global-round", int), method=get("method", str), plan=plan,
+                   train_round=get("train-round", int), rounds=get("rounds", int),
+                   partners={k: tuple(v) for k, v in partners.items()}, seen=tuple(seen),
+                   thresholds={k: float(v) for k, v in thresholds.items()},
+                   router_fit=get("router-fit", bool), router_seed=get("router-seed", int))
+
+
+def pack_state(experts: Mapping[str, Mapping[str, np.ndarray]],
+               routers: Mapping[str, Mapping[str, np.ndarray]]) -> ArrayRecord:
+    arrays = {f"expert/{t}/{k}": v for t, d in experts.items() for k, v in d.items()}
+    arrays.update({f"router/{t}/{k}": v for t, d in routers.items() for k, v in d.items()})
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def unpack_state(rec: ArrayRecord) -> tuple[dict[str, dict[str, np.ndarray]],
+                                            dict[str, dict[str, np.ndarray]]]:
+    """ArrayRecord → (experts: task → {key: array}, routers: task → {key: array})."""
+    out: dict[str, dict[str, dict[str, np.ndarray]]] = {"expert": {}, "router": {}}
+    for key in rec:
+        kind, _, rest = key.partition("/")
+        task, _, name = rest.partition("/")
+        if kind not in out or not task or not name:
+            raise MessageError(f"global state key {key!r} is not 'expert/<task>/<key>' or "
+                               "'router/<task>/<key>'")
+        try:
+            out[kind].setdefault(task, {})[name] = rec[key].numpy()
+        except Exception as e:  # corrupt bytes / dtype
+            raise MessageError(f"global state array {key!r} cannot be decoded: {e}") from e
+    return out["expert"], out["router"]

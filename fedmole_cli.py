@@ -109,6 +109,29 @@ def demo(
 
 
 @app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/fed"),
+    method: Annotated[str | None, typer.Option(
+        help="dmole-replay (default), dmole, fedavg-replay-lora or fedavg-seq-lora")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """A federated run through Flower's simulation engine (scenario from federation.*)."""
+    from simulation.federated import run_federated
+    from simulation.report import comparison_table
+
+    overrides = list(set_ or [])
+    if method is not None:
+        overrides.append(f"federation.method={method}")
+    cfg = _guard(lambda: _config(config, overrides))
+    m = _guard(lambda: run_federated(cfg, out, resume=resume, progress=not quiet))
+    typer.echo(comparison_table([m]))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (or their metrics.json)")],
     out: Annotated[Path | None, typer.Option(help="Also write the table to this file")] = None,

@@ -191,9 +191,9 @@ class FedMoleStrategy(FedAvg):
             metrics = self._aggregate(rp, contents)
         self.state.rounds.append({"round": rp.server_round, "task": rp.task, "phase": rp.phase,
                                   "bytes_up": self.state.comm["bytes_up"],
-                                  "bytes_down": self.state.comm["bytes_down"],
-                                  **{k: v for k, v in metrics.items() if isinstance(v, int | float)}})
-        return None, MetricRecord(metrics)
+                                  "bytes_down": self.state.comm["bytes_down"], **metrics})
+        return None, MetricRecord({k: v for k, v in metrics.items()
+                                   if isinstance(v, int | float) and not isinstance(v, bool)})
 
     def _allocate(self, task: str, contents: list[RecordDict]) -> dict:
         rows, votes, n_total = [], {}, 0
@@ -335,6 +335,8 @@ class FedMoleStrategy(FedAvg):
         self.state.acc_matrix[rp.task_index] = row
         if routed_n:
             self.state.router_acc[rp.task_index] = 100.0 * routed_ok / routed_n
+        if self.state.rounds and self.state.rounds[-1]["round"] == rp.server_round:
+            self.state.rounds[-1]["acc_seen"] = float(np.nanmean(row[: rp.task_index + 1]))
         return MetricRecord({f"acc/{t}": a for t, a in zip(self.tasks, row, strict=True)
                              if t in counts})
 

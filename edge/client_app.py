@@ -8,6 +8,7 @@ Where the client's data lives: node config ``data-dir`` (a deployed SuperNode), 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context, Message
@@ -18,11 +19,8 @@ from edge.runtime import edge_model, local_data
 from protocol.app_config import split_run_config
 from protocol.instructions import Instruction, unpack_state
 
-app = ClientApp()
-
-
-def _client(context: Context) -> local.Client:
-    cfg, appcfg = split_run_config(dict(context.run_config))
+def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client:
+    cfg, appcfg = split_run_config(dict(run_config if run_config is not None else context.run_config))
     torch.set_num_threads(appcfg.client_threads)
     if not cfg.model.base_path:
         raise ValueError("run config `model.base-path` is empty: the ClientApp needs the base "
@@ -41,8 +39,8 @@ def _client(context: Context) -> local.Client:
     return local.Client(cfg, local_data(data_dir, cfg.data.tasks), state_dir, em)
 
 
-def _handle(msg: Message, context: Context) -> Message:
-    client = _client(context)
+def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
+    client = _client(context, run_config)
     ins = Instruction.from_record(msg.content["config"])
     experts, routers = unpack_state(msg.content["arrays"])
     with client.em.lock:
@@ -55,11 +53,20 @@ def _handle(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``run_config`` (flat keys) stands in for Flower's when given (run_simulation
+    passes none), else each message's ``context.run_config`` is used (``flwr run``)."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _handle(msg, context, run_config)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _handle(msg, context, run_config)
+
+    return client
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+app = make_client_app()

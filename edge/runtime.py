@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from mole.backbone import load_backbone, pick_device
 from mole.batching import Encoder
 from mole.experts import ExpertModel
-from mole.modality import modality_map
+from mole.modality import modality_map, module_dims
 from mole.router import router_features
 from protocol.config import LoraConfig, RunConfig
 from protocol.manifest import MANIFEST_NAME, Sample, load_samples
@@ -67,16 +66,6 @@ def load_local_data(folder: Path, tasks: list[str] | tuple[str, ...]) -> LocalDa
             train[t] = load_samples(folder / t, "train")
             test[t] = load_samples(folder / t, "test")
     return LocalData(folder.name, folder, train, test)
-
-
-def module_dims(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
-    """Module → (d_in, d_out) of its base linear (before or after PEFT wrapped it)."""
-    out: dict[str, tuple[int, int]] = {}
-    for m in modules:
-        layer = model.get_submodule(m)
-        base = getattr(layer, "base_layer", layer)
-        out[m] = (int(base.in_features), int(base.out_features))
-    return out
 
 
 class EdgeModel:

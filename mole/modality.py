@@ -91,3 +91,13 @@ def modules_by_modality(mmap: dict[str, str]) -> dict[str, list[str]]:
     for name, mod in mmap.items():
         out.setdefault(mod, []).append(name)
     return out
+
+
+def module_dims(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Module → (d_in, d_out) of its base linear (before or after PEFT wrapped it)."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in modules:
+        layer = model.get_submodule(m)
+        base = getattr(layer, "base_layer", layer)
+        out[m] = (int(base.in_features), int(base.out_features))
+    return out

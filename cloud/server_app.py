@@ -1,0 +1,85 @@
+"""FedMoLE's Flower ServerApp: read the run config, run the task loop, write the run's result.
+
+The cloud holds the foundation model (``model.base-path``): it reads the candidate modules and
+their shapes from it (plan and aggregation need them), never trains it here. Results: the
+checkpoint (every round, :mod:`cloud.state`) and ``server_result.json`` at the end (accuracy
+matrix, communication, rejections, per-round log) in ``app.out-dir``; ``fedmole simulate`` turns
+them into ``metrics.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from cloud import comm
+from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
+from cloud.strategy import FedMoleStrategy
+from mole.backbone import load_backbone
+from mole.modality import modality_map, module_dims
+from mole.router import DEFAULT_BLOCKS
+from protocol.app_config import AppConfig, split_run_config
+from protocol.config import RunConfig
+
+RESULT = "server_result.json"
+log = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float = 3600.0) -> GlobalState:
+    if not cfg.model.base_path:
+        raise ValueError("run config `model.base-path` is empty: the cloud needs its base checkpoint")
+    if not app.out_dir:
+        raise ValueError("run config `app.out-dir` is empty: the cloud needs a folder for its state")
+    out = Path(app.out_dir)
+    t0 = time.perf_counter()
+    model, _ = load_backbone(cfg.model.base_path)
+    mmap = modality_map(model)
+    state = None
+    if app.resume and (out / CHECKPOINT).is_file():
+        state = load_checkpoint(out)
+        log.info("resuming %s from round %d", state.method, state.round)
+    strategy = FedMoleStrategy(
+        cfg, mmap, module_dims(model, list(mmap)), state=state,
+        router_dim=model.hidden_size * len(DEFAULT_BLOCKS),
+        full_model_bytes=4 * sum(p.numel() for p in model.parameters()), checkpoint_dir=out)
+    del model
+    remaining = strategy.total_rounds - strategy.offset
+    if remaining > 0:
+        strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=timeout,
+                       evaluate_fn=strategy.on_round_end)
+    write_result(strategy.state, out, time.perf_counter() - t0)
+    return strategy.state
+
+
+def write_result(state: GlobalState, out: Path, wall_s: float) -> Path:
+    meta: dict[str, Any] = state.meta()
+    meta["comm_summary"] = comm.summary(state.comm)
+    meta["server_wall_s"] = round(wall_s, 1)
+    path = out / RESULT
+    tmp = path.with_name(f".{RESULT}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1, default=lambda x: None).replace("NaN", "null") + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def make_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``run_config`` (flat keys) stands in for Flower's when given (run_simulation
+    passes none), else the app reads ``context.run_config`` (``flwr run``)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg, appcfg = split_run_config(dict(run_config if run_config is not None else context.run_config))
+        run_server(grid, cfg, appcfg)
+
+    return server
+
+
+app = make_server_app()

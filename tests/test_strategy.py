@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from cloud.strategy import FedMoleStrategy
 from protocol.config import parse_config
@@ -55,11 +57,12 @@ def test_probe_round_allocates_from_weighted_scores_and_skips_bad_replies(strate
     replies = [_reply(msgs[0], encode_probe(ProbeReply("c11", "color", 1, s11))),
                _reply(msgs[1], encode_probe(ProbeReply("c12", "color", 3, s12))),
                _reply(msgs[2], RecordDict())]  # malformed: rejected, the round goes on
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    _, metrics = strategy.aggregate_train(1, replies)
     assert strategy.plan.tasks == ("color",)
     assert sorted(strategy.plan.modules_of("color")) == sorted([L0, L1])
-    assert sorted(arrays.keys()) == sorted([f"{L0}.lora_A", f"{L0}.lora_B", f"{L1}.lora_A", f"{L1}.lora_B"])
-    assert not arrays[f"{L0}.lora_B"].numpy().any()  # B starts at zero: ΔW = 0
+    experts = strategy.state.experts["color"]
+    assert sorted(experts) == sorted([f"{L0}.lora_A", f"{L0}.lora_B", f"{L1}.lora_A", f"{L1}.lora_B"])
+    assert not experts[f"{L0}.lora_B"].any()  # B starts at zero: ΔW = 0
     assert strategy.rejected == {"malformed": 1}
     assert metrics["probe-clients"] == 2
 
@@ -72,7 +75,7 @@ def test_training_round_is_the_exact_weighted_mean_of_client_delta_w(strategy):
     strategy.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5, scores)))
                                  for i, m in enumerate(probe)])
     msgs = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))
-    sent = msgs[0].content["arrays"]
+    sent = {k.split("/", 2)[2]: v for k, v in msgs[0].content["arrays"].items()}
     assert msgs[0].content["config"]["phase"] == "train" and "plan" in msgs[0].content["config"]
     rng = np.random.default_rng(0)
     updates, deltas, weights = [], {L0: [], L1: []}, [1, 3]
@@ -89,10 +92,11 @@ def test_training_round_is_the_exact_weighted_mean_of_client_delta_w(strategy):
     replies = [_reply(msgs[i], encode_update(u)) for i, u in enumerate(updates)]
     replies.append(_reply(msgs[2], encode_update(ClientUpdate("c9", "color", 2, 7,
                                                               frozenset({"language"}), bad))))
-    arrays, metrics = strategy.aggregate_train(2, replies)
+    _, metrics = strategy.aggregate_train(2, replies)
+    arrays = strategy.state.experts["color"]
     for m in (L0, L1):
         expected = sum(w * d for w, d in zip(weights, deltas[m], strict=True)) / sum(weights)
-        got = arrays[f"{m}.lora_B"].numpy().astype(np.float64) @ arrays[f"{m}.lora_A"].numpy()
+        got = arrays[f"{m}.lora_B"].astype(np.float64) @ arrays[f"{m}.lora_A"]
         assert np.allclose(got, expected, atol=1e-5)  # shared A → rank ≤ r → exact
     assert strategy.rejected == {"invalid": 1} and metrics["clients"] == 2
     # A stale reply (echoing another round) is rejected too.
@@ -112,14 +116,14 @@ def test_only_a_tasks_last_round_evaluates_and_rows_are_count_weighted(strategy)
                                  for i, m in enumerate(probe)])
     assert list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), Grid())) == []
     msgs = list(strategy.configure_evaluate(3, ArrayRecord(), ConfigRecord(), Grid()))  # color's last
-    assert len(msgs) == 3 and list(msgs[0].content["config"]["seen"]) == ["color"]
-    assert all(k.startswith("color/") for k in msgs[0].content["arrays"].keys())
+    assert len(msgs) == 3 and json.loads(msgs[0].content["config"]["seen"]) == ["color"]
+    assert all(k.startswith("expert/color/") for k in msgs[0].content["arrays"].keys())
     replies = [_reply(msgs[0], encode_eval(EvalReply("c0", 3, {"color": (80.0, 10), "pitch": (0.0, 5)}))),
                _reply(msgs[1], encode_eval(EvalReply("c1", 3, {"color": (50.0, 30)}))),
                _reply(msgs[2], encode_eval(EvalReply("c2", 2, {"color": (0.0, 99)})))]  # stale round
     metrics = strategy.aggregate_evaluate(3, replies)
     assert metrics["acc/color"] == pytest.approx((80 * 10 + 50 * 30) / 40)
-    assert strategy.acc_matrix[0] == [pytest.approx(57.5), 0.0]
+    assert strategy.state.acc_matrix[0] == [pytest.approx(57.5), 0.0]
     assert strategy.rejected == {"stale-or-unknown": 1}
 
 
@@ -135,3 +139,163 @@ def test_malformed_evaluation_metrics_are_named():
     rd["eval"] = MetricRecord({"acc/color": 180.0, "n/color": 3})
     with pytest.raises(MessageError, match=r"\[0, 100\]"):
         decode_eval(rd)
+
+
+# --- routers, partners, modalities, baselines, dropout, checkpoints -----------------------------
+
+def _probe_all(strategy, rnd, task, scores, votes=None, router=None):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from protocol.updates import RouterPart, add_router_part
+
+    msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), Grid()))
+    replies = []
+    for i, m in enumerate(msgs):
+        content = encode_probe(ProbeReply(f"c{i}", task, 4 * (i + 1), scores, votes or {}))
+        if router is not None:
+            add_router_part(content, RouterPart(4 * (i + 1), router(i), None))
+        replies.append(_reply(m, content))
+    strategy.aggregate_train(rnd, replies)
+    return msgs
+
+
+def _ae(dim, hidden, value):
+    return {"encoder.0.weight": np.full((hidden, dim), value, np.float32),
+            "encoder.0.bias": np.full((hidden,), value, np.float32),
+            "decoder.0.weight": np.full((dim, hidden), value, np.float32),
+            "decoder.0.bias": np.full((dim,), value, np.float32)}
+
+
+def test_probe_fedavgs_router_weights_and_picks_the_partner_from_summed_votes():
+    cfg = parse_config({"data.tasks": "color,count", "federation.rounds-per-task": 2,
+                        "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
+                        "dmole.coactivate-share": 0.3})
+    st = FedMoleStrategy(cfg, MMAP, DIMS, router_dim=6, full_model_bytes=10_000)
+    scores = {L0: 1.0, L1: 2.0, V0: 0.5, A0: 0.0}
+    _probe_all(st, 1, "color", scores, router=lambda i: _ae(6, 128, float(i)))
+    # weights 4, 8, 12 on values 0, 1, 2 → (0·4 + 1·8 + 2·12) / 24
+    assert np.allclose(st.state.routers["color"]["encoder.0.weight"], 32 / 24)
+    assert st.state.partners["color"] == []
+    st.state.thresholds["color"] = 0.1
+    # count's probe: the 3 clients (24 samples) put 10 votes on color: 10 ≥ 0.3·24 → partner
+    msgs = _probe_all(st, 4, "count", scores, votes={"color": 10 // 3 + 1},
+                      router=lambda i: _ae(6, 128, 0.0))
+    assert any(k.startswith("router/color/") for k in msgs[0].content["arrays"].keys())
+    assert json.loads(msgs[0].content["config"]["thresholds"]) == {"color": 0.1}
+    assert st.state.partners["count"] == ["color"]
+    train = list(st.configure_train(5, ArrayRecord(), ConfigRecord(), Grid()))
+    keys = set(train[0].content["arrays"].keys())
+    assert any(k.startswith("expert/color/") for k in keys)  # the partner travels, frozen
+    assert json.loads(train[0].content["config"]["partners"]) == {"count": ["color"]}
+
+
+def test_training_threshold_is_the_quantile_of_the_pooled_histograms():
+    from mole.router import error_histogram, histogram_quantile
+    from protocol.updates import RouterPart, add_router_part
+
+    cfg = parse_config({"data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
+                        "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.router-quantile": 0.9})
+    st = FedMoleStrategy(cfg, MMAP, DIMS, router_dim=6)
+    _probe_all(st, 1, "color", {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}, router=lambda i: _ae(6, 128, 0.1))
+    msgs = list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))
+    assert msgs[0].content["config"]["router-fit"] is False  # last round: thresholds only
+    rng = np.random.default_rng(1)
+    errs = [rng.lognormal(-5, 1, n) for n in (30, 50, 70)]
+    replies = []
+    for i, m in enumerate(msgs):
+        tensors = {k.split("/", 2)[2]: v.numpy() for k, v in m.content["arrays"].items()
+                   if k.startswith("expert/")}
+        content = encode_update(ClientUpdate(f"c{i}", "color", 2, 10, frozenset({"language"}), tensors))
+        add_router_part(content, RouterPart(len(errs[i]), None, error_histogram(errs[i])))
+        replies.append(_reply(m, content))
+    st.aggregate_train(2, replies)
+    pooled = error_histogram(np.concatenate(errs))
+    assert st.state.thresholds["color"] == pytest.approx(histogram_quantile(pooled, 0.9))
+    assert st.state.thresholds["color"] == pytest.approx(np.quantile(np.concatenate(errs), 0.9), rel=0.05)
+
+
+def test_a_client_without_audio_neither_feeds_nor_dilutes_the_audio_experts():
+    cfg = parse_config({"data.tasks": "pitch", "federation.rounds-per-task": 1, "lora.rank": 2,
+                        "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.budget-fraction": 0.5,
+                        "dmole.router": "none"})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    _probe_all(st, 1, "pitch", {L0: 1.0, L1: 0.0, V0: 0.0, A0: 3.0})
+    assert sorted(st.plan.modules_of("pitch")) == sorted([L0, A0])
+    msgs = list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))
+    rng = np.random.default_rng(3)
+    t = {}
+    for cid in ("audio", "text"):
+        t[cid] = {}
+        for m in (L0, A0):
+            t[cid][f"{m}.lora_A"] = rng.standard_normal((2, 6)).astype(np.float32)
+            t[cid][f"{m}.lora_B"] = rng.standard_normal((5, 2)).astype(np.float32)
+    replies = [_reply(msgs[0], encode_update(ClientUpdate("audio", "pitch", 2, 1,
+                                                          frozenset({"audio", "language"}), t["audio"]))),
+               _reply(msgs[1], encode_update(ClientUpdate("text", "pitch", 2, 3,
+                                                          frozenset({"language"}), t["text"])))]
+    st.aggregate_train(2, replies)
+    e = st.state.experts["pitch"]
+
+    def dw(d, m):
+        return d[f"{m}.lora_B"].astype(np.float64) @ d[f"{m}.lora_A"]
+    assert np.allclose(dw(e, A0), dw(t["audio"], A0), atol=1e-5)  # the audio client's alone
+    mean = (1 * dw(t["audio"], L0) + 3 * dw(t["text"], L0)) / 4
+    # two rank-2 updates: the mean has rank ≤ 4 > r → SVD truncation (the best rank-2 fit)
+    u, s, vt = np.linalg.svd(mean)
+    assert np.allclose(dw(e, L0), (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+
+
+def test_skips_are_not_rejections_and_dropout_withholds_messages():
+    from protocol.updates import encode_skip
+
+    cfg = parse_config({"data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
+                        "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.router": "none",
+                        "federation.dropout": 0.5, "federation.seed": 3})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    sent = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert st.rejected["dropped"] == 3 - len(sent)
+    replies = [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5, {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0})))
+               for i, m in enumerate(sent)]
+    if sent:
+        replies[0] = _reply(sent[0], encode_skip("c0", "color", "no-data"))
+    if len(sent) > 1:
+        st.aggregate_train(1, replies)
+        assert "malformed" not in st.rejected and st.state.comm["client_rounds"] == len(sent) - 1
+
+
+def test_fedavg_baseline_has_one_shared_adapter_and_no_probe():
+    cfg = parse_config({"data.tasks": "color,pitch", "federation.rounds-per-task": 2,
+                        "lora.rank": 2, "lora.alpha": 4, "federation.method": "fedavg-seq-lora"})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    assert st.total_rounds == 4 and st.plan.tasks == ("shared",)
+    msgs = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert msgs[0].content["config"]["phase"] == "train"
+    assert {k.split("/")[1] for k in msgs[0].content["arrays"].keys()} == {"shared"}
+    tensors = {k.split("/", 2)[2]: v.numpy() + 1.0 for k, v in msgs[0].content["arrays"].items()}
+    st.aggregate_train(1, [_reply(m, encode_update(ClientUpdate(f"c{i}", "color", 1, 5,
+                                                                frozenset({"language", "vision"}), tensors)))
+                           for i, m in enumerate(msgs)])
+    assert st.rejected == {} and st.state.comm["client_rounds"] == 3
+    got = st.state.experts["shared"]
+    for m in (L0, V0):  # every client sent the same factors: exact
+        assert np.allclose(got[f"{m}.lora_B"] @ got[f"{m}.lora_A"],
+                           tensors[f"{m}.lora_B"] @ tensors[f"{m}.lora_A"], atol=1e-5)
+    # audio: no client holds it → the shared adapter's audio part is unchanged (B = 0)
+    assert not got[f"{A0}.lora_B"].any()
+
+
+def test_checkpoint_round_trip_resumes_at_the_saved_round(tmp_path, strategy):
+    from cloud.state import CheckpointError, load_checkpoint
+
+    strategy.checkpoint_dir = tmp_path
+    _probe_all(strategy, 1, "color", {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0})
+    strategy.on_round_end(1, ArrayRecord())
+    state = load_checkpoint(tmp_path)
+    assert state.round == 1 and state.plan.tasks == ("color",)
+    for k, v in strategy.state.experts["color"].items():
+        assert np.array_equal(state.experts["color"][k], v)
+    resumed = FedMoleStrategy(strategy.cfg, MMAP, DIMS, state=state)
+    assert resumed.offset == 1 and resumed._round(1).phase == "train"  # Flower's 1 = global 2
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)

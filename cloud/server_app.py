@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cloud import comm
 from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
-from cloud.strategy import FedMoleStrategy
+from cloud.strategy import FedMoleStrategy, StopRun
 from mole.backbone import load_backbone
 from mole.modality import modality_map, module_dims
 from mole.router import DEFAULT_BLOCKS
@@ -50,10 +50,15 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float = 3600
         router_dim=model.hidden_size * len(DEFAULT_BLOCKS),
         full_model_bytes=4 * sum(p.numel() for p in model.parameters()), checkpoint_dir=out)
     del model
+    strategy.stop_after_round = app.stop_after_round
     remaining = strategy.total_rounds - strategy.offset
     if remaining > 0:
-        strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=timeout,
-                       evaluate_fn=strategy.on_round_end)
+        try:
+            strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=timeout,
+                           evaluate_fn=strategy.on_round_end)
+        except StopRun as e:
+            log.warning("%s", e)
+            return strategy.state
     write_result(strategy.state, out, time.perf_counter() - t0)
     return strategy.state
 

@@ -31,6 +31,7 @@ measurement). After every round the whole :class:`cloud.state.GlobalState` can b
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def is_shared(method: str) -> bool:
     return method.startswith("fedavg-")
 
 
+class StopRun(Exception):
+    """Raised after a checkpoint to end the run early (fault injection: a killed server)."""
+
+
 class FedMoleStrategy(FedAvg):
     def __init__(self, cfg: RunConfig, modality_of: Mapping[str, str],
                  dims: Mapping[str, tuple[int, int]], rule: str = "svd",
@@ -108,6 +113,7 @@ class FedMoleStrategy(FedAvg):
                              f"{self.method!r}; resume with the same method")
         self.state = state
         self.offset = state.round
+        self.stop_after_round = 0
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -164,7 +170,8 @@ class FedMoleStrategy(FedAvg):
         else:
             name = SHARED if not self.probe else rp.task
             partners = s.partners.get(name, [])
-            router_fit = self.router_on and rp.train_round < self.cfg.federation.rounds_per_task
+            router_fit = self.router_on and rp.train_round < min(self.cfg.federation.router_rounds,
+                                                                 self.cfg.federation.rounds_per_task)
             config = self._instruction(rp, "train", partners={name: tuple(partners)},
                                        router_fit=router_fit)
             routers = {rp.task: s.routers[rp.task]} if self.router_on and rp.task in s.routers else {}
@@ -190,6 +197,7 @@ class FedMoleStrategy(FedAvg):
         else:
             metrics = self._aggregate(rp, contents)
         self.state.rounds.append({"round": rp.server_round, "task": rp.task, "phase": rp.phase,
+                                  "time": round(time.time(), 2),
                                   "bytes_up": self.state.comm["bytes_up"],
                                   "bytes_down": self.state.comm["bytes_down"], **metrics})
         return None, MetricRecord({k: v for k, v in metrics.items()
@@ -313,6 +321,8 @@ class FedMoleStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         rp = self._round(server_round)
+        if not rp.evaluate:
+            return None
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         routed_ok = routed_n = 0
@@ -348,4 +358,7 @@ class FedMoleStrategy(FedAvg):
         self.state.round = server_round + self.offset
         if self.checkpoint_dir is not None:
             save_checkpoint(self.state, self.checkpoint_dir)
+        if self.stop_after_round and self.state.round >= self.stop_after_round:
+            raise StopRun(f"stopped after global round {self.state.round} (app.stop-after-round); "
+                          "continue with --resume")
         return None

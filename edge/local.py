@@ -13,8 +13,9 @@ same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.st
   learning rate follows the task's schedule across rounds (round k covers steps
   (k−1)·S … k·S−1 of one warmup + cosine over R·S steps), so R rounds of S steps see the same
   schedule as S·R centralized steps.
-* **evaluate** — route each local test sample with the global routers, answer with its experts,
-  report exact-match accuracy and test count per task.
+* **evaluate** — route each local test sample of the tasks seen so far and the next one with
+  the global routers, answer with its experts, report exact-match accuracy and test count per
+  task (later tasks are not measured: no metric reads them).
 
 A client that holds no data of task t replies with a skip record (not an error).
 """
@@ -126,7 +127,7 @@ def probe(c: Client, ins: Instruction, routers: dict[str, dict[str, np.ndarray]]
                 votes[r] = votes.get(r, 0) + 1
     content = encode_probe(ProbeReply(c.id, task, len(train), scores, votes))
     if cfg.dmole.router == "autoencoder":
-        add_router_part(content, _fit(c, task, None, ins.router_seed))
+        add_router_part(content, _fit(c, task, None, ins.router_seed), cfg.federation.compression)
     return content
 
 
@@ -192,7 +193,7 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     content = encode_update(update)
     content["meta"]["last-loss"] = float(stats.last_loss)
     if part is not None:
-        add_router_part(content, part)
+        add_router_part(content, part, fed.compression)
     return content
 
 
@@ -208,8 +209,11 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
         cfg, routers, dict(ins.thresholds), list(ins.seen))
     scores: dict[str, tuple[float, int]] = {}
     routed: dict[str, int] = {}
+    # Seen tasks, and the next one (forward transfer): what AVG/Last/BWT/FWT read.
+    stream = list(cfg.data.tasks)
+    wanted = set(stream[: len(ins.seen) + 1])
     for task, samples in c.data.test.items():
-        if not samples:
+        if not samples or task not in wanted:
             continue
         if router is not None:
             routes = router.route(em.features(c.data, "test", task))

@@ -9,6 +9,8 @@ hyperparameters but where this run lives::
                         client-<partition-id>; a deployed SuperNode sets node config `data-dir`)
     app.client-threads  torch threads per ClientApp (1: clients share the cores, one each)
     app.resume          continue from app.out-dir's checkpoint
+    app.stop-after-round  fault injection for tests: the server stops (as if killed) once this
+                        global round is checkpointed; 0 = never
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class AppConfig:
     clients_dir: str = ""
     client_threads: int = 1
     resume: bool = False
+    stop_after_round: int = 0
 
     def to_flat(self) -> dict[str, Any]:
         return {APP_PREFIX + f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

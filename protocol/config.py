@@ -290,7 +290,7 @@ class FederationConfig:
 
     clients: int = 8
     # Share of the clients sampled for each round, in (0, 1]; at least min-clients are sampled.
-    fraction: float = 1.0
+    fraction: float = 0.5
     min_clients: int = 2
     # Per-task Dirichlet concentration over the eligible clients: small → a few clients hold most
     # of a task (label-skew style, each task playing the role of a class); large → near-even.
@@ -303,7 +303,7 @@ class FederationConfig:
     dropout: float = 0.0
     rounds_per_task: int = 3
     # Optimiser steps each client takes per round.
-    local_steps: int = 25
+    local_steps: int = 100
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
@@ -314,12 +314,15 @@ class FederationConfig:
     method: str = "dmole-replay"
     # Wire format of the uploaded expert factors: float32 as trained, or fp16 / int8 (per-row
     # absmax) to cut bytes up; the cloud aggregates in float64 either way.
-    compression: str = "none"
-    # Router federation: each client fits task t's autoencoder for this many local epochs per
-    # round from the global weights, and keeps this share of its samples out of the fit to
-    # measure the threshold's errors on unseen samples.
+    compression: str = "int8"
+    # Router federation: in the probe round (and the first router-rounds − 1 training rounds)
+    # each client fits task t's autoencoder for router-local-epochs from the global weights;
+    # it keeps router-holdout of its samples out of the fit, and every training round reports
+    # their error histogram under the global AE (the cloud's τ). One fitting round measured
+    # enough and keeps the upload small (the AE is the largest thing a client sends).
     router_local_epochs: int = 30
     router_holdout: float = 0.2
+    router_rounds: int = 1
 
     def n_lacking(self, modality: str) -> int:
         """How many clients lack ``modality`` ("image" or "audio"; every client has text)."""
@@ -357,6 +360,8 @@ class FederationConfig:
                self.router_local_epochs)
         _check(0 < self.router_holdout < 1, "federation.router-holdout", "in (0, 1)",
                self.router_holdout)
+        _check(self.router_rounds >= 1, "federation.router-rounds", ">= 1 (1: the probe round only)",
+               self.router_rounds)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from protocol.compression import decompress
+from protocol.compression import compress, decompress
 
 ARRAYS_KEY = "expert"
 META_KEY = "meta"
@@ -221,10 +221,13 @@ class RouterPart:
     histogram: np.ndarray | None
 
 
-def add_router_part(content: RecordDict, part: RouterPart) -> RecordDict:
-    arrays = {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in (part.state or {}).items()}
+def add_router_part(content: RecordDict, part: RouterPart, compression: str = "none") -> RecordDict:
+    """Attach ``part``; the AE weights travel in ``compression`` (see protocol.compression), the
+    histogram as int32 counts."""
+    wire = compress(part.state or {}, compression)
+    arrays = {k: Array(np.ascontiguousarray(v)) for k, v in wire.items()}
     if part.histogram is not None:
-        arrays[HISTOGRAM] = Array(np.ascontiguousarray(part.histogram, dtype=np.int64))
+        arrays[HISTOGRAM] = Array(np.ascontiguousarray(part.histogram, dtype=np.int32))
     content[ROUTER_KEY] = ArrayRecord(array_dict=arrays)
     content[META_KEY]["router-samples"] = int(part.n_samples)
     return content
@@ -240,7 +243,11 @@ def decode_router_part(content: RecordDict) -> RouterPart | None:
         raise MessageError(f"router part: `router-samples` must be an int > 0, got {n!r}")
     arrays = _numpy(rec, "router")
     hist = arrays.pop(HISTOGRAM, None)
-    return RouterPart(n, arrays or None, hist)
+    try:
+        state = decompress(arrays)
+    except ValueError as e:
+        raise MessageError(f"router arrays: {e}") from e
+    return RouterPart(n, state or None, hist)
 
 
 # --- a client with nothing to send this round (no local data of the task) ---

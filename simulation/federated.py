@@ -56,7 +56,9 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
                           "logging_level": "error"}}
 
 
-def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True,
+                  stop_after_round: int = 0) -> dict | None:
+    """Run the scenario; None when ``stop_after_round`` ended it early (resume to finish)."""
     from flwr.simulation import run_simulation
 
     from cloud.server_app import RESULT, make_server_app
@@ -70,7 +72,7 @@ def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: boo
             (out / stale).unlink(missing_ok=True)
     cfg, partition = prepare(cfg, out, progress)
     app = AppConfig(out_dir=str(out), clients_dir=str(out / "clients"), client_threads=1,
-                    resume=resume)
+                    resume=resume, stop_after_round=stop_after_round)
     flat = {**cfg.to_flat(), **app.to_flat()}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     flwr_log = logging.getLogger("flwr")
@@ -81,6 +83,8 @@ def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: boo
     run_simulation(make_server_app(flat), make_client_app(flat), num_supernodes=cfg.federation.clients,
                    backend_config=backend_config(cfg))  # type: ignore[arg-type]
     result_path = out / RESULT
+    if stop_after_round and not result_path.is_file():
+        return None
     if not result_path.is_file():
         raise RuntimeError(f"the simulation ended without {str(result_path)!r}; see the log above")
     return write_outputs(cfg, out, json.loads(result_path.read_text()), partition,

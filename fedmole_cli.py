@@ -82,26 +82,27 @@ def train(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/demo"),
-    methods: Annotated[str, typer.Option(help="Comma-separated methods")] =
-        "seq-lora,replay-lora,joint",
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated federated methods (dmole-replay, dmole, fedavg-replay-lora, "
+             "fedavg-seq-lora)")] = "dmole-replay",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """The main job on the embedded default: every baseline, a summary table and reports."""
-    from simulation.centralized import run_centralized
-    from simulation.methods import METHODS
+    """The main job: the default federated scenario end to end, a summary table and reports."""
+    from protocol.config import FEDERATED_METHODS
+    from simulation.federated import run_federated
     from simulation.report import comparison_table
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if m not in FEDERATED_METHODS]
     if bad:
-        raise _fail(EXIT_USAGE, f"unknown methods {bad}; known: {', '.join(METHODS)}")
-    cfg = _guard(lambda: _config(config, set_))
+        raise _fail(EXIT_USAGE, f"unknown methods {bad}; known: {', '.join(FEDERATED_METHODS)}")
     rows = []
     for name in names:
-        typer.echo(f"== {name} ==")
-        rows.append(_guard(lambda n=name: run_centralized(cfg, n, out / n, progress=not quiet)))
+        typer.echo(f"== federated {name} ==")
+        cfg = _guard(lambda n=name: _config(config, [*(set_ or []), f"federation.method={n}"]))
+        rows.append(_guard(lambda c=cfg, n=name: run_federated(c, out / n, progress=not quiet)))
     table = comparison_table(rows)
     (out / "summary.md").write_text(table + "\n")
     typer.echo(table)

@@ -5,7 +5,7 @@ and s = alpha/r; s is the same for every client, so it is factored out and all b
 For module m of modality k, over the clients c that hold k and sent m, with weights
 w_c = n_samples, the target is the exact weighted mean of the clients' updates,
 ΔW̄_m = Σ_c w_c B_c A_c / Σ_c w_c. The global expert must again be a rank-r LoRA (a PEFT adapter),
-so rule "svd" re-factors ΔW̄ by a truncated SVD: ΔW̄ = U S Vᵀ → B' = U_r √S_r, A' = √S_r V_rᵀ.
+so rule "svd" re-factors ΔW̄ by a truncated SVD: ΔW̄ = U S Vᵀ → B' = U_r S_r, A' = V_rᵀ (see svd_factors).
 This is exact whenever rank(ΔW̄) ≤ r: one client, identical clients, clients sharing A (or
 sharing B). Otherwise it is NOT ΔW̄ but its best rank-r approximation in Frobenius norm
 (Eckart–Young): a mean of N rank-r updates can have rank min(N·r, d_out, d_in). The relative
@@ -224,17 +224,23 @@ class LoraAggregator(Protocol):
 
 
 def svd_factors(delta: F64, rank: int) -> tuple[F64, F64]:
-    """Best rank-``rank`` factors of ``delta`` (d_out, d_in): A' = √S_r V_rᵀ, B' = U_r √S_r.
+    """Best rank-``rank`` factors of ``delta`` (d_out, d_in): A' = V_rᵀ (orthonormal rows),
+    B' = U_r S_r.
 
+    Why not the balanced √S split: training resumes from these factors next round, and LoRA's
+    gradients are ∂B ∝ A·x and ∂A ∝ Bᵀ·g. A direction with a small singular value would get
+    both factors ≈ 0 under √S — a saddle neither factor can leave, so the expert's usable rank
+    would shrink to what round 1 learned. With unit-norm rows of A every direction stays
+    trainable (B's column starts where it is, like LoRA's own B = 0 init). Measured on color
+    (3 rounds × 100 steps): 82.5% exact match vs 71.0% with the √S split (one seed each).
     Zero-padded to exactly ``rank`` when rank > min(d_out, d_in) (PEFT needs shape (r, ·)).
     """
     u, s, vt = np.linalg.svd(delta, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
     k = min(rank, s.size)
-    root = np.sqrt(s[:k])
     a = np.zeros((rank, delta.shape[1]))
     b = np.zeros((delta.shape[0], rank))
-    a[:k] = root[:, None] * vt[:k]
-    b[:, :k] = u[:, :k] * root
+    a[:k] = vt[:k]
+    b[:, :k] = u[:, :k] * s[:k]
     return a, b
 
 

@@ -9,8 +9,9 @@ lays the continual task loop onto them without re-implementing that loop: task t
     the last train round of t    also evaluates every task seen so far (row t of the matrix)
 
 so a stream of T tasks takes T·(1+R) server rounds. The FedAvg baselines (one shared adapter, no
-allocation) have no probe round: ``probe=False`` gives each task R rounds, all training. A resumed run continues from a checkpointed
-round: it calls ``start`` with the remaining rounds and adds the offset to Flower's round number.
+allocation) have no probe round: ``probe=False`` gives each task R rounds, all training. A
+resumed run continues from a checkpointed round: it calls ``start`` with the remaining rounds and
+adds the offset to Flower's round number.
 """
 
 from __future__ import annotations

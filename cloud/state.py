@@ -45,7 +45,7 @@ class GlobalState:
     routers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # task → AE state
     thresholds: dict[str, float] = field(default_factory=dict)  # task → τ
     partners: dict[str, list[str]] = field(default_factory=dict)  # task → co-activated tasks
-    acc_matrix: dict[int, list[float | None]] = field(default_factory=dict)  # task index → row
+    acc_matrix: dict[int, list[float]] = field(default_factory=dict)  # row t; NaN: not measured
     router_acc: dict[int, float] = field(default_factory=dict)  # task index → % routed right
     rejected: Counter[str] = field(default_factory=Counter)  # reason → count
     comm: dict[str, Any] = field(default_factory=dict)  # see cloud.comm

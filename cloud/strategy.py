@@ -204,7 +204,9 @@ class FedMoleStrategy(FedAvg):
                                    if isinstance(v, int | float) and not isinstance(v, bool)})
 
     def _allocate(self, task: str, contents: list[RecordDict]) -> dict:
-        rows, votes, n_total = [], {}, 0
+        rows: list = []
+        votes: dict[str, int] = {}
+        n_total = 0
         routers = self._router_acc(task)
         for c in contents:
             try:
@@ -241,7 +243,9 @@ class FedMoleStrategy(FedAvg):
         share = self.cfg.dmole.coactivate_share
         s.partners[task] = [best[0]] if best and share > 0 and best[1] >= share * n_total else []
         if routers is not None and routers.n_clients:
-            s.routers[task] = routers.finalize(self.cfg.dmole.router_quantile).state
+            fitted = routers.finalize(self.cfg.dmole.router_quantile).state
+            if fitted is not None:
+                s.routers[task] = fitted
         return {"probe-clients": len(rows), "experts": len(alloc.modules),
                 **{f"experts/{k}": v for k, v in alloc.per_modality.items()},
                 "partner": ",".join(s.partners[task]) or "-"}

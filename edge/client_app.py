@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from edge import local
 from edge.runtime import edge_model, local_data
 from protocol.app_config import split_run_config
 from protocol.instructions import Instruction, unpack_state
+
 
 def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client:
     cfg, appcfg = split_run_config(dict(run_config if run_config is not None else context.run_config))
@@ -42,7 +43,10 @@ def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client
 def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
     client = _client(context, run_config)
     ins = Instruction.from_record(msg.content["config"])
-    experts, routers = unpack_state(msg.content["arrays"])
+    arrays = msg.content["arrays"]
+    if not isinstance(arrays, ArrayRecord):
+        raise TypeError(f"the round's 'arrays' must be an ArrayRecord, got {type(arrays).__name__}")
+    experts, routers = unpack_state(arrays)
     with client.em.lock:
         if ins.phase == "probe":
             content = local.probe(client, ins, routers)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from edge.replay import mix_batch_sizes
 from edge.replay_store import ReplayStore
@@ -134,8 +134,8 @@ def probe(c: Client, ins: Instruction, routers: dict[str, dict[str, np.ndarray]]
 def _replay(c: Client, ins: Instruction) -> ReplayStore | None:
     if ins.method not in REPLAY_METHODS:
         return None
-    store = ReplayStore(c.state_dir / "replay", c.cfg.replay.buffer_size, None,
-                        c.cfg.train.seed + zlib.crc32(c.id.encode()))
+    store = ReplayStore(c.state_dir / "replay", c.cfg.replay.buffer_size,
+                        c.cfg.replay.buffer_bytes or None, c.cfg.train.seed + zlib.crc32(c.id.encode()))
     # Idempotent: every earlier task the client trained on is in the buffer before task t trains
     # (a retried or resumed round adds nothing twice).
     stream = list(c.cfg.data.tasks)
@@ -191,7 +191,9 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     update = ClientUpdate(c.id, task, ins.global_round, len(train_set), sample_modalities(used),
                           compress(em.get_factors(name, ins.plan), fed.compression))
     content = encode_update(update)
-    content["meta"]["last-loss"] = float(stats.last_loss)
+    meta = content["meta"]
+    assert isinstance(meta, ConfigRecord)
+    meta["last-loss"] = float(stats.last_loss)
     if part is not None:
         add_router_part(content, part, fed.compression)
     return content

@@ -56,8 +56,9 @@ def decompress(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if k in scales:
             s = np.asarray(scales[k])
             if x.dtype != np.int8 or x.ndim < 1 or s.shape != (x.shape[0], 1):
-                raise ValueError(f"int8 tensor {k!r} must be int8 with a ({x.shape[0] if x.ndim else '?'}, 1) "
-                                 f"scale, got dtype {x.dtype} and scale shape {s.shape}")
+                rows = x.shape[0] if x.ndim else "?"
+                raise ValueError(f"int8 tensor {k!r} must be int8 with a ({rows}, 1) scale, got "
+                                 f"dtype {x.dtype} and scale shape {s.shape}")
             if not np.issubdtype(s.dtype, np.floating) or not np.isfinite(s).all() or (s < 0).any():
                 raise ValueError(f"scale of {k!r} must be finite floats >= 0")
             rows = x.reshape(x.shape[0], -1).astype(np.float32) * s.astype(np.float32)

@@ -201,12 +201,16 @@ class ReplayConfig:
     """Bounded replay buffer: reservoir sampling kept balanced across past tasks."""
 
     buffer_size: int = 240
+    # On a device, also bound the persisted buffer's bytes (array files + text); 0 = samples only.
+    buffer_bytes: int = 0
     # Fraction of every training batch drawn from the buffer (once it holds anything).
     mix_ratio: float = 0.25
     policy: str = "balanced-reservoir"
 
     def validate(self) -> None:
         _check(self.buffer_size > 0, "replay.buffer-size", "> 0", self.buffer_size)
+        _check(self.buffer_bytes >= 0, "replay.buffer-bytes", ">= 0 (0: no byte bound)",
+               self.buffer_bytes)
         _check(0 < self.mix_ratio < 1, "replay.mix-ratio", "in (0, 1)", self.mix_ratio)
         _check(self.policy in REPLAY_POLICY_NAMES, "replay.policy",
                f"one of {', '.join(REPLAY_POLICY_NAMES)}", self.policy)

@@ -229,7 +229,9 @@ def add_router_part(content: RecordDict, part: RouterPart, compression: str = "n
     if part.histogram is not None:
         arrays[HISTOGRAM] = Array(np.ascontiguousarray(part.histogram, dtype=np.int32))
     content[ROUTER_KEY] = ArrayRecord(array_dict=arrays)
-    content[META_KEY]["router-samples"] = int(part.n_samples)
+    meta = content[META_KEY]
+    assert isinstance(meta, ConfigRecord)
+    meta["router-samples"] = int(part.n_samples)
     return content
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_
         raise RuntimeError(f"the run evaluated {len(acc)} of {len(tasks)} tasks; resume it with --resume")
     method = result["method"]
     summary = result["comm_summary"]
-    mods = {t: sorted(partition.task_modalities[t]) for t in tasks}
+    mods: dict[str, Sequence[str]] = {t: sorted(partition.task_modalities[t]) for t in tasks}
     plot_rounds(out / "rounds.png", method, result["rounds"], acc)
     router_acc = result.get("router_acc", {})
     extra = {

@@ -97,7 +97,8 @@ def test_flwr_run_dot_runs_the_apps_in_a_local_simulation(tmp_path, tiny_cfg):
     home, http, ctl = tmp_path / "flwr-home", _free_port(), _free_port()
     (home / "local-superlink").mkdir(parents=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{http}"\ninsecure = true\n')
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{http}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ADDRESS": "local",

@@ -36,7 +36,8 @@ def run_identity(monkeypatch):
 
 @pytest.fixture()
 def strategy() -> FedMoleStrategy:
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
                         "federation.min-clients": 2, "lora.rank": 2, "lora.alpha": 4,
                         "dmole.modality-floor": 0.0})
     return FedMoleStrategy(cfg, MMAP, DIMS)
@@ -167,7 +168,8 @@ def _ae(dim, hidden, value):
 
 
 def test_probe_fedavgs_router_weights_and_picks_the_partner_from_summed_votes():
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color,count", "federation.rounds-per-task": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "color,count", "federation.rounds-per-task": 2,
                         "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
                         "dmole.coactivate-share": 0.3})
     st = FedMoleStrategy(cfg, MMAP, DIMS, router_dim=6, full_model_bytes=10_000)
@@ -193,7 +195,8 @@ def test_training_threshold_is_the_quantile_of_the_pooled_histograms():
     from mole.router import error_histogram, histogram_quantile
     from protocol.updates import RouterPart, add_router_part
 
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
                         "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.router-quantile": 0.9})
     st = FedMoleStrategy(cfg, MMAP, DIMS, router_dim=6)
     _probe_all(st, 1, "color", {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}, router=lambda i: _ae(6, 128, 0.1))
@@ -215,7 +218,8 @@ def test_training_threshold_is_the_quantile_of_the_pooled_histograms():
 
 
 def test_a_client_without_audio_neither_feeds_nor_dilutes_the_audio_experts():
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "pitch", "federation.rounds-per-task": 1, "lora.rank": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "pitch", "federation.rounds-per-task": 1, "lora.rank": 2,
                         "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.budget-fraction": 0.5,
                         "dmole.router": "none"})
     st = FedMoleStrategy(cfg, MMAP, DIMS)
@@ -248,7 +252,8 @@ def test_a_client_without_audio_neither_feeds_nor_dilutes_the_audio_experts():
 def test_skips_are_not_rejections_and_dropout_withholds_messages():
     from protocol.updates import encode_skip
 
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "color", "federation.rounds-per-task": 1, "lora.rank": 2,
                         "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.router": "none",
                         "federation.dropout": 0.5, "federation.seed": 3})
     st = FedMoleStrategy(cfg, MMAP, DIMS)
@@ -264,7 +269,8 @@ def test_skips_are_not_rejections_and_dropout_withholds_messages():
 
 
 def test_fedavg_baseline_has_one_shared_adapter_and_no_probe():
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
+    cfg = parse_config({"federation.fraction": 1.0,
+                        "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
                         "lora.rank": 2, "lora.alpha": 4, "federation.method": "fedavg-seq-lora"})
     st = FedMoleStrategy(cfg, MMAP, DIMS)
     assert st.total_rounds == 4 and st.plan.tasks == ("shared",)

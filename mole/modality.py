@@ -98,6 +98,6 @@ def module_dims(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, in
     out: dict[str, tuple[int, int]] = {}
     for m in modules:
         layer = model.get_submodule(m)
-        base: nn.Linear = getattr(layer, "base_layer", layer)  # type: ignore[assignment]
+        base: nn.Linear = getattr(layer, "base_layer", layer)  # type: ignore[assignment,arg-type]
         out[m] = (int(base.in_features), int(base.out_features))
     return out

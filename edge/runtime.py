@@ -85,11 +85,14 @@ class EdgeModel:
         self._features: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def sync_plan(self, plan: ExpertPlan) -> None:
-        """Create an adapter for every task of ``plan`` that this process does not have yet."""
+        """Make this process's adapters match ``plan``: create missing ones, and re-create one
+        whose modules differ (a process that served another run with another plan)."""
         for task in plan.tasks:
-            if task in self.experts.experts:
-                continue
             specs = [e for e in plan.experts if e.task == task]
+            if task in self.experts.experts:
+                if self.experts.modules_of(task) == {e.module for e in specs}:
+                    continue
+                self.experts.remove_expert(task)
             lora = LoraConfig(rank=specs[0].rank, alpha=specs[0].alpha, dropout=self.cfg.lora.dropout)
             self.experts.add_expert(task, [e.module for e in specs], lora)
 

@@ -52,6 +52,21 @@ class ExpertModel:
             self.peft.add_adapter(name, cfg)
         self.activate(self._active)
 
+    def modules_of(self, name: str) -> set[str]:
+        """The modules expert ``name`` is attached to."""
+        if self.peft is None or name not in self.experts:
+            raise ValueError(f"no expert {name!r}; experts: {self.experts}")
+        return set(self.peft.peft_config[name].target_modules or ())
+
+    def remove_expert(self, name: str) -> None:
+        """Detach expert ``name`` (e.g. a stale adapter whose plan changed)."""
+        if self.peft is None or name not in self.experts:
+            raise ValueError(f"no expert {name!r} to remove; experts: {self.experts}")
+        self._active = [n for n in self._active if n != name]
+        self.activate([])  # PEFT refuses to delete an active adapter
+        self.peft.delete_adapter(name)
+        self.activate(self._active)
+
     def activate(self, names: Sequence[str], trainable: str | None = None) -> None:
         """Make exactly ``names`` active (empty → base model only); only ``trainable`` learns."""
         unknown = [n for n in names if n not in self.experts]

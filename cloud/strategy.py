@@ -176,7 +176,14 @@ class FedMoleStrategy(FedAvg):
                                        router_fit=router_fit)
             routers = {rp.task: s.routers[rp.task]} if self.router_on and rp.task in s.routers else {}
             arrays = pack_state({t: s.experts[t] for t in [name, *partners]}, routers)
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        # The probe goes to every available client: it is cheap (a few batches and a small
+        # autoencoder fit) and the allocation needs the clients that hold task t, which a
+        # 10% sample of many clients can miss entirely.
+        saved, self.fraction_train = self.fraction_train, 1.0 if rp.phase == PROBE else self.fraction_train
+        try:
+            msgs = list(super().configure_train(server_round, arrays, config, grid))
+        finally:
+            self.fraction_train = saved
         return self._send(self._drop(msgs, rp))
 
     def _drop(self, msgs: list[Message], rp: RoundPlan) -> list[Message]:
@@ -227,8 +234,10 @@ class FedMoleStrategy(FedAvg):
                 if t in self.plan.tasks:
                     votes[t] = votes.get(t, 0) + v
             self.state.comm["client_rounds"] += 1
-        if not rows:
-            raise RuntimeError(f"no valid probe reply for task {task!r}; cannot allocate its experts")
+        if not rows:  # nobody answered with data: allocate blind rather than stop the run
+            log.warning("no valid probe reply for task %r: allocating from equal scores", task)
+            self.rejected["probe-fallback"] += 1
+            rows = [(dict.fromkeys(self.plan.modality_of, 1.0), 1)]
         try:
             scores = weighted_mean_scores(rows)
             d = self.cfg.dmole

@@ -85,7 +85,10 @@ class Client:
         z = self.em.features(self.data, "train", task)
         perm = np.random.default_rng([self.cfg.federation.seed, zlib.crc32(f"{self.id}/{task}".encode())]
                                      ).permutation(z.shape[0])
-        n_hold = max(1, round(self.cfg.federation.router_holdout * z.shape[0]))
+        n = z.shape[0]
+        n_hold = min(max(1, round(self.cfg.federation.router_holdout * n)), n - 1)
+        if n_hold < 1:  # a single sample: fit on it and measure it in-sample
+            return z, z
         return z[torch.as_tensor(perm[n_hold:])], z[torch.as_tensor(perm[:n_hold])]
 
 

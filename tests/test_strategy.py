@@ -305,3 +305,15 @@ def test_checkpoint_round_trip_resumes_at_the_saved_round(tmp_path, strategy):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path)
+
+
+def test_probe_reaches_every_client_and_training_samples_the_fraction():
+    cfg = parse_config({"data.tasks": "color", "federation.fraction": 0.34, "federation.min-clients": 2,
+                        "federation.rounds-per-task": 1, "lora.rank": 2, "lora.alpha": 4,
+                        "dmole.router": "none"})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    probe = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert len(probe) == 3
+    st.aggregate_train(1, [])  # nobody answered: a blind allocation, the run goes on
+    assert st.plan.tasks == ("color",) and st.rejected["probe-fallback"] == 1
+    assert len(list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))) == 2

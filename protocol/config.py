@@ -294,7 +294,7 @@ class FederationConfig:
 
     clients: int = 8
     # Share of the clients sampled for each round, in (0, 1]; at least min-clients are sampled.
-    fraction: float = 0.5
+    fraction: float = 1.0
     min_clients: int = 2
     # Per-task Dirichlet concentration over the eligible clients: small → a few clients hold most
     # of a task (label-skew style, each task playing the role of a class); large → near-even.
@@ -311,7 +311,7 @@ class FederationConfig:
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
-    min_samples: int = 8
+    min_samples: int = 32
     # What the federated run trains (fedmole simulate --method overrides it): federated D-MoLE
     # with or without the edge replay buffer, or one shared LoRA adapter averaged with FedAvg
     # (the forgetting baselines, no probe rounds and no router).
@@ -324,7 +324,7 @@ class FederationConfig:
     # it keeps router-holdout of its samples out of the fit, and every training round reports
     # their error histogram under the global AE (the cloud's τ). One fitting round measured
     # enough and keeps the upload small (the AE is the largest thing a client sends).
-    router_local_epochs: int = 30
+    router_local_epochs: int = 300
     router_holdout: float = 0.2
     router_rounds: int = 1
 

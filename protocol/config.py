@@ -307,7 +307,7 @@ class FederationConfig:
     dropout: float = 0.0
     rounds_per_task: int = 3
     # Optimiser steps each client takes per round.
-    local_steps: int = 100
+    local_steps: int = 80
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.

@@ -22,7 +22,9 @@ def setup(tmp_path_factory, tiny_cfg):
     from simulation.federated import prepare
 
     root = tmp_path_factory.mktemp("edge")
+    # Two clients that both hold every task (near-even split, any share kept).
     cfg = parse_config({"data.cache-dir": str(root / "cache"), "federation.clients": 2,
+                        "federation.dirichlet-alpha": 100.0, "federation.min-samples": 1,
                         "federation.no-audio-fraction": 0.0, "federation.local-steps": 3,
                         "federation.router-local-epochs": 2, "federation.rounds-per-task": 2,
                         "federation.method": "dmole-replay"}, base=tiny_cfg)
@@ -52,15 +54,16 @@ def test_probe_scores_every_module_and_fits_a_router(setup):
     assert part.n_samples < p.n_samples  # the held-out share is kept out of the fit
 
 
-def test_a_client_without_the_task_skips(setup):
+def test_a_client_without_the_task_skips(setup, tmp_path):
+    from edge.runtime import LocalData
+
     cfg, partition, em, clients = setup
-    holders = set(partition.clients_of("pitch"))
-    lacking = [c for i, c in enumerate(clients) if i not in holders]
-    if not lacking:
-        pytest.skip("every client holds pitch in this split")
-    ins = Instruction(phase="probe", task="pitch", task_index=3, global_round=10,
-                      method="dmole-replay", plan=ExpertPlan.empty(em.mmap))
-    assert skip_reason(local.probe(lacking[0], ins, {})) == "no-data"
+    empty = local.Client(cfg, LocalData("client-x", tmp_path, {}, {}), tmp_path / "state", em)
+    for phase in ("probe", "train"):
+        ins = Instruction(phase=phase, task="pitch", task_index=3, global_round=10,
+                          method="dmole-replay", plan=ExpertPlan.empty(em.mmap), train_round=1, rounds=2)
+        content = local.probe(empty, ins, {}) if phase == "probe" else local.train(empty, ins, {}, {})
+        assert skip_reason(content) == "no-data"
 
 
 def test_train_round_sends_only_its_experts_is_deterministic_and_fills_replay(setup):

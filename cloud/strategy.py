@@ -164,7 +164,8 @@ class FedMoleStrategy(FedAvg):
         rp = self._round(server_round)
         s = self.state
         if rp.phase == PROBE:
-            older = {t: s.routers[t] for t in s.plan.tasks if t in s.routers}
+            # A router without τ (no training round of its task reached a holder) cannot route.
+            older = {t: s.routers[t] for t in s.plan.tasks if t in s.routers and t in s.thresholds}
             config = self._instruction(rp, PROBE, thresholds={t: s.thresholds[t] for t in older})
             arrays = pack_state({}, older)
         else:

@@ -178,6 +178,9 @@ def test_probe_fedavgs_router_weights_and_picks_the_partner_from_summed_votes():
     # weights 4, 8, 12 on values 0, 1, 2 → (0·4 + 1·8 + 2·12) / 24
     assert np.allclose(st.state.routers["color"]["encoder.0.weight"], 32 / 24)
     assert st.state.partners["color"] == []
+    # color's training rounds reached nobody: its router has no τ and must not go out
+    early = list(st.configure_train(4, ArrayRecord(), ConfigRecord(), Grid()))
+    assert not any(k.startswith("router/") for k in early[0].content["arrays"].keys())
     st.state.thresholds["color"] = 0.1
     # count's probe: the 3 clients (24 samples) put 10 votes on color: 10 ≥ 0.3·24 → partner
     msgs = _probe_all(st, 4, "count", scores, votes={"color": 10 // 3 + 1},

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cloud import comm
 from protocol.app_config import AppConfig
 from protocol.config import RunConfig
 from simulation.base import ensure_base
@@ -143,5 +142,3 @@ def _per_modality(plan: dict, task: str) -> dict[str, int]:
             out[e["modality"]] = out.get(e["modality"], 0) + 1
     return out
 
-
-__all__ = ["comm", "prepare", "run_federated", "write_outputs"]

@@ -56,7 +56,8 @@ class ExpertModel:
         """The modules expert ``name`` is attached to."""
         if self.peft is None or name not in self.experts:
             raise ValueError(f"no expert {name!r}; experts: {self.experts}")
-        return set(self.peft.peft_config[name].target_modules or ())
+        cfg: Any = self.peft.peft_config[name]  # a LoraConfig; typed as the PeftConfig base
+        return set(cfg.target_modules or ())
 
     def remove_expert(self, name: str) -> None:
         """Detach expert ``name`` (e.g. a stale adapter whose plan changed)."""

@@ -47,7 +47,7 @@ from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
 from cloud.state import GlobalState, save_checkpoint
 from protocol.config import RunConfig
-from protocol.instructions import Instruction, pack_state
+from protocol.instructions import SHARED, Instruction, is_shared, pack_state
 from protocol.plan import ExpertPlan
 from protocol.updates import (
     MessageError,
@@ -59,7 +59,6 @@ from protocol.updates import (
 )
 
 log = logging.getLogger(__name__)
-SHARED = "shared"
 
 
 def initial_factors(plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, int]], seed: int
@@ -73,10 +72,6 @@ def initial_factors(plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, i
         out[f"{e.module}.lora_A"] = rng.uniform(-bound, bound, (e.rank, d_in)).astype(np.float32)
         out[f"{e.module}.lora_B"] = np.zeros((d_out, e.rank), np.float32)
     return out
-
-
-def is_shared(method: str) -> bool:
-    return method.startswith("fedavg-")
 
 
 class StopRun(Exception):

@@ -48,7 +48,7 @@ from mole.scoring import score_answers
 from mole.steps import cosine_schedule, train_steps
 from protocol.compression import compress
 from protocol.config import RunConfig
-from protocol.instructions import Instruction
+from protocol.instructions import SHARED, Instruction, is_shared
 from protocol.updates import (
     ClientUpdate,
     EvalReply,
@@ -61,7 +61,6 @@ from protocol.updates import (
     encode_update,
 )
 
-SHARED = "shared"  # the FedAvg baselines' one adapter
 REPLAY_METHODS = ("dmole-replay", "fedavg-replay-lora")
 
 
@@ -154,7 +153,7 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     train_set = c.data.train.get(task)
     if not train_set:
         return encode_skip(c.id, task, "no-data")
-    name = SHARED if ins.method.startswith("fedavg-") else task
+    name = SHARED if is_shared(ins.method) else task
     part = None
     if name == task and task in routers and cfg.dmole.router == "autoencoder":
         _, held = c.split(task)
@@ -208,7 +207,7 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
     em.sync_plan(ins.plan)
     for t, tensors in experts.items():
         em.set_factors(t, tensors)
-    shared = ins.method.startswith("fedavg-")
+    shared = is_shared(ins.method)
     seen = [SHARED] if shared else list(ins.seen)
     router = None if shared or cfg.dmole.router != "autoencoder" else _router(
         cfg, routers, dict(ins.thresholds), list(ins.seen))

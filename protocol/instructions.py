@@ -29,6 +29,13 @@ from protocol.plan import ExpertPlan, PlanError
 from protocol.updates import MessageError
 
 PHASES = ("probe", "train", "evaluate")
+# The FedAvg baselines train one adapter under this name for every task (no probe, no router).
+SHARED = "shared"
+
+
+def is_shared(method: str) -> bool:
+    """Whether ``federation.method`` is a one-shared-adapter FedAvg baseline."""
+    return method.startswith("fedavg-")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench protos clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/train_step.py --out runs/bench/train_step.json
 	$(BIN)/python bench/proxy_time.py --out runs/bench/proxy_time.json
+
+protos: venv
+	$(BIN)/python -m protocol.proto.generate
 
 clean:
 	rm -rf runs .cache

@@ -183,10 +183,11 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
         used.extend(batch)
         return em.enc.train_batch(batch)
 
-    total = fed.local_steps * max(1, ins.rounds)
+    steps = fed.steps_for(len(train_set), bs)
+    total = steps * max(1, ins.rounds)
     task_sched = cosine_schedule(int(cfg.train.warmup_fraction * total), total)
-    offset = (max(1, ins.train_round) - 1) * fed.local_steps
-    stats = train_steps(em.model, next_batch, fed.local_steps, cfg.train.lr, cfg.train.weight_decay,
+    offset = (max(1, ins.train_round) - 1) * steps
+    stats = train_steps(em.model, next_batch, steps, cfg.train.lr, cfg.train.weight_decay,
                         desc=f"{c.id} {task}", progress=False,
                         schedule=lambda s: task_sched(offset + s))
     em.experts.activate([])

@@ -306,8 +306,13 @@ class FederationConfig:
     # Probability that a sampled client drops out of a round (no reply).
     dropout: float = 0.0
     rounds_per_task: int = 3
-    # Optimiser steps each client takes per round.
+    # Optimiser steps each client takes per round — or, when local-epochs > 0, the cap on them.
     local_steps: int = 80
+    # Local work in epochs of the client's own task data (FedAvg's E): a client with n samples
+    # takes ceil(E · n / batch-size) steps per round, at most local-steps. 0 → every client
+    # takes local-steps steps whatever its size (a 34-sample shard then runs ~200 epochs a task
+    # and pulls the average toward its few labels).
+    local_epochs: float = 0.0
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
@@ -327,6 +332,12 @@ class FederationConfig:
     router_local_epochs: int = 300
     router_holdout: float = 0.2
     router_rounds: int = 1
+
+    def steps_for(self, n_samples: int, batch_size: int) -> int:
+        """Optimiser steps per round of a client holding ``n_samples`` of the task."""
+        if self.local_epochs <= 0:
+            return self.local_steps
+        return max(1, min(self.local_steps, math.ceil(self.local_epochs * n_samples / batch_size)))
 
     def n_lacking(self, modality: str) -> int:
         """How many clients lack ``modality`` ("image" or "audio"; every client has text)."""
@@ -354,6 +365,8 @@ class FederationConfig:
         _check(self.rounds_per_task >= 1, "federation.rounds-per-task", ">= 1",
                self.rounds_per_task)
         _check(self.local_steps >= 1, "federation.local-steps", ">= 1", self.local_steps)
+        _check(self.local_epochs >= 0, "federation.local-epochs", ">= 0 (0: fixed local-steps)",
+               self.local_epochs)
         _check(self.seed >= 0, "federation.seed", ">= 0", self.seed)
         _check(self.min_samples >= 1, "federation.min-samples", ">= 1", self.min_samples)
         _check(self.method in FEDERATED_METHODS, "federation.method",

@@ -59,3 +59,54 @@ def make_samples(n_img: int = 6, n_txt: int = 3, n_aud: int = 0):
         out.append(Sample(id=f"aud{i}", task="pitch", instruction="which note is played",
                           answer=name, image=None, audio=tone(notes[name])))
     return out
+
+
+def build_tiny_run(root: Path, tiny_cfg) -> Path:
+    """A federated run folder (metrics.json + checkpoint.safetensors) of the tiny stream: the
+    real base, plan and routers, experts with random non-zero factors (so each one changes the
+    answers), routers fitted on each task's real router features with τ at their 0.9 quantile,
+    and a co-activation partner — what `fedmole simulate` leaves, in seconds."""
+    import json
+
+    import torch
+
+    from cloud.allocator import allocate
+    from cloud.state import GlobalState, save_checkpoint
+    from cloud.strategy import initial_factors
+    from edge.runtime import EdgeModel, load_local_data
+    from mole.router import ae_state, fit_autoencoder, reconstruction_error, threshold
+    from protocol.config import parse_config
+    from protocol.plan import ExpertPlan
+    from simulation.federated import prepare
+
+    cfg = parse_config({"data.cache-dir": str(root / "cache"), "federation.clients": 2,
+                        "federation.dirichlet-alpha": 100.0, "federation.min-samples": 1,
+                        "federation.no-audio-fraction": 0.0}, base=tiny_cfg)
+    run = root / "run"
+    cfg, _ = prepare(cfg, run, progress=False)
+    em = EdgeModel(cfg, Path(cfg.model.base_path))
+    data = load_local_data(run / "clients" / "client-00", cfg.data.tasks)
+    rng = np.random.default_rng(0)
+    plan = ExpertPlan.empty(em.mmap)
+    state = GlobalState(plan=plan, method="dmole-replay", round=7)
+    weights = [cfg.dmole.router_vision_weight, 1.0, cfg.dmole.router_audio_weight]
+    for i, task in enumerate(cfg.data.tasks):
+        scores = {m: float(rng.random()) for m in em.mmap}
+        plan = plan.with_task(allocate(task, scores, em.mmap, kappa=0.5, floor=0.25),
+                              cfg.lora.rank, cfg.lora.alpha)
+        f = initial_factors(plan, task, em.dims, i)
+        for k in f:
+            if k.endswith("lora_B"):
+                f[k] = rng.normal(0, 0.3, f[k].shape).astype(np.float32)
+        state.experts[task] = f
+        z = em.features(data, "train", task)
+        ae = fit_autoencoder(z, hidden=cfg.dmole.router_hidden, epochs=30, val_fraction=0.0, seed=i)
+        state.routers[task] = ae_state(ae)
+        state.thresholds[task] = threshold(reconstruction_error(ae, z), 0.9)
+    state.plan = plan
+    state.partners = {t: [] for t in cfg.data.tasks}
+    state.partners[cfg.data.tasks[2]] = [cfg.data.tasks[0]]
+    save_checkpoint(state, run)
+    (run / "metrics.json").write_text(json.dumps({"config": cfg.to_flat(), "method": state.method}))
+    del weights, torch
+    return run

@@ -176,6 +176,92 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fa
     typer.echo(str(path))
 
 
+# -- edge inference and the bundle registry ------------------------------------------------
+
+KeyOpt = Annotated[Path, typer.Option(help="Ed25519 private key that signs bundles")]
+PubOpt = Annotated[Path, typer.Option(help="Ed25519 public key bundles must be signed with")]
+
+
+def _bundle_guard(fn):
+    """Bundle and export errors are bad data (3); key files that exist already are usage (2)."""
+    from edge.export import ExportError
+    from protocol.bundle import BundleError
+
+    try:
+        return _guard(fn)
+    except (BundleError, ExportError) as e:
+        raise _fail(EXIT_DATA, str(e)) from None
+    except FileExistsError as e:
+        raise _fail(EXIT_USAGE, str(e)) from None
+
+
+@app.command()
+def keys(
+    out: Annotated[Path, typer.Option(help="Folder for bundle.key + bundle.pub")] = Path("keys"),
+    overwrite: Annotated[bool, typer.Option(help="Replace existing keys")] = False,
+) -> None:
+    """Generate the Ed25519 key pair the cloud signs bundles with (private key mode 0600)."""
+    from protocol.bundle import generate_keypair
+
+    _bundle_guard(lambda: generate_keypair(out / "bundle.key", out / "bundle.pub",
+                                           overwrite=overwrite))
+    typer.echo(f"{out / 'bundle.key'}\n{out / 'bundle.pub'}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="A federated D-MoLE run folder (fedmole simulate --out)")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced)")],
+    signing_key: KeyOpt = Path("keys/bundle.key"),
+    base: Annotated[Path | None, typer.Option(help="Base checkpoint, if it moved")] = None,
+    bundle_id: Annotated[str | None, typer.Option(help="Default: round-NNNNN")] = None,
+) -> None:
+    """Export a run's global model to a signed bundle (fp32 + int8 ONNX, tokenizer, manifest)."""
+    from edge.export import export_bundle, load_run
+
+    if not signing_key.is_file():
+        raise _fail(EXIT_USAGE, f"--signing-key {signing_key} does not exist; create one with "
+                                "`fedmole keys`")
+    path = _bundle_guard(lambda: export_bundle(load_run(run, base), out, signing_key, bundle_id))
+    typer.echo(str(path))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context) -> None:
+    """The edge inference service: --bundle DIR --port N [--trusted-key PUB] [--registry HOST:PORT]
+    (all options: python -m edge.serve --help)."""
+    from edge.serve import main as serve_main
+
+    raise typer.Exit(_bundle_guard(lambda: serve_main(list(ctx.args))))
+
+
+@app.command()
+def registry(
+    root: Annotated[Path, typer.Option(help="Folder of published bundles")] = Path("registry"),
+    trusted_key: PubOpt = Path("keys/bundle.pub"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 50052,
+) -> None:
+    """The cloud's bundle registry (gRPC): lists verified bundles, serves them in chunks."""
+    from cloud.registry import run_registry
+
+    typer.echo(f"registry of {root} on {host}:{port} (Ctrl-C stops it)")
+    _bundle_guard(lambda: run_registry(root, trusted_key, host, port))
+
+
+@app.command()
+def publish(
+    bundle: Annotated[Path, typer.Argument(help="A signed bundle folder")],
+    root: Annotated[Path, typer.Option(help="The registry's folder")] = Path("registry"),
+    trusted_key: PubOpt = Path("keys/bundle.pub"),
+) -> None:
+    """Verify a signed bundle and publish it into a registry folder (atomically)."""
+    from cloud.registry import publish_cli
+
+    m = _bundle_guard(lambda: publish_cli(bundle, root, trusted_key))
+    typer.echo(f"published {m.bundle_id} (round {m.global_round})")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=os.environ.get("FEDMOLE_LOG", "WARNING"),

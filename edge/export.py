@@ -158,6 +158,9 @@ def export_onnx(graph: ExportGraph, path: Path, opset: int = OPSET) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # transformers' shape checks trace as constants: true here, the towers' shapes are fixed.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript tracer (dynamo=False): it traces this plain module in ~1 s; torch
+        # marks it deprecated in favour of torch.export, which we have not needed yet.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(graph, example_inputs(spec, decoder=dec), str(path), input_names=names,
                           output_names=spec.output_names(dec), dynamic_axes=dyn,
                           opset_version=opset, dynamo=False, do_constant_folding=True)

@@ -117,6 +117,10 @@ def simulate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint")] = False,
+    registry_dir: Annotated[Path | None, typer.Option(
+        help="Publish a signed inference bundle here after each task")] = None,
+    signing_key: Annotated[Path, typer.Option(help="Private key for those bundles")] = Path(
+        "keys/bundle.key"),
     quiet: QuietOpt = False,
 ) -> None:
     """A federated run through Flower's simulation engine (scenario from federation.*)."""
@@ -127,7 +131,12 @@ def simulate(
     if method is not None:
         overrides.append(f"federation.method={method}")
     cfg = _guard(lambda: _config(config, overrides))
-    m = _guard(lambda: run_federated(cfg, out, resume=resume, progress=not quiet))
+    if registry_dir is not None and not signing_key.is_file():
+        raise _fail(EXIT_USAGE, f"--signing-key {signing_key} does not exist; create one with "
+                                "`fedmole keys`")
+    m = _guard(lambda: run_federated(cfg, out, resume=resume, progress=not quiet,
+                                     registry_dir=registry_dir,
+                                     signing_key=signing_key if registry_dir else None))
     typer.echo(comparison_table([m]))
     typer.echo(f"report: {out / 'report.md'}")
 

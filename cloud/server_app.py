@@ -51,6 +51,14 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float = 3600
         full_model_bytes=4 * sum(p.numel() for p in model.parameters()), checkpoint_dir=out)
     del model
     strategy.stop_after_round = app.stop_after_round
+    if app.registry_dir:
+        from cloud.publish import publish_task
+
+        def publisher(state: GlobalState, task_index: int, task: str) -> str:
+            return publish_task(cfg, state, task_index, task, Path(app.registry_dir),
+                                Path(app.signing_key)).name
+
+        strategy.publisher = publisher
     remaining = strategy.total_rounds - strategy.offset
     if remaining > 0:
         try:

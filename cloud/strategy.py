@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,9 @@ class FedMoleStrategy(FedAvg):
         self.state = state
         self.offset = state.round
         self.stop_after_round = 0
+        # Called after a task's evaluation round is checkpointed: (state, task index, task) →
+        # the published bundle's id (cloud.publish via the ServerApp); None = don't publish.
+        self.publisher: Callable[[GlobalState, int, str], str] | None = None
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -367,6 +370,13 @@ class FedMoleStrategy(FedAvg):
         self.state.round = server_round + self.offset
         if self.checkpoint_dir is not None:
             save_checkpoint(self.state, self.checkpoint_dir)
+        rp = self._round(server_round)
+        if rp.evaluate and self.publisher is not None and not is_shared(self.method):
+            # A failed export must not cost the run: the next task publishes a newer one.
+            try:
+                log.info("published bundle %s", self.publisher(self.state, rp.task_index, rp.task))
+            except Exception:
+                log.exception("publishing the bundle of task %r failed; the run goes on", rp.task)
         if self.stop_after_round and self.state.round >= self.stop_after_round:
             raise StopRun(f"stopped after global round {self.state.round} (app.stop-after-round); "
                           "continue with --resume")

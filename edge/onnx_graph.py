@@ -185,7 +185,7 @@ class ExportGraph(nn.Module):
         if set(router.tasks) - set(tasks):
             raise ValueError(f"router tasks {list(router.tasks)} are not all in {list(tasks)}")
         self.routed = [t for t in tasks if t in router.tasks]
-        self.aes = nn.ModuleList([copy.deepcopy(router.tasks[t].autoencoder) for t in self.routed])
+        self.router = RouterErrors([router.tasks[t].autoencoder for t in self.routed])
         self.router_weights = [float(w) for w in router_weights]
         self.spec = GraphSpec(
             tasks=tuple(tasks), layers=len(self.lm.layers), kv_heads=self.kv_heads,
@@ -197,7 +197,7 @@ class ExportGraph(nn.Module):
             else (model.audio_tower.n_mels, model.audio_tower.n_frames))
         if decoder_only:  # the decode step needs no towers and no routers
             self.vision_tower = self.projector = self.audio_tower = None
-            self.aes = nn.ModuleList()
+            self.router = RouterErrors([])
         self.eval()
 
     # -- perception ------------------------------------------------------------------------
@@ -315,9 +315,21 @@ class ExportGraph(nn.Module):
         w = self.router_weights
         z = F.normalize(torch.cat([wi * F.normalize(x, dim=1) for wi, x in zip(w, blocks, strict=True)],
                                   1), dim=1)
+        return self.router(z)
+
+
+class RouterErrors(nn.Module):
+    """The task autoencoders on router features z (B, D) → errors (B, K); a module of its own
+    so its nodes are named ``/router/…`` in the graph (the quantiser can tell them apart)."""
+
+    def __init__(self, aes: Sequence[nn.Module]):
+        super().__init__()
+        self.aes = nn.ModuleList([copy.deepcopy(ae) for ae in aes])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         if not len(self.aes):
             return z.new_zeros(z.shape[0], 0)
-        # The AE written out as MatMul + Add (not Gemm), so the weight-only quantiser sees it.
+        # Written out as MatMul + Add (not Gemm), so a weight-only quantiser sees it too.
         errs = []
         for ae in self.aes:
             a: Any = ae

@@ -11,12 +11,16 @@ hyperparameters but where this run lives::
     app.resume          continue from app.out-dir's checkpoint
     app.stop-after-round  fault injection for tests: the server stops (as if killed) once this
                         global round is checkpointed; 0 = never
+    app.registry-dir    publish a signed inference bundle into this bundle-registry folder after
+                        each task (cloud/publish.py); empty = don't
+    app.signing-key     the Ed25519 private key that signs those bundles (`fedmole keys`)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from protocol.config import ConfigError, RunConfig, parse_config
@@ -31,6 +35,8 @@ class AppConfig:
     client_threads: int = 1
     resume: bool = False
     stop_after_round: int = 0
+    registry_dir: str = ""
+    signing_key: str = ""
 
     def to_flat(self) -> dict[str, Any]:
         return {APP_PREFIX + f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -58,4 +64,10 @@ def split_run_config(flat: Mapping[str, Any]) -> tuple[RunConfig, AppConfig]:
     cfg = AppConfig(**app)
     if cfg.client_threads < 1:
         raise ConfigError(f"`app.client-threads` must be >= 1, got {cfg.client_threads}")
+    if cfg.registry_dir and not cfg.signing_key:
+        raise ConfigError("`app.registry-dir` is set but `app.signing-key` is empty: bundles must "
+                          "be signed; create a key with `fedmole keys` and pass its bundle.key")
+    if cfg.signing_key and not Path(cfg.signing_key).is_file():
+        raise ConfigError(f"`app.signing-key` {cfg.signing_key!r} is not a file; create one with "
+                          "`fedmole keys`")
     return parse_config(run), cfg

@@ -57,8 +57,10 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: bool = True,
-                  stop_after_round: int = 0) -> dict | None:
-    """Run the scenario; None when ``stop_after_round`` ended it early (resume to finish)."""
+                  stop_after_round: int = 0, registry_dir: Path | None = None,
+                  signing_key: Path | None = None) -> dict | None:
+    """Run the scenario; None when ``stop_after_round`` ended it early (resume to finish).
+    With ``registry_dir`` the cloud publishes a bundle signed by ``signing_key`` after each task."""
     from flwr.simulation import run_simulation
 
     from cloud.server_app import RESULT, make_server_app
@@ -72,7 +74,9 @@ def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: boo
             (out / stale).unlink(missing_ok=True)
     cfg, partition = prepare(cfg, out, progress)
     app = AppConfig(out_dir=str(out), clients_dir=str(out / "clients"), client_threads=1,
-                    resume=resume, stop_after_round=stop_after_round)
+                    resume=resume, stop_after_round=stop_after_round,
+                    registry_dir=str(Path(registry_dir).resolve()) if registry_dir else "",
+                    signing_key=str(Path(signing_key).resolve()) if signing_key else "")
     flat = {**cfg.to_flat(), **app.to_flat()}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     flwr_log = logging.getLogger("flwr")

@@ -89,3 +89,27 @@ def test_replay_policy_names_match_the_edge_registry():
     from protocol.config import REPLAY_POLICY_NAMES
 
     assert set(REPLAY_POLICY_NAMES) == set(REPLAY_POLICIES)
+
+
+def test_publishing_bundles_needs_an_existing_signing_key(tmp_path):
+    from protocol.app_config import split_run_config
+
+    with pytest.raises(ConfigError, match="app.signing-key"):
+        split_run_config({"app.registry-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="is not a file"):
+        split_run_config({"app.registry-dir": str(tmp_path), "app.signing-key": str(tmp_path / "k")})
+    (tmp_path / "k").write_text("x")
+    _, app = split_run_config({"app.registry-dir": str(tmp_path), "app.signing-key": str(tmp_path / "k")})
+    assert app.registry_dir == str(tmp_path)
+
+
+def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
+    from protocol.config import FederationConfig
+
+    fixed = FederationConfig(local_steps=80)
+    assert fixed.steps_for(34, 32) == fixed.steps_for(347, 32) == 80
+    fed = FederationConfig(local_steps=300, local_epochs=12)
+    assert fed.steps_for(34, 32) == 13 and fed.steps_for(347, 32) == 131
+    assert FederationConfig(local_steps=50, local_epochs=12).steps_for(347, 32) == 50
+    with pytest.raises(ConfigError, match="local-epochs"):
+        parse_config({"federation.local-epochs": -1})

@@ -26,7 +26,12 @@ def fed_cfg(tmp_path_factory, tiny_cfg):
 
 @pytest.mark.slow
 def test_federated_dmole_writes_metrics_comm_and_a_full_matrix(fed_cfg, tmp_path):
-    m = run_federated(fed_cfg, tmp_path / "fed", progress=False)
+    from cloud.registry import BundleStore
+    from protocol.bundle import generate_keypair
+
+    generate_keypair(tmp_path / "bundle.key", tmp_path / "bundle.pub")
+    m = run_federated(fed_cfg, tmp_path / "fed", progress=False, registry_dir=tmp_path / "registry",
+                      signing_key=tmp_path / "bundle.key")
     on_disk = json.loads((tmp_path / "fed" / "metrics.json").read_text())
     assert CONTRACT <= set(on_disk) and COMM <= set(on_disk["comm"])
     assert on_disk["method"] == "fed-dmole-replay" and m["avg"] == pytest.approx(on_disk["avg"])
@@ -44,6 +49,12 @@ def test_federated_dmole_writes_metrics_comm_and_a_full_matrix(fed_cfg, tmp_path
     assert (tmp_path / "fed" / "rounds.png").stat().st_size > 1000
     # the edge's replay buffers were persisted on disk by the clients
     assert list((tmp_path / "fed" / "clients").glob("client-*/_state/replay/replay_state.json"))
+    # the cloud published one verified bundle per task, each with the tasks learned so far
+    store = BundleStore(tmp_path / "registry", tmp_path / "bundle.pub")
+    bundles = store.list()
+    assert [b.tasks for b in bundles] == [tuple(fed_cfg.data.tasks[: i + 1]) for i in range(t)]
+    assert [b.global_round for b in bundles] == [3 * (i + 1) for i in range(t)]
+    assert not list((tmp_path / "registry").glob(".incoming-*"))
 
 
 @pytest.mark.slow

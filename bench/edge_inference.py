@@ -1,0 +1,292 @@
+"""Bench: the exported int8 ONNX model against torch fp32 eager, and the gRPC service under load.
+
+On a trained federated D-MoLE run (``--run DIR``, default runs/fed; when it has no checkpoint
+the bench first runs the default scenario there, ~10 min) and the whole test set of its stream:
+
+* ``agreement`` — share of test samples whose int8 ORT answer equals the torch fp32 answer
+  (routing + greedy answers, the edge's evaluation path: mole.inference.routed_answers);
+  ``route_agreement`` the same for the chosen route; ``acc_fp32`` / ``acc_int8`` exact-match
+  accuracy in percent.
+* ``speedup_p50_b1`` / ``speedup_b32`` — torch fp32 eager time over int8 ORT time for the same
+  inputs, interleaved call by call, medians (single samples, and batches of 32 mixed samples);
+  both on ``--threads`` threads. ``fp32_ort_*`` gives the fp32 ONNX figures beside them.
+* ``size_ratio`` — int8 / fp32 ONNX bytes (both graphs).
+* ``quantization`` — the recipes compared on a subset before choosing (edge/export.py).
+* ``load_test`` — a ``python -m edge.serve`` child process on 127.0.0.1 (int8), 8 client
+  threads × 200 single-sample requests over gRPC: errors, p50/p99 latency (ms), requests/s.
+
+    .venv/bin/python bench/edge_inference.py --out runs/bench/edge_inference.json [--run runs/fed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.export import (  # noqa: E402
+    DEC_FP32,
+    DEC_INT8,
+    FP32,
+    INT8,
+    KEEP_FP32,
+    GlobalModel,
+    export_bundle,
+    load_run,
+    quantize_int8,
+)
+from edge.ort_runtime import OrtModel  # noqa: E402
+from protocol.manifest import Sample, load_samples  # noqa: E402
+
+
+def torch_answers(gm: GlobalModel, samples: list[Sample]) -> tuple[list[str], list[str | None]]:
+    from mole.inference import routed_answers
+    from mole.router import router_features
+
+    d, bs = gm.cfg.dmole, gm.cfg.train.eval_batch_size
+    z = router_features(gm.em.experts, gm.em.enc, samples, bs,
+                        weights=[d.router_vision_weight, 1.0, d.router_audio_weight])
+    routes = gm.router.route(z)
+    return routed_answers(gm.em.experts, gm.em.enc, samples, routes, gm.tasks, gm.partners, bs,
+                          gm.cfg.train.max_new_tokens), routes
+
+
+def test_set(gm: GlobalModel) -> list[Sample]:
+    from simulation.benchmark import ensure_benchmark
+
+    root = ensure_benchmark(gm.cfg.data)
+    return [s for t in gm.tasks for s in load_samples(root / t, "test")]
+
+
+def ensure_run(run: Path) -> None:
+    if (run / "checkpoint.safetensors").is_file() and (run / "metrics.json").is_file():
+        return
+    print(f"no trained run in {run}: running the default scenario there first", flush=True)
+    subprocess.run([str(ROOT / ".venv" / "bin" / "fedmole"), "simulate", "--config",
+                    str(ROOT / "conf" / "default.toml"), "--out", str(run), "-q"], check=True,
+                   cwd=ROOT)
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def speed(gm: GlobalModel, ort_models: dict[str, OrtModel], samples: list[Sample], n_b1: int,
+          n_b32: int) -> dict[str, float]:
+    """Interleaved medians: torch fp32 eager, then each ORT model, on the same inputs."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(samples))
+    out: dict[str, float] = {}
+    for bs, n in ((1, n_b1), (32, n_b32)):
+        times: dict[str, list[float]] = {"torch": [], **{k: [] for k in ort_models}}
+        batches = [[samples[i] for i in order[j * bs:(j + 1) * bs]] for j in range(n)]
+        torch_answers(gm, batches[0])  # warm-up
+        for m in ort_models.values():
+            m.answer(batches[0])
+        for batch in batches:
+            times["torch"].append(timed(torch_answers, gm, batch))
+            for k, m in ort_models.items():
+                times[k].append(timed(m.answer, batch))
+        tag = "b1" if bs == 1 else "b32"
+        for k, v in times.items():
+            out[f"{k}_p50_ms_{tag}"] = 1000 * float(np.median(v))
+            out[f"{k}_p99_ms_{tag}"] = 1000 * float(np.percentile(v, 99))
+    return out
+
+
+def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) -> list[dict]:
+    """Agreement with torch fp32, accuracy, size and b1 latency of each int8 recipe."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    work = bundle.parent / (bundle.name + "-quant")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(bundle, work)
+    recipes = [
+        ("dynamic per-channel", {"per_channel": True, "reduce_range": False}),
+        ("dynamic per-channel reduce_range", {"per_channel": True, "reduce_range": True}),
+        ("dynamic per-tensor reduce_range", {"per_channel": False, "reduce_range": True}),
+        ("matmulnbits int8 block32 acc4 (int8 compute)",
+         {"block_size": 32, "accuracy_level": 4, "keep_fp32": ""}),
+        ("matmulnbits int8 block32 acc1 (weight-only)",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": ""}),
+        ("matmulnbits int8 block16 acc1, lm_head fp32",
+         {"block_size": 16, "accuracy_level": 1, "keep_fp32": KEEP_FP32}),
+        ("matmulnbits int8 block32 acc1, lm_head fp32 (chosen)",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32}),
+    ]
+    rows = []
+    fp32_bytes = sum((work / f).stat().st_size for f in (FP32, DEC_FP32))
+    for name, kw in recipes:
+        for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
+            if "per_channel" in kw:
+                quantize_dynamic(str(work / src), str(work / dst), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"], **kw)
+            else:
+                quantize_int8(work / src, work / dst, **kw)
+        m = OrtModel(work, "int8", threads=1)
+        ans = _answer_all(m, samples)
+        b1 = [timed(m.answer, [s]) for s in samples[:40]]
+        rows.append({
+            "recipe": name, **kw,
+            "agreement": float(np.mean([a == r for a, r in zip(ans, ref, strict=True)])),
+            "acc": 100 * float(np.mean([a == s.answer for a, s in zip(ans, samples, strict=True)])),
+            "size_ratio": sum((work / f).stat().st_size for f in (INT8, DEC_INT8)) / fp32_bytes,
+            "p50_ms_b1": 1000 * float(np.median(b1)),
+        })
+        print("  ", rows[-1], flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _answer_all(m: OrtModel, samples: list[Sample], bs: int = 64) -> list[str]:
+    return [a.answer for i in range(0, len(samples), bs) for a in m.answer(samples[i:i + bs])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_test(bundle: Path, public_key: Path, samples: list[Sample], threads: int = 8,
+              requests: int = 200) -> dict[str, float]:
+    """8 threads × 200 single-sample Predict calls against a served child process."""
+    import grpc
+
+    from protocol.inference_codec import encode_input, encode_request
+    from protocol.proto import inference_pb2, inference_pb2_grpc
+
+    port = _free_port()
+    log = bundle.parent / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "edge.serve", "--bundle", str(bundle),
+                                 "--port", str(port), "--trusted-key", str(public_key),
+                                 "--workers", str(threads)], cwd=ROOT, env=env, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=120)
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=60)
+        reqs = [encode_request([encode_input(s.instruction, s.image, s.audio,
+                                             s.audio_rate or 16000 if s.audio is not None else 0,
+                                             id=s.id)]) for s in samples]
+        lat: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            for j in range(requests):
+                req = reqs[(k * requests + j) % len(reqs)]
+                t0 = time.perf_counter()
+                try:
+                    stub.Predict(req, timeout=60)
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        lat.append(dt)
+                except grpc.RpcError as e:
+                    with lock:
+                        errors.append(f"{e.code()}: {e.details()}")
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        wall = time.perf_counter() - t0
+        channel.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"threads": threads, "requests": threads * requests, "errors": len(errors),
+            "error_examples": errors[:3], "p50_ms": 1000 * float(np.median(lat)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99)), "requests_per_s": len(lat) / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "fed")
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    ap.add_argument("--n-b1", type=int, default=200)
+    ap.add_argument("--n-b32", type=int, default=20)
+    ap.add_argument("--quant-samples", type=int, default=1800)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ensure_run(args.run)
+    work = args.out.parent / "edge_inference"
+    work.mkdir(parents=True, exist_ok=True)
+    from protocol.bundle import generate_keypair
+
+    key, pub = work / "bundle.key", work / "bundle.pub"
+    if not key.is_file():
+        generate_keypair(key, pub)
+    gm = load_run(args.run)
+    t0 = time.perf_counter()
+    bundle = export_bundle(gm, work / "bundle", key)
+    export_s = time.perf_counter() - t0
+    samples = test_set(gm)
+    print(f"{len(samples)} test samples of {len(gm.tasks)} tasks; export {export_s:.1f} s", flush=True)
+    ref, ref_routes = torch_answers(gm, samples)
+    int8 = OrtModel(bundle, "int8", threads=args.threads)
+    fp32 = OrtModel(bundle, "fp32", threads=args.threads)
+    got = [a for i in range(0, len(samples), 64) for a in int8.answer(samples[i:i + 64])]  # noqa: E501
+    got32 = _answer_all(fp32, samples)
+    acc = lambda ans: 100 * float(np.mean([a == s.answer for a, s in zip(ans, samples, strict=True)]))  # noqa: E731
+    res: dict = {
+        "run": str(args.run), "bundle": str(bundle), "samples": len(samples),
+        "threads": args.threads, "export_s": export_s,
+        "agreement": float(np.mean([a.answer == r for a, r in zip(got, ref, strict=True)])),
+        "route_agreement": float(np.mean([a.route == r for a, r in zip(got, ref_routes, strict=True)])),
+        "fp32_ort_agreement": float(np.mean([a == r for a, r in zip(got32, ref, strict=True)])),
+        "acc_fp32": acc(ref), "acc_int8": acc([a.answer for a in got]),
+    }
+    sizes = {f: (bundle / f).stat().st_size for f in (FP32, INT8, DEC_FP32, DEC_INT8)}
+    res["size_ratio"] = (sizes[INT8] + sizes[DEC_INT8]) / (sizes[FP32] + sizes[DEC_FP32])
+    res["bytes"] = sizes
+    print({k: res[k] for k in ("agreement", "route_agreement", "acc_fp32", "acc_int8",
+                               "size_ratio")}, flush=True)
+    t = speed(gm, {"int8_ort": int8, "fp32_ort": fp32}, samples, args.n_b1, args.n_b32)
+    res["timing"] = t
+    res["speedup_p50_b1"] = t["torch_p50_ms_b1"] / t["int8_ort_p50_ms_b1"]
+    res["speedup_b32"] = t["torch_p50_ms_b32"] / t["int8_ort_p50_ms_b32"]
+    res["fp32_ort_speedup_p50_b1"] = t["torch_p50_ms_b1"] / t["fp32_ort_p50_ms_b1"]
+    res["fp32_ort_speedup_b32"] = t["torch_p50_ms_b32"] / t["fp32_ort_p50_ms_b32"]
+    print({k: round(v, 2) for k, v in t.items()}, flush=True)
+    rng = np.random.default_rng(1)
+    pick = rng.permutation(len(samples))[: args.quant_samples]
+    sub, sub_ref = [samples[i] for i in pick], [ref[i] for i in pick]
+    res["quantization"] = quantization_choices(bundle, sub, sub_ref)
+    res["load_test"] = load_test(bundle, pub, samples)
+    print(res["load_test"], flush=True)
+    res["ok"] = bool(res["agreement"] >= 0.99 and res["acc_fp32"] - res["acc_int8"] <= 1
+                     and res["speedup_p50_b1"] >= 2 and res["speedup_b32"] >= 2
+                     and res["size_ratio"] <= 0.35 and res["load_test"]["errors"] == 0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict | list)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

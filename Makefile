@@ -23,7 +23,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check protocol mole cloud edge simulation fedmole_cli.py bench tests
+	$(BIN)/ruff check protocol mole cloud edge simulation deploy fedmole_cli.py bench tests
 	$(BIN)/mypy
 
 bench: venv

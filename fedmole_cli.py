@@ -255,6 +255,8 @@ def registry(
     from cloud.registry import run_registry
 
     typer.echo(f"registry of {root} on {host}:{port} (Ctrl-C stops it)")
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _bundle_guard(lambda: run_registry(root, trusted_key, host, port))
 
 
@@ -269,6 +271,65 @@ def publish(
 
     m = _bundle_guard(lambda: publish_cli(bundle, root, trusted_key))
     typer.echo(f"published {m.bundle_id} (round {m.global_round})")
+
+
+# -- local deployment ----------------------------------------------------------------------
+
+deploy_app = typer.Typer(no_args_is_help=True, help="The deployment topology as local processes.")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _deploy_guard(fn):
+    from deploy.launcher import DeployError
+
+    try:
+        return _bundle_guard(fn)
+    except DeployError as e:
+        raise _fail(EXIT_DATA, str(e)) from None
+
+
+@deploy_app.command("up")
+def deploy_up(
+    out: Annotated[Path, typer.Option(help="Deployment folder (keys, data, state, logs)")] = Path(
+        "runs/deploy"),
+    nodes: Annotated[int, typer.Option(help="SuperNodes (each with its inference service)")] = 3,
+    run: Annotated[bool, typer.Option(help="Submit the run (flwr run) once everything is up")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Start SuperLink (TLS, node auth), N SuperNodes, the registry, N inference services, and the run."""
+    from deploy.launcher import up
+
+    cfg = _guard(lambda: _config(config, set_))
+    dep = _deploy_guard(lambda: up(out, nodes, cfg, run=run))
+    typer.echo(f"up: {', '.join(f'{k}={v}' for k, v in dep.pids.items())}")
+    typer.echo(f"run {dep.run_id or '(not submitted)'}; logs in {dep.out / 'logs'}; "
+               f"inference on 127.0.0.1:{', '.join(map(str, dep.ports['serve']))}")
+
+
+@deploy_app.command("wait")
+def deploy_wait(
+    out: Annotated[Path, typer.Option(help="Deployment folder")] = Path("runs/deploy"),
+    timeout: Annotated[float, typer.Option(help="Seconds")] = 3600.0,
+) -> None:
+    """Block until the deployment's run has finished; print its status (exit 1 unless completed)."""
+    from deploy.launcher import Deployment, wait
+
+    status = _deploy_guard(lambda: wait(Deployment.load(out), timeout))
+    typer.echo(status)
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+@deploy_app.command("down")
+def deploy_down(
+    out: Annotated[Path, typer.Option(help="Deployment folder")] = Path("runs/deploy"),
+) -> None:
+    """Stop exactly the processes `deploy up` started (by PID, with their children)."""
+    from deploy.launcher import down
+
+    stopped = _deploy_guard(lambda: down(out))
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 def main() -> None:

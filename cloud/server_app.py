@@ -32,7 +32,7 @@ RESULT = "server_result.json"
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float = 3600.0) -> GlobalState:
+def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None = None) -> GlobalState:
     if not cfg.model.base_path:
         raise ValueError("run config `model.base-path` is empty: the cloud needs its base checkpoint")
     if not app.out_dir:
@@ -62,7 +62,8 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float = 3600
     remaining = strategy.total_rounds - strategy.offset
     if remaining > 0:
         try:
-            strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=timeout,
+            strategy.start(grid, ArrayRecord(), num_rounds=remaining,
+                           timeout=cfg.federation.round_timeout if timeout is None else timeout,
                            evaluate_fn=strategy.on_round_end)
         except StopRun as e:
             log.warning("%s", e)

@@ -23,6 +23,7 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,10 @@ def smoke_samples(model: OrtModel) -> list[Sample]:
     return out
 
 
+class NoModel(RuntimeError):
+    """No bundle has been loaded yet (UNAVAILABLE to clients)."""
+
+
 class ModelHolder:
     """The served model; replaced whole, only after verification and a smoke check."""
 
@@ -90,13 +95,19 @@ class ModelHolder:
         self._swap_lock = threading.Lock()  # one swap at a time; requests never take it
         self.swaps = 0
         self.refused = 0
+        self.on_swap: Callable[[], None] | None = None  # e.g. report SERVING on the first one
 
     @property
     def current(self) -> Served:
         served = self._current
         if served is None:
-            raise RuntimeError("no model loaded yet")
+            raise NoModel("no bundle loaded yet: the service is waiting for the registry's first "
+                          "bundle; retry later")
         return served
+
+    @property
+    def current_id(self) -> str:
+        return "" if self._current is None else self._current.bundle_id
 
     def load(self, folder: Path) -> Served:
         """Verify, load and smoke-check ``folder`` (raises; serves nothing by itself)."""
@@ -134,6 +145,8 @@ class ModelHolder:
                 return False
             self._current = new  # one reference assignment: requests see old or new, whole
             self.swaps += 1
+            if self.on_swap is not None:
+                self.on_swap()
             log.info("now serving bundle %s (round %d)", new.bundle_id, new.global_round)
             return True
 
@@ -142,9 +155,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, holder: ModelHolder):
         self.holder = holder
 
+    def _served(self, context: grpc.ServicerContext) -> Served:
+        try:
+            return self.holder.current  # taken once: a swap mid-request does not affect it
+        except NoModel as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise
+
     def Predict(self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext
                 ) -> inference_pb2.PredictResponse:
-        served = self.holder.current  # taken once: a swap mid-request does not affect it
+        served = self._served(context)
         try:
             samples, max_new = decode_request(request, served.limits)
             answers = served.model.answer(samples, max_new_tokens=max_new or None)
@@ -162,7 +182,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def GetModelInfo(self, request: inference_pb2.ModelInfoRequest, context: grpc.ServicerContext
                      ) -> inference_pb2.ModelInfo:
-        served = self.holder.current
+        served = self._served(context)
         m, lim = served.model, served.limits
         return inference_pb2.ModelInfo(
             bundle_id=served.bundle_id, global_round=served.global_round, tasks=m.tasks,
@@ -180,6 +200,10 @@ class RunningService:
     health: health.HealthServicer
     watcher: BundleWatcher | None = None
 
+    def mark_serving(self) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
     def stop(self, grace: float = 2.0) -> None:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -188,12 +212,13 @@ class RunningService:
         self.server.stop(grace).wait()
 
 
-def start_service(bundle: Path, trusted_key: Path | None, host: str = "127.0.0.1", port: int = 0,
-                  precision: str = "int8", workers: int = 8, threads: int = 1,
+def start_service(bundle: Path | None, trusted_key: Path | None, host: str = "127.0.0.1",
+                  port: int = 0, precision: str = "int8", workers: int = 8, threads: int = 1,
                   max_batch: int = 64, max_request_bytes: int = 16 << 20) -> RunningService:
-    """Load ``bundle`` (refusing it if it does not verify) and serve on host:port (0 → free)."""
+    """Load ``bundle`` (refusing it if it does not verify) and serve on host:port (0 → free).
+    Without a bundle the service answers UNAVAILABLE until a watcher swaps one in."""
     holder = ModelHolder(trusted_key, precision, threads, max_batch, max_request_bytes)
-    if not holder.swap(Path(bundle)):
+    if bundle is not None and not holder.swap(Path(bundle)):
         raise BundleError(f"cannot serve bundle {str(bundle)!r}: it failed verification or its "
                           "smoke check (see the log); pass a bundle signed by the trusted key")
     opts = [("grpc.max_receive_message_length", TRANSPORT_LIMIT),
@@ -207,10 +232,13 @@ def start_service(bundle: Path, trusted_key: Path | None, host: str = "127.0.0.1
         raise OSError(f"cannot bind the inference service to {host}:{port}: the port is in use "
                       "or the address is not local; pick another --port")
     server.start()
-    hs.set("", health_pb2.HealthCheckResponse.SERVING)
-    hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("inference service on %s:%d serving %s", host, bound, holder.current.bundle_id)
-    return RunningService(server, bound, holder, hs)
+    svc = RunningService(server, bound, holder, hs)
+    holder.on_swap = svc.mark_serving
+    if holder.current_id:
+        svc.mark_serving()
+    log.info("inference service on %s:%d serving %s", host, bound,
+             holder.current_id or "nothing yet (waiting for a bundle)")
+    return svc
 
 
 class BundleWatcher:
@@ -245,7 +273,7 @@ class BundleWatcher:
                     for info in self._watch:
                         if self._stop.is_set():
                             return
-                        if info.bundle_id == self.holder.current.bundle_id:
+                        if info.bundle_id == self.holder.current_id:
                             continue
                         folder = client.download(info.bundle_id, self.dir, self.key)
                         self.holder.swap(folder)
@@ -258,7 +286,8 @@ class BundleWatcher:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edge.serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder to serve first")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="bundle folder to serve first (optional with --registry: wait for one)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--trusted-key", type=Path, default=Path("keys/bundle.pub"),
@@ -270,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads per request")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A long-running service logs its swaps and refusals (force: the fedmole CLI set WARNING).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        force=True)
+    if args.bundle is None and not args.registry:
+        ap.error("pass --bundle DIR, or --registry HOST:PORT to serve the registry's bundles")
     if not args.trusted_key.is_file():
         ap.error(f"--trusted-key {args.trusted_key} does not exist; pass the public key the cloud "
                  "signs bundles with (fedmole keys writes one)")
@@ -279,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry:
         svc.watcher = BundleWatcher(svc.holder, args.registry, args.bundles_dir,
                                     args.trusted_key).start()
-    print(f"serving {svc.holder.current.bundle_id} on {args.host}:{svc.port}", flush=True)
+    print(f"serving {svc.holder.current_id or '(waiting for a bundle)'} on {args.host}:{svc.port}",
+          flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

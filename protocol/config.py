@@ -332,6 +332,9 @@ class FederationConfig:
     router_local_epochs: int = 300
     router_holdout: float = 0.2
     router_rounds: int = 1
+    # Deadline of one round, in seconds: replies that have not arrived by then are counted as
+    # dropped and the round goes on with the others (a crashed node must not stall the run).
+    round_timeout: float = 900.0
 
     def steps_for(self, n_samples: int, batch_size: int) -> int:
         """Optimiser steps per round of a client holding ``n_samples`` of the task."""
@@ -379,6 +382,7 @@ class FederationConfig:
                self.router_holdout)
         _check(self.router_rounds >= 1, "federation.router-rounds", ">= 1 (1: the probe round only)",
                self.router_rounds)
+        _check(self.round_timeout > 0, "federation.round-timeout", "> 0 seconds", self.round_timeout)
 
 
 @dataclass(frozen=True)

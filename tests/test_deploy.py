@@ -1,0 +1,116 @@
+"""A real deployment on 127.0.0.1 (deploy/launcher.py): SuperLink with TLS and SuperNode
+authentication, 3 SuperNodes, the bundle registry and 3 inference services, all as processes
+started and stopped by PID; the tiny stream of 2 tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy import launcher as L
+from deploy import topology as T
+from deploy.pki import make_node_key
+from protocol.config import parse_config
+
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_cfg):
+    out = tmp_path_factory.mktemp("deploy") / "d"
+    cfg = parse_config({"data.cache-dir": str(out.parent / "cache"), "federation.rounds-per-task": 2,
+                        "federation.local-steps": 2, "federation.no-audio-fraction": 0.34,
+                        "federation.router-local-epochs": 3, "data.tasks": "color,pitch",
+                        "federation.min-samples": 1, "federation.min-clients": 2,
+                        "federation.round-timeout": 45.0}, base=tiny_cfg)
+    dep = L.up(out, 3, cfg, run=False)
+    try:
+        yield dep, cfg
+    finally:
+        L.down(out)
+        left = [n for n, p in L.Deployment.load(out).pids.items() if L.alive(p)]
+        assert not left, f"processes left running: {left}"
+
+
+def _nodes(dep) -> list[dict]:
+    r = L.flwr(dep, "supernode", "list", "--format", "json")
+    return json.loads(r.stdout)["nodes"]
+
+
+def test_an_unregistered_node_is_refused(deployment):
+    dep, _ = deployment
+    key = make_node_key(dep.out / "pki", "intruder")
+    pid = L.start(dep, "intruder", T.supernode(L.topology_of(dep), 1, key=key.private,
+                                               port=L.free_port()))
+    try:
+        deadline = time.time() + 60
+        while "Connection attempt failed" not in dep.log("intruder").read_text():
+            assert time.time() < deadline, dep.log("intruder").read_text()[-2000:]
+            time.sleep(1)
+        nodes = _nodes(dep)
+        assert len(nodes) == 3 and all(n["status"] == "online" for n in nodes)
+    finally:
+        L.stop_pid(pid)
+
+
+def test_run_survives_a_killed_and_restarted_node_and_edges_serve_its_bundles(deployment):
+    from cloud.registry import BundleStore
+    from edge.replay_store import ReplayStore
+    from protocol.inference_codec import encode_input, encode_request
+    from protocol.proto import inference_pb2_grpc
+
+    dep, cfg = deployment
+    L.submit(dep)
+    checkpoint = dep.out / "cloud" / "checkpoint.safetensors"
+    deadline = time.time() + 600
+    while not checkpoint.is_file():  # round 1 (task 1's probe) is done
+        assert time.time() < deadline and L.run_status(dep) != "finished:failed"
+        time.sleep(1)
+    victim = dep.pids["supernode-2"]
+    os.killpg(victim, signal.SIGKILL)  # kill -9 of the node and its ClientApps
+    L.stop_pid(victim, grace=1)
+    L.restart_node(dep, 2)  # retried until the SuperLink lets the same identity back in
+    status = L.wait(dep, timeout=1200)
+    assert status == "finished:completed", dep.log("run").read_text()[-3000:]
+
+    result = json.loads((dep.out / "cloud" / "server_result.json").read_text())
+    assert result["round"] == 2 * 3 and set(result["acc_matrix"]) == {"0", "1"}
+    nodes = _nodes(dep)
+    assert len(nodes) == 3 and all(n["status"] == "online" for n in nodes), nodes  # it rejoined
+    # every node's replay buffer (the killed one's too) is intact on disk and loads
+    sizes = [len(ReplayStore(f, cfg.replay.buffer_size, None, 0))
+             for f in (dep.out / "run" / "clients").glob("client-*/_state/replay")]
+    assert sizes and max(sizes) > 0
+
+    # the cloud published a signed bundle per task; each edge serves the latest one
+    store = BundleStore(dep.out / "registry", dep.out / "pki" / "bundle.pub")
+    latest = store.latest()
+    assert latest is not None and [m.tasks for m in store.list()] == [("color",), ("color", "pitch")]
+    img = np.zeros((32, 32, 3), np.uint8)
+    for port in dep.ports["serve"]:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    resp = stub.Predict(encode_request([encode_input("what color", image=img)]),
+                                        timeout=30)
+                    if resp.bundle_id == latest.bundle_id:
+                        break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                assert time.time() < deadline, dep.log("serve-1").read_text()[-2000:]
+                time.sleep(1)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        finally:
+            channel.close()

@@ -20,7 +20,8 @@ never trained on such data, so they neither contribute nor dilute the weights) a
 Streaming: ``DeltaAccumulator.add`` folds one update into per-module running sums (float64
 Σ w·B·A, Σ w, plus the rule's own sums) and keeps no per-client tensor, so memory is flat in the
 number of clients. Every update is validated in full before any state changes
-(:func:`validate_update`, the place to extend with clipping or robust checks).
+(:func:`validate_update`). Norm clipping (the strategy measures each client's change
+‖B_c A_c − W_ref‖ against the round's median, :func:`deviation_norm`) folds a shrunk change.
 """
 
 from __future__ import annotations
@@ -202,6 +203,31 @@ def validate_update(update: ClientUpdate, spec: AggregationSpec, *, round: int |
     return CheckedUpdate(cid, int(update.n_samples), pairs, ignored)
 
 
+def deviation_norm(update: ClientUpdate, reference: Mapping[str, F64]) -> float:
+    """‖B·A − W_ref‖_F over all of ``update``'s modules (W_ref = 0 where absent): how far the
+    client moved the expert this round. Call after validation."""
+    total = 0.0
+    for key, a in update.tensors.items():
+        module, _, kind = key.rpartition(".")
+        if kind != "lora_A":
+            continue
+        b = update.tensors[f"{module}.lora_B"]
+        delta = np.asarray(b, np.float64) @ np.asarray(a, np.float64)
+        ref = reference.get(module)
+        total += float(np.sum((delta if ref is None else delta - ref) ** 2))
+    return float(np.sqrt(total))
+
+
+def clip_scales(norms: Mapping[str, float], factor: float, min_clients: int = 3
+                ) -> dict[str, float]:
+    """Per client, the shrink that brings its change to at most ``factor`` × the median change
+    of the round (1.0 = untouched). Needs ``min_clients`` to trust a median; ``factor`` 0 = off."""
+    if factor <= 0 or len(norms) < min_clients:
+        return dict.fromkeys(norms, 1.0)
+    limit = factor * float(np.median(list(norms.values())))
+    return {c: (limit / n if n > limit > 0 else 1.0) for c, n in norms.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # the rules (a registry: DESIGN §5.5)
 
@@ -369,8 +395,15 @@ class DeltaAccumulator:
         self._mod_clients: dict[str, list[str]] = {k: [] for k in used}
         self._ignored: dict[str, tuple[str, ...]] = {}
 
-    def add(self, update: ClientUpdate) -> None:
-        """Validate ``update`` in full (UpdateError, nothing changed), then fold it in."""
+    def add(self, update: ClientUpdate, shrink: float = 1.0,
+            reference: Mapping[str, F64] | None = None) -> None:
+        """Validate ``update`` in full (UpdateError, nothing changed), then fold it in.
+
+        ``shrink`` < 1 (norm clipping) folds W_ref + shrink·(B·A − W_ref) instead of B·A, with
+        W_ref (d_out, d_in) the module's global ΔW before the round (``reference``, zero where
+        absent): the client's *change* is scaled, not its expert."""
+        if not 0 < shrink <= 1:
+            raise ValueError(f"shrink must be in (0, 1], got {shrink}")
         checked = validate_update(update, self.spec, round=self.round, seen=self._seen)
         self.round = update.round
         self._seen.add(checked.client_id)
@@ -379,7 +412,14 @@ class DeltaAccumulator:
         for m, (a, b) in checked.pairs.items():
             a64 = np.asarray(a, dtype=np.float64)  # (r, d_in)
             b64 = np.asarray(b, dtype=np.float64)  # (d_out, r)
-            self._sum[m] += (w * b64) @ a64  # (d_out, d_in)
+            if shrink < 1:
+                ref = (reference or {}).get(m)
+                delta = b64 @ a64  # (d_out, d_in)
+                ref = np.zeros_like(delta) if ref is None else ref
+                self._sum[m] += w * (ref + shrink * (delta - ref))
+                b64 = b64 * shrink  # the A/B-averaging rule sees a shrunk B (approximate)
+            else:
+                self._sum[m] += (w * b64) @ a64  # (d_out, d_in)
             self.rule.fold(self._state[m], w, a64, b64)
             self._weight[m] += w
             self._count[m] += 1

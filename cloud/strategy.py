@@ -41,7 +41,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from cloud import comm
-from cloud.aggregation import AggregationSpec, DeltaAccumulator, UpdateError
+from cloud.aggregation import (
+    AggregationSpec,
+    DeltaAccumulator,
+    UpdateError,
+    clip_scales,
+    deviation_norm,
+    validate_update,
+)
 from cloud.allocator import AllocationError, all_modules_allocation, allocate, weighted_mean_scores
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
@@ -50,6 +57,7 @@ from protocol.config import RunConfig
 from protocol.instructions import SHARED, Instruction, is_shared, pack_state
 from protocol.plan import ExpertPlan
 from protocol.updates import (
+    ClientUpdate,
     MessageError,
     decode_eval,
     decode_probe,
@@ -112,6 +120,8 @@ class FedMoleStrategy(FedAvg):
         # Called after a task's evaluation round is checkpointed: (state, task index, task) →
         # the published bundle's id (cloud.publish via the ServerApp); None = don't publish.
         self.publisher: Callable[[GlobalState, int, str], str] | None = None
+        # (task, client) → the sample count it declared in the task's probe round (capped).
+        self.declared: dict[tuple[str, str], int] = {}
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -227,8 +237,10 @@ class FedMoleStrategy(FedAvg):
                 self.rejected["malformed"] += 1
                 log.warning("probe reply rejected: %s", e)
                 continue
-            rows.append((p.scores, p.n_samples))
-            n_total += p.n_samples
+            n = self._cap(p.client_id, task, p.n_samples)
+            self.declared[(task, p.client_id)] = n
+            rows.append((p.scores, n))
+            n_total += n
             for t, v in p.votes.items():
                 if t in self.plan.tasks:
                     votes[t] = votes.get(t, 0) + v
@@ -263,12 +275,30 @@ class FedMoleStrategy(FedAvg):
             return None
         return RouterAccumulator(task, self.router_dim, self.cfg.dmole.router_hidden)
 
+    def _cap(self, client_id: str, task: str, n: int) -> int:
+        """A claimed sample count, capped at what the client declared in the task's probe round
+        (else at federation.max-client-samples); a cap is counted under ``rejected``."""
+        cap = min(self.declared.get((task, client_id), self.cfg.federation.max_client_samples),
+                  self.cfg.federation.max_client_samples)
+        if n > cap:
+            self.rejected["samples-capped"] += 1
+            log.warning("client %r claims %d samples of %r; capped at %d", client_id, n, task, cap)
+            return cap
+        return n
+
     def _aggregate(self, rp: RoundPlan, contents: list[RecordDict]) -> dict:
         name = SHARED if not self.probe else rp.task
-        acc = DeltaAccumulator(AggregationSpec.from_plan(self.plan, name, self.dims), self.rule,
-                               round=rp.server_round)
+        spec = AggregationSpec.from_plan(self.plan, name, self.dims)
+        acc = DeltaAccumulator(spec, self.rule, round=rp.server_round)
         routers = self._router_acc(rp.task)
         losses = []
+        # The expert before this round, as ΔW per module (B·A, no scale): what a change is from.
+        old = self.state.experts.get(name, {})
+        reference = {m: old[f"{m}.lora_B"].astype(np.float64) @ old[f"{m}.lora_A"]
+                     for m in spec.modules if f"{m}.lora_A" in old}
+        # Pass 1: decode and validate every reply; pass 2 folds them, norm outliers shrunk.
+        valid: list[tuple[RecordDict, ClientUpdate]] = []
+        seen: set[str] = set()
         for c in contents:
             try:
                 update = decode_update(c)
@@ -278,18 +308,34 @@ class FedMoleStrategy(FedAvg):
                                           f"this round trains {rp.task!r}")
                     update = type(update)(update.client_id, SHARED, update.round, update.n_samples,
                                           update.modalities, update.tensors)
-                part = decode_router_part(c) if routers is not None else None
-                acc.add(update)
-                if part is not None and routers is not None:
-                    try:
-                        routers.add(update.client_id, part.n_samples, part.state, part.histogram)
-                    except RouterUpdateError as e:
-                        self.rejected["router-invalid"] += 1
-                        log.warning("router part rejected: %s", e)
+                validate_update(update, spec, round=rp.server_round, seen=seen)
             except (MessageError, UpdateError) as e:
-                self.rejected["malformed" if isinstance(e, MessageError) else "invalid"] += 1
+                kind = "malformed" if isinstance(e, MessageError) else (
+                    "duplicate" if "already added" in str(e) else "invalid")
+                self.rejected[kind] += 1
                 log.warning("update rejected: %s", e)
                 continue
+            seen.add(update.client_id)
+            n = self._cap(update.client_id, rp.task, update.n_samples)
+            if n != update.n_samples:
+                update = type(update)(update.client_id, update.task, update.round, n,
+                                      update.modalities, update.tensors)
+            valid.append((c, update))
+        shrink = clip_scales({u.client_id: deviation_norm(u, reference) for _, u in valid},
+                             self.cfg.federation.clip_factor)
+        for c, update in valid:
+            if shrink[update.client_id] < 1:
+                self.rejected["norm-clipped"] += 1
+                log.warning("client %r changed the %r expert %.1f× more than allowed; shrunk",
+                            update.client_id, name, 1 / shrink[update.client_id])
+            acc.add(update, shrink[update.client_id], reference)
+            part = decode_router_part(c) if routers is not None else None
+            if part is not None and routers is not None:
+                try:
+                    routers.add(update.client_id, part.n_samples, part.state, part.histogram)
+                except RouterUpdateError as e:
+                    self.rejected["router-invalid"] += 1
+                    log.warning("router part rejected: %s", e)
             self.state.comm["client_rounds"] += 1
             loss = c["meta"].get("last-loss")
             if isinstance(loss, float):

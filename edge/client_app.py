@@ -36,8 +36,12 @@ def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client
         raise ValueError("no client data folder: set node config `data-dir`, or run config "
                          "`app.clients-dir` in a simulation")
     state_dir = Path(str(node.get("state-dir", data_dir / "_state")))
+    attack = str(node.get("attack", ""))
+    if attack not in local.ATTACKS:
+        raise ValueError(f"node config `attack` {attack!r}: use one of {local.ATTACKS} (fault "
+                         "injection for tests; leave it unset on a real node)")
     em = edge_model(cfg, Path(cfg.model.base_path))
-    return local.Client(cfg, local_data(data_dir, cfg.data.tasks), state_dir, em)
+    return local.Client(cfg, local_data(data_dir, cfg.data.tasks), state_dir, em, attack)
 
 
 def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:

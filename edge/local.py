@@ -62,6 +62,9 @@ from protocol.updates import (
 )
 
 REPLAY_METHODS = ("dmole-replay", "fedavg-replay-lora")
+# Fault injection (node config `attack`, deployment tests only): a node that sends NaN experts,
+# or experts whose B is scaled ×100 — what a broken or malicious edge looks like to the cloud.
+ATTACKS = ("", "nan", "scale100")
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Client:
     data: LocalData
     state_dir: Path  # the client's persistent state (replay buffer)
     em: EdgeModel
+    attack: str = ""  # fault injection, see ATTACKS
 
     @property
     def id(self) -> str:
@@ -191,8 +195,9 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
                         desc=f"{c.id} {task}", progress=False,
                         schedule=lambda s: task_sched(offset + s))
     em.experts.activate([])
+    factors = _attacked(em.get_factors(name, ins.plan), c.attack)
     update = ClientUpdate(c.id, task, ins.global_round, len(train_set), sample_modalities(used),
-                          compress(em.get_factors(name, ins.plan), fed.compression))
+                          compress(factors, fed.compression))
     content = encode_update(update)
     meta = content["meta"]
     assert isinstance(meta, ConfigRecord)
@@ -200,6 +205,14 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     if part is not None:
         add_router_part(content, part, fed.compression)
     return content
+
+
+def _attacked(factors: dict[str, np.ndarray], attack: str) -> dict[str, np.ndarray]:
+    if attack == "nan":
+        return {k: np.full_like(v, np.nan) for k, v in factors.items()}
+    if attack == "scale100":
+        return {k: v * 100.0 if k.endswith("lora_B") else v for k, v in factors.items()}
+    return factors
 
 
 def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]],

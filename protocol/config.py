@@ -335,6 +335,12 @@ class FederationConfig:
     # Deadline of one round, in seconds: replies that have not arrived by then are counted as
     # dropped and the round goes on with the others (a crashed node must not stall the run).
     round_timeout: float = 900.0
+    # Update hygiene (cloud/strategy.py): a client whose change to the expert this round is over
+    # clip-factor × the round's median change is scaled down to it (0 = off; needs ≥ 3 replies);
+    # a claimed sample count over what the client declared in the probe round (or over
+    # max-client-samples) is capped, so no reply can buy itself the weight of the round.
+    clip_factor: float = 3.0
+    max_client_samples: int = 100_000
 
     def steps_for(self, n_samples: int, batch_size: int) -> int:
         """Optimiser steps per round of a client holding ``n_samples`` of the task."""
@@ -383,6 +389,10 @@ class FederationConfig:
         _check(self.router_rounds >= 1, "federation.router-rounds", ">= 1 (1: the probe round only)",
                self.router_rounds)
         _check(self.round_timeout > 0, "federation.round-timeout", "> 0 seconds", self.round_timeout)
+        _check(self.clip_factor == 0 or self.clip_factor >= 1, "federation.clip-factor",
+               "0 (off) or >= 1", self.clip_factor)
+        _check(self.max_client_samples >= 1, "federation.max-client-samples", ">= 1",
+               self.max_client_samples)
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,41 @@ def test_probe_reaches_every_client_and_training_samples_the_fraction():
     st.aggregate_train(1, [])  # nobody answered: a blind allocation, the run goes on
     assert st.plan.tasks == ("color",) and st.rejected["probe-fallback"] == 1
     assert len(list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))) == 2
+
+
+def test_scaled_update_is_shrunk_duplicates_refused_and_claimed_samples_capped(strategy):
+    """A ×100 update is pulled back to 3× the round's median change; a second reply of the same
+    client is refused; a client claiming more samples than it declared in the probe is capped."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    probe = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    scores = {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}
+    strategy.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 4, scores)))
+                                 for i, m in enumerate(probe)])
+    msgs = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))
+    sent = {k.split("/", 2)[2]: v.numpy() for k, v in msgs[0].content["arrays"].items()}
+    rng = np.random.default_rng(1)
+
+    def update(cid, scale=1.0, n=4):
+        t = {}
+        for m in (L0, L1):
+            t[f"{m}.lora_A"] = sent[f"{m}.lora_A"]
+            t[f"{m}.lora_B"] = (scale * rng.standard_normal((5, 2))).astype(np.float32)
+        return ClientUpdate(cid, "color", 2, n, frozenset({"language"}), t)
+
+    honest = [update("c0"), update("c1")]
+    attacker = update("c2", scale=100.0, n=10**9)  # declared 4 samples in the probe
+    replies = [_reply(msgs[0], encode_update(honest[0])), _reply(msgs[1], encode_update(honest[1])),
+               _reply(msgs[2], encode_update(attacker)), _reply(msgs[0], encode_update(honest[0]))]
+    strategy.aggregate_train(2, replies)
+    assert strategy.rejected == {"norm-clipped": 1, "samples-capped": 1, "duplicate": 1}
+    got = {m: strategy.state.experts["color"][f"{m}.lora_B"].astype(np.float64)
+           @ strategy.state.experts["color"][f"{m}.lora_A"] for m in (L0, L1)}
+    norms = [np.sqrt(sum(np.sum((u.tensors[f"{m}.lora_B"].astype(np.float64)
+                                 @ u.tensors[f"{m}.lora_A"]) ** 2) for m in (L0, L1)))
+             for u in honest + [attacker]]
+    limit = 3.0 * float(np.median(norms))
+    total = np.sqrt(sum(np.sum(g ** 2) for g in got.values()))
+    # equal weights after the cap; the attacker's change counts at most `limit` (not 100×)
+    assert total <= (norms[0] + norms[1] + limit) / 3 + 1e-6
+    assert norms[2] > 30 * limit / 3

@@ -127,8 +127,11 @@ class ModelConfig:
                    "model.audio-frames", f"even, with audio-frames/2 divisible by "
                    f"model.audio-pool={self.audio_pool}", self.audio_frames)
         if self.base_path:
-            _check(Path(self.base_path).is_dir(), "model.base-path",
-                   "an existing local checkpoint folder", self.base_path)
+            try:
+                is_dir = Path(self.base_path).is_dir()
+            except OSError:  # e.g. a name too long for the file system
+                is_dir = False
+            _check(is_dir, "model.base-path", "an existing local checkpoint folder", self.base_path)
 
 
 @dataclass(frozen=True)
@@ -307,12 +310,14 @@ class FederationConfig:
     dropout: float = 0.0
     rounds_per_task: int = 3
     # Optimiser steps each client takes per round — or, when local-epochs > 0, the cap on them.
-    local_steps: int = 80
+    local_steps: int = 300
     # Local work in epochs of the client's own task data (FedAvg's E): a client with n samples
     # takes ceil(E · n / batch-size) steps per round, at most local-steps. 0 → every client
-    # takes local-steps steps whatever its size (a 34-sample shard then runs ~200 epochs a task
-    # and pulls the average toward its few labels).
-    local_epochs: float = 0.0
+    # takes local-steps steps whatever its size. Measured on the default scenario (Dirichlet
+    # 0.5 shards of 34–347 samples): a fixed 80 steps ran the smallest shard ~200 epochs a task
+    # and gave AVG 36.6; E = 12 gave 40.6 / 45.5 / 46.3 over three seeds (centralized D-MoLE +
+    # replay on the same data: 49.0 / 44.7 / 41.8) in about the same wall time.
+    local_epochs: float = 12.0
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
@@ -442,22 +447,36 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # what TOML and Flower's run config can carry
+
+
 def _number(key: str, value: Any, typ: type) -> int | float:
-    """int or float from a TOML number or a CLI string; bools are not numbers here."""
+    """int or float from a TOML number or a CLI string; bools are not numbers here.
+
+    A float must be finite (no nan/inf: every float key is a rate, fraction or weight) and an int
+    must fit in 64 bits (a larger one is no TOML value, and would overflow float arithmetic).
+    """
     what = "an integer" if typ is int else "a number"
+    n: int | float | None = None
     if not isinstance(value, bool):
-        if typ is float and isinstance(value, int | float):
-            return float(value)
-        if typ is int and isinstance(value, int):
-            return value
-        if typ is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return typ(value)
-            except ValueError:
-                pass
-    raise ConfigError(f"`{key}` must be {what}, got {value!r}")
+        try:
+            if typ is float and isinstance(value, int | float):
+                n = float(value)
+            elif typ is int and isinstance(value, int):
+                n = value
+            elif typ is int and isinstance(value, float) and value.is_integer():
+                n = int(value)
+            elif isinstance(value, str):
+                n = typ(value)
+        except (ValueError, OverflowError):  # not a number, or an int beyond the float range
+            pass
+    if n is None:
+        raise ConfigError(f"`{key}` must be {what}, got {value!r}")
+    if isinstance(n, float) and not math.isfinite(n):
+        raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
+    if isinstance(n, int) and not _INT64[0] <= n <= _INT64[1]:
+        raise ConfigError(f"`{key}` must be a 64-bit integer, got {value!r}")
+    return n
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -106,7 +106,7 @@ def test_publishing_bundles_needs_an_existing_signing_key(tmp_path):
 def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
     from protocol.config import FederationConfig
 
-    fixed = FederationConfig(local_steps=80)
+    fixed = FederationConfig(local_steps=80, local_epochs=0)
     assert fixed.steps_for(34, 32) == fixed.steps_for(347, 32) == 80
     fed = FederationConfig(local_steps=300, local_epochs=12)
     assert fed.steps_for(34, 32) == 13 and fed.steps_for(347, 32) == 131

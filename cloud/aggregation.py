@@ -40,6 +40,7 @@ from protocol.updates import ClientUpdate
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
 _KINDS = ("lora_A", "lora_B")
+MAX_FACTOR = 1e4  # |entry| above this is no trained LoRA factor (rejected as invalid)
 
 
 class UpdateError(ValueError):
@@ -190,6 +191,11 @@ def validate_update(update: ClientUpdate, spec: AggregationSpec, *, round: int |
         if not np.isfinite(x).all():
             raise UpdateError(f"{who}: {key!r} has {int(x.size - np.isfinite(x).sum())} "
                               f"non-finite values (NaN or inf)")
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        if peak > MAX_FACTOR:
+            # Trained LoRA factors are O(1); 1e19 would overflow B'·S to inf in float32.
+            raise UpdateError(f"{who}: {key!r} has a value of magnitude {peak:.3g}, over the "
+                              f"plausible {MAX_FACTOR:g} for a LoRA factor")
         found.setdefault(module, {})[kind] = x
     for module, pair in found.items():
         if len(pair) != 2:

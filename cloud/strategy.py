@@ -230,6 +230,15 @@ class FedMoleStrategy(FedAvg):
                 if p.task != task:
                     self.rejected["stale-task"] += 1
                     continue
+                candidates = set(self.plan.modality_of)
+                if set(p.scores) != candidates or not all(
+                        np.isfinite(v) and abs(v) < 1e30 for v in p.scores.values()):
+                    # One client's scores must not be able to stop the task's allocation.
+                    self.rejected["invalid"] += 1
+                    log.warning("probe reply of %r rejected: scores must cover exactly the %d "
+                                "candidate modules with finite values below 1e30", p.client_id,
+                                len(candidates))
+                    continue
                 part = decode_router_part(c)
                 if routers is not None and part is not None:
                     routers.add(p.client_id, part.n_samples, part.state, part.histogram)
@@ -329,11 +338,12 @@ class FedMoleStrategy(FedAvg):
                 log.warning("client %r changed the %r expert %.1f× more than allowed; shrunk",
                             update.client_id, name, 1 / shrink[update.client_id])
             acc.add(update, shrink[update.client_id], reference)
-            part = decode_router_part(c) if routers is not None else None
-            if part is not None and routers is not None:
-                try:
-                    routers.add(update.client_id, part.n_samples, part.state, part.histogram)
-                except RouterUpdateError as e:
+            if routers is not None:
+                try:  # a bad router part loses the router part, not the expert update
+                    part = decode_router_part(c)
+                    if part is not None:
+                        routers.add(update.client_id, part.n_samples, part.state, part.histogram)
+                except (MessageError, RouterUpdateError) as e:
                     self.rejected["router-invalid"] += 1
                     log.warning("router part rejected: %s", e)
             self.state.comm["client_rounds"] += 1

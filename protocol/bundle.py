@@ -124,7 +124,7 @@ class Manifest:
         if missing or unknown:
             raise BundleError(f"{where}: missing keys {missing}, unknown keys {unknown}; "
                               f"a manifest has exactly {list(_KEYS)}: re-export the bundle")
-        if d["format"] != FORMAT or isinstance(d["format"], bool):
+        if not isinstance(d["format"], int) or isinstance(d["format"], bool) or d["format"] != FORMAT:
             raise BundleError(f"{where}: `format` is {d['format']!r}, this fedmole reads format {FORMAT}; "
                               "upgrade fedmole on this side or re-export the bundle with this version")
         files_d = _typed(d["files"], dict, where, "files")
@@ -143,7 +143,7 @@ class Manifest:
                 format=d["format"],
                 bundle_id=_typed(d["bundle_id"], str, where, "bundle_id"),
                 global_round=_typed(d["global_round"], int, where, "global_round"),
-                created_unix=float(_typed(d["created_unix"], (int, float), where, "created_unix")),
+                created_unix=_seconds(_typed(d["created_unix"], (int, float), where, "created_unix"), where),
                 tasks=tuple(_typed(d["tasks"], list, where, "tasks")),
                 thresholds=_typed(d["thresholds"], dict, where, "thresholds"),
                 partners={k: tuple(_typed(v, list, where, f"partners[{k!r}]"))
@@ -164,6 +164,24 @@ def _typed(value: Any, kind: type | tuple[type, ...], where: str, key: str) -> A
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise BundleError(f"{where}: `{key}` must be a JSON {names}, got {value!r}; re-export the bundle")
     return value
+
+
+def _seconds(value: int | float, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        raise BundleError(f"{where}: `created_unix` must be a finite number of seconds >= 0, got "
+                          f"{value!r}; re-export the bundle") from None
+
+
+def _finite(v: Any) -> bool:
+    """A number (not a bool) that converts to a finite float."""
+    if isinstance(v, bool) or not isinstance(v, float | int):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def check_bundle_id(bundle_id: Any, what: str = "bundle_id") -> str:
@@ -204,7 +222,7 @@ def _validate(m: Manifest, where: str) -> None:
     for task, thr in m.thresholds.items():
         if task not in known:
             raise bad(f"thresholds[{task!r}]", f"a threshold of a listed task {sorted(known)}", task)
-        if not isinstance(thr, float | int) or isinstance(thr, bool) or not math.isfinite(thr):
+        if not _finite(thr):
             raise bad(f"thresholds[{task!r}]", "a finite number", thr)
     for task, others in m.partners.items():
         if task not in known or any(not isinstance(o, str) or o not in known for o in others):
@@ -225,7 +243,7 @@ def _validate(m: Manifest, where: str) -> None:
             raise bad(f"versions[{name!r}]", "a string", version)
     try:
         json.dumps(dict(m.extra), allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise bad("extra", f"a JSON object with finite numbers ({e})", dict(m.extra)) from None
 
 
@@ -362,7 +380,7 @@ def _read(path: Path, what: str) -> bytes:
 def _parse(data: bytes, path: Path) -> Manifest:
     try:
         d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, a 4300+-digit int, nesting too deep
         raise BundleError(f"manifest {str(path)!r} is not valid UTF-8 JSON: {e}; re-export the bundle") from e
     return Manifest.from_json(d, where=str(path))
 

@@ -15,6 +15,7 @@ non-finite scales) raise ``ValueError`` naming the key.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,7 +36,7 @@ def compress(tensors: Mapping[str, np.ndarray], mode: str) -> dict[str, np.ndarr
         elif mode == "fp16":
             out[k] = x.astype(np.float16)
         else:
-            rows = x.reshape(x.shape[0], -1)  # (rows, cols)
+            rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # (rows, cols); -1 fails on 0 rows
             scale = np.abs(rows).max(axis=1, keepdims=True) / 127.0  # (rows, 1)
             safe = np.where(scale > 0, scale, 1.0)
             out[k] = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8).reshape(x.shape)
@@ -61,7 +62,7 @@ def decompress(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                                  f"dtype {x.dtype} and scale shape {s.shape}")
             if not np.issubdtype(s.dtype, np.floating) or not np.isfinite(s).all() or (s < 0).any():
                 raise ValueError(f"scale of {k!r} must be finite floats >= 0")
-            rows = x.reshape(x.shape[0], -1).astype(np.float32) * s.astype(np.float32)
+            rows = x.reshape(x.shape[0], math.prod(x.shape[1:])).astype(np.float32) * s.astype(np.float32)
             out[k] = rows.reshape(x.shape)
         elif x.dtype == np.int8:
             raise ValueError(f"int8 tensor {k!r} arrived without its {k + SCALE_SUFFIX!r}")

@@ -18,6 +18,7 @@ evaluation, older routers in the probe (clients count co-activation votes with t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from protocol.plan import ExpertPlan, PlanError
-from protocol.updates import MessageError
+from protocol.updates import MessageError, check_numeric
 
 PHASES = ("probe", "train", "evaluate")
 # The FedAvg baselines train one adapter under this name for every task (no probe, no router).
@@ -36,6 +37,16 @@ SHARED = "shared"
 def is_shared(method: str) -> bool:
     """Whether ``federation.method`` is a one-shared-adapter FedAvg baseline."""
     return method.startswith("fedavg-")
+
+
+def _finite_float(v: Any) -> bool:
+    """A number that converts to a finite float (a JSON integer can exceed the float range)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class Instruction:
         def js(key: str) -> Any:
             try:
                 return json.loads(get(key, str))
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # bad JSON, a 4300+-digit int, nesting too deep
                 raise MessageError(f"round instruction `{key}` is not valid JSON: {e}") from e
 
         phase = get("phase", str)
@@ -89,12 +100,13 @@ class Instruction:
         except PlanError as e:
             raise MessageError(f"round instruction `plan`: {e}") from e
         partners, seen, thresholds = js("partners"), js("seen"), js("thresholds")
-        if not (isinstance(partners, dict) and all(isinstance(v, list) for v in partners.values())):
-            raise MessageError(f"round instruction `partners` must map task → list, got {partners!r}")
+        if not (isinstance(partners, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
+                                                   for v in partners.values())):
+            raise MessageError(f"round instruction `partners` must map task → list of tasks, "
+                               f"got {partners!r}")
         if not (isinstance(seen, list) and all(isinstance(t, str) for t in seen)):
             raise MessageError(f"round instruction `seen` must be a list of tasks, got {seen!r}")
-        if not (isinstance(thresholds, dict)
-                and all(isinstance(v, int | float) and np.isfinite(v) for v in thresholds.values())):
+        if not (isinstance(thresholds, dict) and all(_finite_float(v) for v in thresholds.values())):
             raise MessageError(f"round instruction `thresholds` must map task → finite τ, got {thresholds!r}")
         return cls(phase=phase, task=get("task", str), task_index=get("task-index", int),
                    global_round=get("global-round", int), method=get("method", str), plan=plan,
@@ -122,7 +134,8 @@ def unpack_state(rec: ArrayRecord) -> tuple[dict[str, dict[str, np.ndarray]],
             raise MessageError(f"global state key {key!r} is not 'expert/<task>/<key>' or "
                                "'router/<task>/<key>'")
         try:
-            out[kind].setdefault(task, {})[name] = rec[key].numpy()
+            x = rec[key].numpy()
         except Exception as e:  # corrupt bytes / dtype
             raise MessageError(f"global state array {key!r} cannot be decoded: {e}") from e
+        out[kind].setdefault(task, {})[name] = check_numeric(x, f"global state array {key!r}")
     return out["expert"], out["router"]

@@ -95,8 +95,10 @@ class SampleRecord:
         if strings["split"] not in SPLITS:
             raise _bad(where, "split", f"one of {', '.join(SPLITS)}", strings["split"])
         mods = _field(d, "modalities", where)
-        if (not isinstance(mods, list) or not mods or len(set(mods)) != len(mods)
-                or not all(isinstance(m, str) and m in MODALITIES for m in mods)):
+        # the names are checked before set(): a list may hold unhashable values
+        if (not isinstance(mods, list) or not mods
+                or not all(isinstance(m, str) and m in MODALITIES for m in mods)
+                or len(set(mods)) != len(mods)):
             raise _bad(where, "modalities", f"a non-empty list without repeats of "
                        f"{', '.join(MODALITIES)}", mods)
         image, audio = _rel_path(d, "image", where), _rel_path(d, "audio", where)
@@ -134,14 +136,18 @@ def read_manifest(folder: Path, split: str | None = None) -> list[SampleRecord]:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     records: list[SampleRecord] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{where}: not UTF-8 text ({e}); {_FIX}") from e
+            if not line.strip():
+                continue
+            try:
                 d = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # bad JSON, a 4300+-digit int, nesting too deep
                 raise ManifestError(f"{where}: not valid JSON ({e}); {_FIX}") from e
             rec = SampleRecord.from_json(d, where)
             if rec.id in seen:

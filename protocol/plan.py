@@ -70,6 +70,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
 def _name(v: Any, field: str) -> str:
     if not isinstance(v, str) or not v:
         raise _bad(field, "a non-empty string", v)
@@ -127,8 +134,8 @@ def _check_allocation(a: TaskAllocation, modality_of: Mapping[str, str], field: 
                    a.per_modality)
     if len(a.modules) != a.budget:
         raise _bad(f"{field}.budget", f"the number of its modules ({len(a.modules)})", a.budget)
-    if (isinstance(a.seconds, bool) or not isinstance(a.seconds, int | float)
-            or not math.isfinite(a.seconds) or a.seconds < 0):
+    if isinstance(a.seconds, bool) or not isinstance(a.seconds, int | float) or not _finite(a.seconds) \
+            or a.seconds < 0:
         raise _bad(f"{field}.seconds", "a finite number >= 0", a.seconds)
 
 
@@ -279,7 +286,7 @@ class ExpertPlan:
             raise PlanError(f"expert plan {str(path)!r} cannot be read: {e}") from e
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # bad JSON, a 4300+-digit int, nesting too deep
             raise PlanError(f"expert plan {str(path)!r} is not valid JSON: {e}") from e
         try:
             return cls.from_json(d)

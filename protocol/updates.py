@@ -17,6 +17,7 @@ numpy (Flower's ArrayRecord has no bfloat16: cast at the edge).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ from protocol.compression import compress, decompress
 ARRAYS_KEY = "expert"
 META_KEY = "meta"
 _META_FIELDS: dict[str, type] = {"client-id": str, "task": str, "round": int, "num-examples": int}
+# Flower's wire carries 64-bit integers; a larger one (only possible in memory) would overflow the
+# cloud's float arithmetic on counts, so every integer field is held to the int64 range.
+MAX_INT = 2**63 - 1
 
 
 class MessageError(ValueError):
@@ -65,6 +69,8 @@ def _meta_field(meta: Mapping[str, Any], name: str, kind: type) -> Any:
     v = meta[name]
     if not isinstance(v, kind) or isinstance(v, bool):
         raise MessageError(f"update metadata `{name}` must be {kind.__name__}, got {v!r}")
+    if isinstance(v, int) and not -MAX_INT <= v <= MAX_INT:
+        raise MessageError(f"update metadata `{name}` must be a 64-bit int, got {v!r}")
     return v
 
 
@@ -81,9 +87,25 @@ def _envelope(content: RecordDict, what: str, key: str, kind: type) -> tuple[Any
 
 def _numpy(arrays: ArrayRecord, what: str) -> dict[str, np.ndarray]:
     try:
-        return {k: arrays[k].numpy() for k in arrays}
+        out = {k: arrays[k].numpy() for k in arrays}
     except Exception as e:  # a corrupt Array (bad bytes, shape or dtype) raises several types
         raise MessageError(f"{what} arrays cannot be decoded: {e}") from e
+    for k, x in out.items():
+        check_numeric(x, f"{what} array {k!r}")
+    return out
+
+
+def check_numeric(x: Any, what: str) -> np.ndarray:
+    """``x`` if it is a numpy array of numbers; raise :class:`MessageError` otherwise.
+
+    ``np.load`` also returns an ``NpzFile`` for zip bytes, and strings, records or zero-width
+    ``V0``/``U0`` arrays (whose element count a header can make astronomically large) are no
+    tensor: they are rejected here, before anything iterates over them.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biufc":
+        kind = f"dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise MessageError(f"{what} must be a numeric array, got {kind}")
+    return x
 
 
 def decode_update(content: RecordDict) -> ClientUpdate:
@@ -129,6 +151,16 @@ def encode_probe(p: ProbeReply) -> RecordDict:
                                                "num-examples": int(p.n_samples)})})
 
 
+def _finite_number(v: Any) -> bool:
+    """An int or float, not a bool, that converts to a finite float (an int may be too large)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def decode_probe(content: RecordDict) -> ProbeReply:
     """A probe reply → ``ProbeReply``; scores must be finite numbers >= 0 (gradient norms)."""
     scores, meta = _envelope(content, "probe reply", SCORES_KEY, MetricRecord)
@@ -136,7 +168,7 @@ def decode_probe(content: RecordDict) -> ProbeReply:
               if name != "round"}
     out: dict[str, float] = {}
     for k, v in scores.items():
-        if not isinstance(v, int | float) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+        if not _finite_number(v) or v < 0:
             raise MessageError(f"probe score of {k!r} must be a finite number >= 0, got {v!r}")
         out[k] = float(v)
     if not out:
@@ -146,8 +178,8 @@ def decode_probe(content: RecordDict) -> ProbeReply:
         raise MessageError(f"{VOTES_KEY!r} must be a MetricRecord, got {type(raw).__name__}")
     votes: dict[str, int] = {}
     for k, v in raw.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise MessageError(f"vote count for {k!r} must be an int >= 0, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT:
+            raise MessageError(f"vote count for {k!r} must be an int in [0, 2**63), got {v!r}")
         votes[k] = v
     if fields["num-examples"] <= 0 or sum(votes.values()) > fields["num-examples"]:
         raise MessageError(f"probe reply: `num-examples` {fields['num-examples']} must be > 0 and "
@@ -190,10 +222,10 @@ def decode_eval(content: RecordDict) -> EvalReply:
     scores: dict[str, tuple[float, int]] = {}
     for t in sorted(tasks):
         acc, n = metrics[f"acc/{t}"], metrics[f"n/{t}"]
-        if not isinstance(acc, int | float) or not 0 <= float(acc) <= 100:
+        if not _finite_number(acc) or not 0 <= acc <= 100:
             raise MessageError(f"accuracy of task {t!r} must be in [0, 100], got {acc!r}")
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise MessageError(f"test count of task {t!r} must be an int > 0, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_INT:
+            raise MessageError(f"test count of task {t!r} must be an int in (0, 2**63), got {n!r}")
         scores[t] = (float(acc), n)
     raw = content.get(ROUTING_KEY, MetricRecord())
     routed: dict[str, int] = {}
@@ -241,8 +273,8 @@ def decode_router_part(content: RecordDict) -> RouterPart | None:
         return None
     rec, meta = _envelope(content, "router part", ROUTER_KEY, ArrayRecord)
     n = meta.get("router-samples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise MessageError(f"router part: `router-samples` must be an int > 0, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_INT:
+        raise MessageError(f"router part: `router-samples` must be an int in (0, 2**63), got {n!r}")
     arrays = _numpy(rec, "router")
     hist = arrays.pop(HISTOGRAM, None)
     try:

@@ -18,7 +18,6 @@ evaluation, older routers in the probe (clients count co-activation votes with t
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from protocol.plan import ExpertPlan, PlanError
-from protocol.updates import MessageError, check_numeric
+from protocol.updates import MessageError, check_numeric, finite_number
 
 PHASES = ("probe", "train", "evaluate")
 # The FedAvg baselines train one adapter under this name for every task (no probe, no router).
@@ -37,16 +36,6 @@ SHARED = "shared"
 def is_shared(method: str) -> bool:
     """Whether ``federation.method`` is a one-shared-adapter FedAvg baseline."""
     return method.startswith("fedavg-")
-
-
-def _finite_float(v: Any) -> bool:
-    """A number that converts to a finite float (a JSON integer can exceed the float range)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -106,7 +95,7 @@ class Instruction:
                                f"got {partners!r}")
         if not (isinstance(seen, list) and all(isinstance(t, str) for t in seen)):
             raise MessageError(f"round instruction `seen` must be a list of tasks, got {seen!r}")
-        if not (isinstance(thresholds, dict) and all(_finite_float(v) for v in thresholds.values())):
+        if not (isinstance(thresholds, dict) and all(finite_number(v) for v in thresholds.values())):
             raise MessageError(f"round instruction `thresholds` must map task → finite τ, got {thresholds!r}")
         return cls(phase=phase, task=get("task", str), task_index=get("task-index", int),
                    global_round=get("global-round", int), method=get("method", str), plan=plan,

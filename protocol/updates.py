@@ -151,7 +151,7 @@ def encode_probe(p: ProbeReply) -> RecordDict:
                                                "num-examples": int(p.n_samples)})})
 
 
-def _finite_number(v: Any) -> bool:
+def finite_number(v: Any) -> bool:
     """An int or float, not a bool, that converts to a finite float (an int may be too large)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return False
@@ -168,7 +168,7 @@ def decode_probe(content: RecordDict) -> ProbeReply:
               if name != "round"}
     out: dict[str, float] = {}
     for k, v in scores.items():
-        if not _finite_number(v) or v < 0:
+        if not finite_number(v) or v < 0:
             raise MessageError(f"probe score of {k!r} must be a finite number >= 0, got {v!r}")
         out[k] = float(v)
     if not out:
@@ -222,7 +222,7 @@ def decode_eval(content: RecordDict) -> EvalReply:
     scores: dict[str, tuple[float, int]] = {}
     for t in sorted(tasks):
         acc, n = metrics[f"acc/{t}"], metrics[f"n/{t}"]
-        if not _finite_number(acc) or not 0 <= acc <= 100:
+        if not finite_number(acc) or not 0 <= acc <= 100:
             raise MessageError(f"accuracy of task {t!r} must be in [0, 100], got {acc!r}")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_INT:
             raise MessageError(f"test count of task {t!r} must be an int in (0, 2**63), got {n!r}")

@@ -26,30 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(d.name))
-    return kids
-
-
 def tree_rss_mb(root: int) -> float:
     """Resident MB of ``root`` and all its descendants now."""
-    kids, total, stack = _children(), 0, [root]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while stack:
-        pid = stack.pop()
+    from deploy.launcher import descendants
+
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for pid in [root, *descendants(root)]:
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except (OSError, IndexError, ValueError):
             pass
-        stack.extend(kids.get(pid, []))
     return total / 2**20
 
 

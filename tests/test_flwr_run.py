@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.launcher import stop_pid
 from protocol.app_config import AppConfig
 from protocol.config import RunConfig, parse_config
 
@@ -39,43 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    kids = [int(k) for k in out.split()]
-    return kids + [d for k in kids for d in _descendants(k)]
-
-
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's process group and those of its descendants (superexec runs in
-    its own session, the simulation and Ray in superexec's), then SIGKILL what is left."""
-    groups = {proc.pid}
-    for p in _descendants(proc.pid):
-        try:
-            groups.add(os.getpgid(p))
-        except ProcessLookupError:
-            pass
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        ps = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
-        if not groups & {int(x) for x in ps}:
-            return
-        time.sleep(0.5)
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow
@@ -133,7 +96,7 @@ def test_flwr_run_dot_runs_the_apps_in_a_local_simulation(tmp_path, tiny_cfg):
         status = json.loads(flwr("ls", "--run-id", run_id, "--format", "json").stdout)["runs"][0]
         assert status["status"] == "finished:completed", (status, log.read_text()[-3000:])
     finally:
-        _stop_tree(link)
+        stop_pid(link.pid, grace=20)  # its process group and every descendant's, by PID
     result = json.loads((out / "server_result.json").read_text())
     assert result["method"] == "dmole-replay" and result["round"] == 4  # 2 tasks × (probe + 1)
     assert set(result["acc_matrix"]) == {"0", "1"} and result["rejected"] == {}

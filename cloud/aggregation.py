@@ -22,18 +22,23 @@ Streaming: ``DeltaAccumulator.add`` folds one update into per-module running sum
 number of clients. Every update is validated in full before any state changes
 (:func:`validate_update`). Norm clipping (the strategy measures each client's change
 ‖B_c A_c − W_ref‖ against the round's median, :func:`deviation_norm`) folds a shrunk change.
+
+Per modality, the centre can instead be robust (coordinate-wise median, trimmed mean) or
+differentially private (clip + Gaussian noise): see :mod:`cloud.robust`. The SVD re-factoring
+then applies to that centre instead of the weighted mean.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cloud.robust import ModalityRule, clip_to, coordinate_median, trimmed_mean
 from protocol.plan import ExpertPlan
 from protocol.updates import ClientUpdate
 
@@ -356,6 +361,10 @@ class AggregationResult:
     missing: tuple[str, ...]
     ignored: dict[str, tuple[str, ...]]  # client → modules sent for a modality it does not hold
     clients: tuple[str, ...]  # every accepted client
+    centers: dict[str, str] = field(default_factory=dict)  # modality → its centre (mean, median…)
+    # modality → {"clients": n, "clipped": clients whose change was clipped to C, "sigma": noise
+    # std on the mean} for every modality aggregated under central DP this round
+    dp: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, F32]:
         """The new experts keyed like a :class:`ClientUpdate` (``"<module>.lora_A"``, …)."""
@@ -375,6 +384,8 @@ class AggregationResult:
             "missing": list(self.missing),
             "ignored": {c: list(v) for c, v in self.ignored.items()},
             "clients": list(self.clients),
+            "centers": dict(self.centers),
+            "dp": {k: dict(v) for k, v in self.dp.items()},
         }
 
 
@@ -387,10 +398,33 @@ class DeltaAccumulator:
     """
 
     def __init__(self, spec: AggregationSpec, rule: str | LoraAggregator = "svd", *,
-                 round: int | None = None):
+                 round: int | None = None, centers: Mapping[str, ModalityRule] | None = None,
+                 reference: Mapping[str, F64] | None = None,
+                 rng: np.random.Generator | None = None):
+        """``centers``: modality → :class:`cloud.robust.ModalityRule` (absent = weighted mean);
+        ``reference``: module → the global ΔW (d_out, d_in) before the round, what a change is
+        measured from (zero where absent); ``rng`` draws the DP noise (seeded by the caller)."""
         self.spec = spec
         self.rule = get_aggregator(rule) if isinstance(rule, str) else rule
         self.round = round
+        used_mods = {s.modality for s in spec.modules.values()}
+        self.centers = {k: (centers or {}).get(k, ModalityRule()) for k in sorted(used_mods)}
+        special = [k for k, r in self.centers.items() if r.dp or not r.streaming]
+        if special and self.rule.name != "svd":
+            raise ValueError(f"modalities {special} use a robust or DP centre, which rule "
+                             f"{self.rule.name!r} cannot factor; use rule 'svd'")
+        if any(r.dp and r.dp_noise > 0 for r in self.centers.values()) and rng is None:
+            raise ValueError("central DP with noise needs a seeded `rng`")
+        self.reference = dict(reference or {})
+        self.rng = rng
+        # median / trimmed mean: every client's ΔW per module, (d_out, d_in) each (O(N) memory)
+        self._stack: dict[str, list[F64]] = {
+            m: [] for m, s in spec.modules.items() if not self.centers[s.modality].streaming}
+        # central DP: Σ of clipped changes per module, clients and clipped clients per modality
+        self._dp_sum = {m: np.zeros((s.d_out, s.d_in)) for m, s in spec.modules.items()
+                        if self.centers[s.modality].dp}
+        self._dp_clients = dict.fromkeys((k for k, r in self.centers.items() if r.dp), 0)
+        self._dp_clipped = dict(self._dp_clients)
         self._seen: set[str] = set()
         self._sum = {m: np.zeros((s.d_out, s.d_in)) for m, s in spec.modules.items()}  # Σ w·B·A
         self._state = {m: self.rule.new_state(s) for m, s in spec.modules.items()}
@@ -413,23 +447,42 @@ class DeltaAccumulator:
         checked = validate_update(update, self.spec, round=self.round, seen=self._seen)
         self.round = update.round
         self._seen.add(checked.client_id)
+        if reference:
+            self.reference = {**self.reference, **reference}
+        refs = self.reference
         w = checked.weight
         touched: set[str] = set()
+        dp_changes: dict[str, dict[str, F64]] = {}  # modality → module → the client's change
         for m, (a, b) in checked.pairs.items():
             a64 = np.asarray(a, dtype=np.float64)  # (r, d_in)
             b64 = np.asarray(b, dtype=np.float64)  # (d_out, r)
-            if shrink < 1:
-                ref = (reference or {}).get(m)
+            modality = self.spec.modules[m].modality
+            center = self.centers[modality]
+            delta: F64 | None = None
+            if shrink < 1 or center.dp or not center.streaming:
                 delta = b64 @ a64  # (d_out, d_in)
+                ref = refs.get(m)
                 ref = np.zeros_like(delta) if ref is None else ref
-                self._sum[m] += w * (ref + shrink * (delta - ref))
-                b64 = b64 * shrink  # the A/B-averaging rule sees a shrunk B (approximate)
+                if shrink < 1:
+                    delta = ref + shrink * (delta - ref)
+                    b64 = b64 * shrink  # the A/B-averaging rule sees a shrunk B (approximate)
+                if center.dp:
+                    dp_changes.setdefault(modality, {})[m] = delta - ref
+                if not center.streaming:
+                    self._stack[m].append(delta)
+                self._sum[m] += w * delta
             else:
                 self._sum[m] += (w * b64) @ a64  # (d_out, d_in)
             self.rule.fold(self._state[m], w, a64, b64)
             self._weight[m] += w
             self._count[m] += 1
-            touched.add(self.spec.modules[m].modality)
+            touched.add(modality)
+        for modality, changes in dp_changes.items():  # clipped jointly over the modality's modules
+            clipped, factor = clip_to(changes, self.centers[modality].dp_clip)
+            for m, d in clipped.items():
+                self._dp_sum[m] += d
+            self._dp_clients[modality] += 1
+            self._dp_clipped[modality] += int(factor < 1)
         for k in touched:
             self._mod_weight[k] += w
             self._mod_clients[k].append(checked.client_id)
@@ -440,7 +493,9 @@ class DeltaAccumulator:
     def nbytes(self) -> int:
         """Bytes of every array the accumulator holds (constant in the number of clients)."""
         return (sum(a.nbytes for a in self._sum.values())
-                + sum(a.nbytes for st in self._state.values() for a in st.values()))
+                + sum(a.nbytes for st in self._state.values() for a in st.values())
+                + sum(a.nbytes for st in self._stack.values() for a in st)
+                + sum(a.nbytes for a in self._dp_sum.values()))
 
     def mean_delta(self, module: str) -> F64:
         """The exact weighted mean ΔW̄ (d_out, d_in) of ``module``, without the scale s."""
@@ -453,10 +508,13 @@ class DeltaAccumulator:
     def finalize(self) -> AggregationResult:
         """The new experts (float32 factors), weights, clients, errors; the state is unchanged."""
         modules: dict[str, ModuleResult] = {}
+        dp = {k: {"clients": n, "clipped": self._dp_clipped[k],
+                  "sigma": self.centers[k].dp_noise * self.centers[k].dp_clip / n}
+              for k, n in self._dp_clients.items() if n}
         for m, s in self.spec.modules.items():
             if self._weight[m] == 0:
                 continue
-            target = self.mean_delta(m)
+            target = self._center(m, s, dp)
             a, b = self.rule.factors(self._state[m], target, self._weight[m], s)
             a32, b32 = a.astype(np.float32), b.astype(np.float32)
             diff = float(np.linalg.norm(target - b32.astype(np.float64) @ a32.astype(np.float64)))
@@ -471,7 +529,26 @@ class DeltaAccumulator:
             missing=tuple(m for m in self.spec.modules if self._weight[m] == 0),
             ignored={c: self._ignored[c] for c in sorted(self._ignored)},
             clients=tuple(sorted(self._seen)),
+            centers={k: ("dp-mean" if r.dp else r.center) for k, r in self.centers.items()},
+            dp=dp,
         )
+
+    def _center(self, m: str, s: ModuleSpec, dp: Mapping[str, Mapping[str, float]]) -> F64:
+        """Module ``m``'s new ΔW (d_out, d_in) under its modality's centre."""
+        center = self.centers[s.modality]
+        if center.dp:
+            ref = self.reference.get(m, np.zeros((s.d_out, s.d_in)))
+            mean = ref + self._dp_sum[m] / self._dp_clients[s.modality]
+            sigma = dp[s.modality]["sigma"]
+            if sigma > 0:
+                assert self.rng is not None  # checked in __init__
+                mean = mean + self.rng.normal(0.0, sigma, mean.shape)
+            return mean
+        if center.center == "median":
+            return coordinate_median(np.stack(self._stack[m]))
+        if center.center == "trimmed-mean":
+            return trimmed_mean(np.stack(self._stack[m]), center.trim)
+        return self.mean_delta(m)
 
 
 def aggregate(spec: AggregationSpec, updates: Iterable[ClientUpdate], rule: str = "svd", *,

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from cloud import comm
+from cloud.robust import dp_report
 from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
 from cloud.strategy import FedMoleStrategy, StopRun
 from mole.backbone import load_backbone
@@ -68,13 +69,14 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None
         except StopRun as e:
             log.warning("%s", e)
             return strategy.state
-    write_result(strategy.state, out, time.perf_counter() - t0)
+    write_result(strategy.state, out, time.perf_counter() - t0, cfg.federation.dp_delta)
     return strategy.state
 
 
-def write_result(state: GlobalState, out: Path, wall_s: float) -> Path:
+def write_result(state: GlobalState, out: Path, wall_s: float, dp_delta: float = 1e-5) -> Path:
     meta: dict[str, Any] = state.meta()
     meta["comm_summary"] = comm.summary(state.comm)
+    meta["dp"] = dp_report(state.rounds, dp_delta)
     meta["server_wall_s"] = round(wall_s, 1)
     path = out / RESULT
     tmp = path.with_name(f".{RESULT}.tmp-{os.getpid()}")

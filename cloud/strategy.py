@@ -50,6 +50,7 @@ from cloud.aggregation import (
     validate_update,
 )
 from cloud.allocator import AllocationError, all_modules_allocation, allocate, weighted_mean_scores
+from cloud.robust import parse_rules, trim_count
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
 from cloud.state import GlobalState, save_checkpoint
@@ -116,6 +117,15 @@ class FedMoleStrategy(FedAvg):
                              f"{self.method!r}; resume with the same method")
         self.state = state
         self.offset = state.round
+        try:
+            self.centers = parse_rules(fed.aggregation, sorted(set(modality_of.values())),
+                                       trim=fed.trim_fraction, dp_clip=fed.dp_clip,
+                                       dp_noise=fed.dp_noise, dp_modalities=fed.dp_modalities)
+        except ValueError as e:
+            raise ValueError(f"federation.aggregation / dp-*: {e}") from e
+        # The round in flight: Flower's grid and the messages sent (for a quorum retry).
+        self._grid: Grid | None = None
+        self._sent: list[Message] = []
         self.stop_after_round = 0
         # Called after a task's evaluation round is checkpointed: (state, task index, task) →
         # the published bundle's id (cloud.publish via the ServerApp); None = don't publish.
@@ -154,7 +164,12 @@ class FedMoleStrategy(FedAvg):
         return out
 
     def _received(self, replies: Iterable[Message], rp: RoundPlan) -> list[RecordDict]:
-        contents = []
+        return [c for _, c in self._received_from(replies, rp)]
+
+    def _received_from(self, replies: Iterable[Message], rp: RoundPlan
+                       ) -> list[tuple[int, RecordDict]]:
+        """(sending node, content) of every reply that carries one (errors are counted)."""
+        out = []
         for m in replies:
             if m.has_error():
                 self.rejected["client-error"] += 1
@@ -163,8 +178,73 @@ class FedMoleStrategy(FedAvg):
             comm.add(self.state.comm, "up", comm.payload_bytes(m.content, self.plan.modality_of))
             if skip_reason(m.content) is not None:
                 continue
-            contents.append(m.content)
-        return contents
+            out.append((m.metadata.src_node_id, m.content))
+        return out
+
+    # -- quorum and deadline -------------------------------------------------------------------
+    def _await_nodes(self, grid: Grid, need: int, rp: RoundPlan) -> int:
+        """Wait up to federation.round-timeout for ``need`` connected nodes; how many there are.
+        (Flower's own sampling would wait for ever.)"""
+        deadline = time.monotonic() + self.cfg.federation.round_timeout
+        n = len(list(grid.get_node_ids()))
+        while n < need and time.monotonic() < deadline:
+            time.sleep(1.0)
+            n = len(list(grid.get_node_ids()))
+        if n < need:
+            log.warning("round %d: %d of the %d nodes needed are connected after %.0f s "
+                        "(federation.round-timeout); going on with those", rp.server_round, n,
+                        need, self.cfg.federation.round_timeout)
+        return n
+
+    def _sample(self, grid: Grid, rp: RoundPlan, build: Callable[[], list[Message]]) -> list[Message]:
+        """Flower's sampling (``build``), with the node minimums lowered to what is connected
+        once the deadline has passed; no node at all → no message (the round is skipped)."""
+        n = self._await_nodes(grid, self.min_available_nodes, rp)
+        if n == 0:
+            return []
+        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        self.min_available_nodes = min(self.min_available_nodes, n)
+        self.min_train_nodes = min(self.min_train_nodes, n)
+        self.min_evaluate_nodes = min(self.min_evaluate_nodes, n)
+        try:
+            return build()
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    def _usable(self, rp: RoundPlan, content: RecordDict) -> bool:
+        """Whether a reply can count towards the round's quorum (it decodes and is this round's)."""
+        try:
+            if rp.phase == PROBE:
+                return decode_probe(content).task == rp.task
+            update = decode_update(content)
+            return update.task == rp.task and update.round == rp.server_round
+        except MessageError:
+            return False
+
+    def _with_quorum(self, rp: RoundPlan, replies: Iterable[Message]) -> list[RecordDict]:
+        """The round's reply contents, after re-sending to the nodes without a usable reply while
+        fewer than federation.quorum are usable (federation.round-retries times, each within
+        federation.round-timeout). Whether the round then counts is decided on the fully
+        validated replies (``_aggregate``)."""
+        fed = self.cfg.federation
+        got = self._received_from(replies, rp)
+        for attempt in range(1, fed.round_retries + 1):
+            ok = {node for node, c in got if self._usable(rp, c)}
+            if len(ok) >= fed.quorum or self._grid is None:
+                break
+            again = [m for m in self._sent if m.metadata.dst_node_id not in ok]
+            if not again:
+                break
+            log.warning("round %d: %d usable replies, quorum %d; re-sending to %d nodes "
+                        "(retry %d of %d)", rp.server_round, len(ok), fed.quorum, len(again),
+                        attempt, fed.round_retries)
+            fresh = [Message(content=m.content, message_type=m.metadata.message_type,
+                             dst_node_id=m.metadata.dst_node_id) for m in again]
+            fresh = self._send(self._drop(fresh, rp, attempt))
+            self.state.rejected["retried"] += len(fresh)
+            got += self._received_from(self._grid.send_and_receive(fresh, timeout=fed.round_timeout),
+                                       rp)
+        return [c for _, c in got]
 
     # -- training rounds -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -190,16 +270,18 @@ class FedMoleStrategy(FedAvg):
         # 10% sample of many clients can miss entirely.
         saved, self.fraction_train = self.fraction_train, 1.0 if rp.phase == PROBE else self.fraction_train
         try:
-            msgs = list(super().configure_train(server_round, arrays, config, grid))
+            msgs = self._sample(grid, rp, lambda: list(
+                super(FedMoleStrategy, self).configure_train(server_round, arrays, config, grid)))
         finally:
             self.fraction_train = saved
+        self._grid, self._sent = grid, msgs
         return self._send(self._drop(msgs, rp))
 
-    def _drop(self, msgs: list[Message], rp: RoundPlan) -> list[Message]:
+    def _drop(self, msgs: list[Message], rp: RoundPlan, attempt: int = 0) -> list[Message]:
         p = self.cfg.federation.dropout
         if p <= 0:
             return msgs
-        rng = np.random.default_rng([self.cfg.federation.seed, rp.server_round, 7])
+        rng = np.random.default_rng([self.cfg.federation.seed, rp.server_round, 7, attempt])
         keep = [m for m in msgs if rng.random() >= p]
         self.state.rejected["dropped"] += len(msgs) - len(keep)
         return keep
@@ -207,8 +289,9 @@ class FedMoleStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rp = self._round(server_round)
-        contents = self._received(replies, rp)
-        if rp.phase == PROBE:
+        contents = self._with_quorum(rp, replies)
+        self._grid, self._sent = None, []
+        if rp.phase == PROBE:  # a task needs a plan: below quorum it still allocates (see there)
             metrics = self._allocate(rp.task, contents)
         else:
             metrics = self._aggregate(rp, contents)
@@ -298,13 +381,15 @@ class FedMoleStrategy(FedAvg):
     def _aggregate(self, rp: RoundPlan, contents: list[RecordDict]) -> dict:
         name = SHARED if not self.probe else rp.task
         spec = AggregationSpec.from_plan(self.plan, name, self.dims)
-        acc = DeltaAccumulator(spec, self.rule, round=rp.server_round)
-        routers = self._router_acc(rp.task)
-        losses = []
         # The expert before this round, as ΔW per module (B·A, no scale): what a change is from.
         old = self.state.experts.get(name, {})
         reference = {m: old[f"{m}.lora_B"].astype(np.float64) @ old[f"{m}.lora_A"]
                      for m in spec.modules if f"{m}.lora_A" in old}
+        acc = DeltaAccumulator(spec, self.rule, round=rp.server_round, centers=self.centers,
+                               reference=reference,
+                               rng=np.random.default_rng([self.cfg.federation.seed, rp.server_round, 11]))
+        routers = self._router_acc(rp.task)
+        losses = []
         # Pass 1: decode and validate every reply; pass 2 folds them, norm outliers shrunk.
         valid: list[tuple[RecordDict, ClientUpdate]] = []
         seen: set[str] = set()
@@ -330,6 +415,14 @@ class FedMoleStrategy(FedAvg):
                 update = type(update)(update.client_id, update.task, update.round, n,
                                       update.modalities, update.tensors)
             valid.append((c, update))
+        quorum = self.cfg.federation.quorum
+        if len(valid) < quorum:
+            self.rejected["round-skipped"] += 1
+            log.warning("round %d (train of %r): %d valid replies, below federation.quorum=%d "
+                        "after %d retries; skipped, the experts stay as they were",
+                        rp.server_round, rp.task, len(valid), quorum,
+                        self.cfg.federation.round_retries)
+            return {"clients": 0, "skipped": 1}
         shrink = clip_scales({u.client_id: deviation_norm(u, reference) for _, u in valid},
                              self.cfg.federation.clip_factor)
         for c, update in valid:
@@ -360,6 +453,17 @@ class FedMoleStrategy(FedAvg):
                                                      default=0.0)}
         if losses:
             metrics["client-loss"] = float(np.mean(losses))
+        for k, center in result.centers.items():
+            if center == "trimmed-mean" and result.clients_by_modality.get(k) and trim_count(
+                    len(result.clients_by_modality[k]), self.centers[k].trim) == 0:
+                log.warning("round %d: %d %s clients are too few to trim %.0f%% per end; the "
+                            "trimmed mean is a plain mean this round", rp.server_round,
+                            len(result.clients_by_modality[k]), k, 100 * self.centers[k].trim)
+        if result.dp:
+            # one Gaussian release per modality (the accounting in cloud.robust.gaussian_epsilon)
+            metrics["dp"] = {k: {"clients": int(v["clients"]), "clipped": int(v["clipped"]),
+                                 "sigma": float(v["sigma"]), "z": self.centers[k].dp_noise}
+                             for k, v in result.dp.items()}
         if routers is not None and routers.n_clients:
             r = routers.finalize(self.cfg.dmole.router_quantile)
             if r.state is not None:
@@ -384,7 +488,8 @@ class FedMoleStrategy(FedAvg):
                                    partners={t: tuple(s.partners.get(t, [])) for t in names},
                                    thresholds={t: s.thresholds[t] for t in routers})
         arrays = pack_state({t: s.experts[t] for t in names}, routers)
-        return self._send(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._send(self._sample(grid, rp, lambda: list(
+            super(FedMoleStrategy, self).configure_evaluate(server_round, arrays, config, grid))))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -289,6 +289,8 @@ def round_half_up(x: float) -> int:
 FEDERATED_METHODS = ("dmole-replay", "dmole", "fedavg-replay-lora", "fedavg-seq-lora")
 # protocol.compression.COMPRESSIONS (a test keeps them equal).
 COMPRESSIONS = ("none", "fp16", "int8")
+# cloud.robust.CENTERS (a test keeps them equal).
+AGGREGATION_CENTERS = ("mean", "median", "trimmed-mean")
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,24 @@ class FederationConfig:
     # max-client-samples) is capped, so no reply can buy itself the weight of the round.
     clip_factor: float = 3.0
     max_client_samples: int = 100_000
+    # Centre of a training round's expert changes per modality (cloud/robust.py): "mean" (the
+    # sample-weighted mean, streaming), "median" (coordinate-wise) or "trimmed-mean" (drops the
+    # trim-fraction largest and smallest values per coordinate) for every modality, and/or
+    # "MODALITY=CENTRE" entries for one: ["mean", "audio=median"].
+    aggregation: tuple[str, ...] = ("mean",)
+    trim_fraction: float = 0.2
+    # Central DP (DP-FedAvg) on the modalities in dp-modalities (empty: all): each client's change
+    # is clipped to L2 norm dp-clip (0 = off) and Gaussian noise of std dp-noise × dp-clip / n is
+    # added to the mean; metrics.json reports the run's ε at dp-delta.
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    dp_modalities: tuple[str, ...] = ()
+    dp_delta: float = 1e-5
+    # A training round's result counts only with at least `quorum` valid replies; below it the
+    # round is re-sent to the nodes that did not answer validly (round-retries times, each within
+    # round-timeout) and then skipped: the experts stay as they were and the run goes on.
+    quorum: int = 1
+    round_retries: int = 1
 
     def steps_for(self, n_samples: int, batch_size: int) -> int:
         """Optimiser steps per round of a client holding ``n_samples`` of the task."""
@@ -398,6 +418,18 @@ class FederationConfig:
                "0 (off) or >= 1", self.clip_factor)
         _check(self.max_client_samples >= 1, "federation.max-client-samples", ">= 1",
                self.max_client_samples)
+        for entry in self.aggregation:
+            _check(entry.rpartition("=")[2].strip() in AGGREGATION_CENTERS, "federation.aggregation",
+                   f"entries CENTRE or MODALITY=CENTRE with CENTRE one of "
+                   f"{', '.join(AGGREGATION_CENTERS)}", list(self.aggregation))
+        _check(0 <= self.trim_fraction < 0.5, "federation.trim-fraction", "in [0, 0.5)",
+               self.trim_fraction)
+        _check(self.dp_clip >= 0, "federation.dp-clip", ">= 0 (0: DP off)", self.dp_clip)
+        _check(self.dp_noise >= 0, "federation.dp-noise", ">= 0", self.dp_noise)
+        _check(0 < self.dp_delta < 1, "federation.dp-delta", "in (0, 1)", self.dp_delta)
+        _check(1 <= self.quorum <= self.clients, "federation.quorum",
+               f"in [1, federation.clients={self.clients}]", self.quorum)
+        _check(self.round_retries >= 0, "federation.round-retries", ">= 0", self.round_retries)
 
 
 @dataclass(frozen=True)

@@ -881,6 +881,9 @@ class Grid:
     def get_node_ids(self) -> list[int]:
         return [11, 12, 13]
 
+    def send_and_receive(self, messages, timeout=None) -> list:
+        return []  # a quorum retry: nobody answers
+
 
 @pytest.fixture(scope="module", autouse=True)
 def run_identity():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from cloud.aggregation import svd_factors
 from cloud.strategy import FedMoleStrategy
 from protocol.config import parse_config
 from protocol.updates import ClientUpdate, ProbeReply, encode_probe, encode_update
@@ -19,10 +20,21 @@ DIMS = {m: (6, 5) for m in MMAP}  # (d_in, d_out)
 
 
 class Grid:
-    """Just the node list Flower's sampling reads (the real Grid needs a running SuperLink)."""
+    """The node list Flower's sampling reads and a send_and_receive for the quorum's retries,
+    answered by ``answer`` (None: nobody answers) — the real Grid needs a running SuperLink."""
+
+    def __init__(self, nodes=(11, 12, 13), answer=None):
+        self.nodes = list(nodes)
+        self.answer = answer
+        self.resent: list[list[Message]] = []
 
     def get_node_ids(self) -> list[int]:
-        return [11, 12, 13]
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        msgs = list(messages)
+        self.resent.append(msgs)
+        return [r for r in (self.answer(m) for m in msgs) if r is not None] if self.answer else []
 
 
 @pytest.fixture(autouse=True)
@@ -358,3 +370,78 @@ def test_scaled_update_is_shrunk_duplicates_refused_and_claimed_samples_capped(s
     # equal weights after the cap; the attacker's change counts at most `limit` (not 100×)
     assert total <= (norms[0] + norms[1] + limit) / 3 + 1e-6
     assert norms[2] > 30 * limit / 3
+
+
+def _trained(strategy, grid=None):
+    """Probe round of color done; the training round's messages and the experts sent."""
+    probe = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    scores = {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}
+    strategy.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5, scores)))
+                                 for i, m in enumerate(probe)])
+    msgs = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid or Grid()))
+    sent = {k.split("/", 2)[2]: v.numpy() for k, v in msgs[0].content["arrays"].items()}
+    return msgs, sent
+
+
+def _client_update(cid, sent, rng, scale=1.0, n=5):
+    tensors = {}
+    for m in (L0, L1):
+        tensors[f"{m}.lora_A"] = sent[f"{m}.lora_A"]
+        tensors[f"{m}.lora_B"] = (scale * rng.standard_normal((5, 2))).astype(np.float32)
+    return ClientUpdate(cid, "color", 2, n, frozenset({"language"}), tensors)
+
+
+def test_median_aggregation_shrugs_off_a_client_scaled_a_hundred_fold():
+    cfg = parse_config({"data.tasks": "color,pitch", "federation.rounds-per-task": 2,
+                        "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
+                        "federation.clip-factor": 0, "federation.aggregation": "median"})
+    s = FedMoleStrategy(cfg, MMAP, DIMS)
+    msgs, sent = _trained(s)
+    rng = np.random.default_rng(0)
+    ups = [_client_update("c0", sent, rng), _client_update("c1", sent, rng),
+           _client_update("c2", sent, rng, scale=100.0, n=10_000)]
+    s.aggregate_train(2, [_reply(m, encode_update(u)) for m, u in zip(msgs, ups, strict=True)])
+    got = s.state.experts["color"]
+    for m in (L0, L1):
+        d = [u.tensors[f"{m}.lora_B"].astype(np.float64) @ u.tensors[f"{m}.lora_A"] for u in ups]
+        a, b = svd_factors(np.median(np.stack(d), 0), 2)  # the median's best rank-2 factors
+        assert np.allclose(got[f"{m}.lora_B"].astype(np.float64) @ got[f"{m}.lora_A"], b @ a,
+                           atol=1e-5)
+        assert np.abs(got[f"{m}.lora_B"]).max() < 10  # the ×100 client moved nothing far
+
+
+def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
+    cfg = parse_config({"data.tasks": "color,pitch", "federation.rounds-per-task": 2,
+                        "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
+                        "federation.quorum": 2, "federation.round-retries": 2})
+    rng = np.random.default_rng(0)
+    s = FedMoleStrategy(cfg, MMAP, DIMS)
+    silent = Grid()  # the retries reach nobody
+    msgs, sent = _trained(s, silent)
+    before = {k: v.copy() for k, v in s.state.experts["color"].items()}
+    _, metrics = s.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
+    assert len(silent.resent) == 2 and all(len(r) == 2 for r in silent.resent)  
+    assert {m.metadata.dst_node_id for m in silent.resent[0]} == \
+        {11, 12, 13} - {msgs[0].metadata.dst_node_id}  # not the node that answered
+    assert metrics["skipped"] == 1 and s.rejected["round-skipped"] == 1 and s.rejected["retried"] == 4
+    assert all(np.array_equal(before[k], v) for k, v in s.state.experts["color"].items())
+
+    # a retry that reaches a node completes the quorum: the round counts
+    def answer(m):
+        return _reply(m, encode_update(_client_update(f"c{m.metadata.dst_node_id}", sent, rng)))
+
+    s2 = FedMoleStrategy(cfg, MMAP, DIMS)
+    grid = Grid(answer=answer)
+    msgs, sent = _trained(s2, grid)
+    _, metrics = s2.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
+    assert len(grid.resent) == 1 and metrics["clients"] == 3 and "round-skipped" not in s2.rejected
+
+
+def test_too_few_nodes_wait_until_the_deadline_then_go_on_with_those(monkeypatch):
+    cfg = parse_config({"data.tasks": "color,pitch", "federation.min-clients": 3,
+                        "federation.round-timeout": 2.0, "lora.rank": 2, "lora.alpha": 4})
+    s = FedMoleStrategy(cfg, MMAP, DIMS)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), Grid(nodes=(11, 12))))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]  # not a wait for ever
+    assert s.min_available_nodes == 3  # restored for the next round
+    assert list(s.configure_train(1, ArrayRecord(), ConfigRecord(), Grid(nodes=()))) == []

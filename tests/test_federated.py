@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from simulation.federated import run_federated
 
 CONTRACT = {"method", "tasks", "acc_matrix", "avg", "last", "bwt", "forgetting", "bytes_up",
             "bytes_down", "wall_s", "config"}
+ROOT = Path(__file__).resolve().parents[1]
 COMM = {"bytes_up", "bytes_down", "bytes_up_per_client_round", "full_model_bytes_fp32"}
 
 
@@ -58,13 +61,59 @@ def test_federated_dmole_writes_metrics_comm_and_a_full_matrix(fed_cfg, tmp_path
 
 
 @pytest.mark.slow
-def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_result(fed_cfg, tmp_path):
-    cfg = parse_config({"federation.method": "fedavg-replay-lora"}, base=fed_cfg)
+def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_same_result(fed_cfg, tiny_cfg, tmp_path):
+    """kill -9 of the whole ``fedmole simulate`` process tree (server, Ray, ClientApps) in the
+    middle of task 2; ``--resume`` finishes it with the uninterrupted run's results, and nothing
+    stored before the kill is lost."""
+    import subprocess
+    import sys
+    import time
+
+    from cloud.state import CHECKPOINT, load_checkpoint
+    from deploy.launcher import alive, descendants, stop_pid
+    from edge.replay_store import ReplayStore
+
+    cfg = parse_config({"federation.rounds-per-task": 3}, base=fed_cfg)
     full = run_federated(cfg, tmp_path / "full", progress=False)
-    assert run_federated(cfg, tmp_path / "cut", progress=False, stop_after_round=3) is None
-    assert not (tmp_path / "cut" / "metrics.json").exists()
-    resumed = run_federated(cfg, tmp_path / "cut", resume=True, progress=False)
+    base = tiny_cfg.to_flat()
+    sets = [f"{k}={','.join(v) if isinstance(v, tuple | list) else v}"
+            for k, v in cfg.to_flat().items() if base.get(k) != v]
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "fedmole_cli", "simulate", "--quiet", "--out", str(cut),
+           "--config", str(ROOT / "conf" / "tiny.toml"), *[a for kv in sets for a in ("--set", kv)]]
+    log = (tmp_path / "cut.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    mid_task_2 = 6  # task 1 = rounds 1–4 (probe + 3 training), task 2 = 5–8
+    try:
+        deadline = time.time() + 600
+        while not ((cut / CHECKPOINT).is_file() and load_checkpoint(cut).round >= mid_task_2):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "cut.log").read_text()[-3000:]
+            time.sleep(0.2)
+        tree = [proc.pid, *descendants(proc.pid)]
+    finally:
+        stop_pid(proc.pid, grace=0, sig=signal.SIGKILL)  # kill -9, no clean-up handlers run
+        proc.wait()
+        log.close()
+    deadline = time.time() + 30  # SIGKILLed processes take a moment to finish exiting
+    while [p for p in tree if alive(p)] and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in tree if alive(p)], "processes survived the kill"
+    # what the kill left: a checkpoint of a finished round with every expert and router so far
+    state = load_checkpoint(cut)
+    assert mid_task_2 <= state.round < 8 and not (cut / "metrics.json").exists()
+    assert set(state.experts) == set(state.plan.tasks) == {"color", "arith"}
+    assert set(state.routers) == {"color", "arith"}
+    def replay(run):  # client → (tasks in its buffer, samples)
+        return {d.parents[1].name: (sorted(s.seen()), len(s)) for d in
+                (run / "clients").glob("client-*/_state/replay")
+                for s in [ReplayStore(d, cfg.replay.buffer_size, None, 0)]}
+
+    assert all(set(tasks) <= {"color"} for tasks, _ in replay(cut).values())
+
+    resumed = run_federated(cfg, cut, resume=True, progress=False)
     assert resumed is not None and full is not None
     assert np.allclose(np.array(resumed["acc_matrix"], float), np.array(full["acc_matrix"], float),
                        atol=1e-6, equal_nan=True)
     assert resumed["comm"]["bytes_up"] == full["comm"]["bytes_up"]
+    assert replay(cut) == replay(tmp_path / "full") and replay(cut)

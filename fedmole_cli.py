@@ -296,12 +296,21 @@ def deploy_up(
     run: Annotated[bool, typer.Option(help="Submit the run (flwr run) once everything is up")] = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    attack: Annotated[list[str] | None, typer.Option(
+        help="Fault injection: NODE=ATTACK makes SuperNode NODE malicious (nan, scale100, mixed)")
+    ] = None,
 ) -> None:
     """Start SuperLink (TLS, node auth), N SuperNodes, the registry, N inference services, and the run."""
     from deploy.launcher import up
 
     cfg = _guard(lambda: _config(config, set_))
-    dep = _deploy_guard(lambda: up(out, nodes, cfg, run=run))
+    attacks: dict[int, str] = {}
+    for a in attack or []:
+        node, sep, kind = a.partition("=")
+        if not sep or not node.strip().isdigit():
+            raise _fail(EXIT_USAGE, f"--attack {a!r}: write NODE=ATTACK, e.g. 3=mixed")
+        attacks[int(node)] = kind.strip()
+    dep = _deploy_guard(lambda: up(out, nodes, cfg, run=run, attacks=attacks))
     typer.echo(f"up: {', '.join(f'{k}={v}' for k, v in dep.pids.items())}")
     typer.echo(f"run {dep.run_id or '(not submitted)'}; logs in {dep.out / 'logs'}; "
                f"inference on 127.0.0.1:{', '.join(map(str, dep.ports['serve']))}")

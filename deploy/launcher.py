@@ -51,6 +51,8 @@ class Deployment:
     ports: dict[str, Any]
     pids: dict[str, int] = field(default_factory=dict)
     run_id: str = ""
+    # node number → fault injection (edge.local.ATTACKS) its SuperNode runs with
+    attacks: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         d = asdict(self)
@@ -66,7 +68,8 @@ class Deployment:
             raise DeployError(f"no deployment in {str(out)!r} ({STATE} missing)")
         d = json.loads(f.read_text())
         return cls(Path(d["out"]), int(d["nodes"]), d["ports"], {k: int(v) for k, v in
-                                                                 d["pids"].items()}, d["run_id"])
+                                                                 d["pids"].items()}, d["run_id"],
+                   {str(k): str(v) for k, v in d.get("attacks", {}).items()})
 
     def log(self, name: str) -> Path:
         return self.out / "logs" / f"{name}.log"
@@ -208,15 +211,20 @@ def register(dep: Deployment, public_key: Path) -> None:
 
 
 def start_node(dep: Deployment, i: int) -> int:
-    return start(dep, f"supernode-{i}", topo.supernode(topology_of(dep), i))
+    return start(dep, f"supernode-{i}", topo.supernode(topology_of(dep), i,
+                                                       attack=dep.attacks.get(str(i), "")))
 
 
-def restart_node(dep: Deployment, i: int, timeout: float = 240.0, settle: float = 20.0) -> int:
+def restart_node(dep: Deployment, i: int, timeout: float = 240.0, settle: float = 20.0,
+                 attack: str | None = None) -> int:
     """Start SuperNode ``i`` again until it stays up (what compose's ``restart: on-failure`` does).
 
     A node killed without saying goodbye stays "online" on the SuperLink until its heartbeats
     lapse (flwr 1.39: 2 × 30 s); until then the SuperLink refuses to activate the same identity
     again and the new process exits (code 305). So: retry every few seconds."""
+    if attack is not None:  # the node comes back (not) malicious
+        dep.attacks = {k: v for k, v in {**dep.attacks, str(i): attack}.items() if v}
+        dep.save()
     deadline = time.time() + timeout
     while True:
         pid = start_node(dep, i)
@@ -232,8 +240,19 @@ def restart_node(dep: Deployment, i: int, timeout: float = 240.0, settle: float 
 
 
 def up(out: Path, nodes: int, cfg: RunConfig, run: bool = True, progress: bool = False,
-       run_config_extra: dict[str, Any] | None = None) -> Deployment:
+       run_config_extra: dict[str, Any] | None = None,
+       attacks: dict[int, str] | None = None) -> Deployment:
+    """Everything of the topology as processes; ``attacks`` (node → edge.local.ATTACKS) makes
+    those SuperNodes malicious (fault-injection runs)."""
+    from edge.local import ATTACKS
+
+    for i, a in (attacks or {}).items():
+        if not 1 <= i <= nodes or a not in ATTACKS:
+            raise DeployError(f"attack {i}={a!r}: the node must be in 1..{nodes} and the attack "
+                              f"one of {', '.join(x for x in ATTACKS if x)}")
     dep, cfg = prepare(out, nodes, cfg, progress)
+    dep.attacks = {str(i): a for i, a in (attacks or {}).items() if a}
+    dep.save()
     try:
         t = topology_of(dep)
         start_superlink(dep)

@@ -74,15 +74,16 @@ def superlink(t: Topology) -> list[str]:
 
 
 def supernode(t: Topology, i: int, data_dir: Path | None = None, key: Path | None = None,
-              port: int | None = None) -> list[str]:
-    """SuperNode ``i`` (1-based); ``key`` overrides its identity (an unregistered one in tests)."""
+              port: int | None = None, attack: str = "") -> list[str]:
+    """SuperNode ``i`` (1-based); ``key`` overrides its identity (an unregistered one in tests);
+    ``attack`` makes it a malicious node (fault injection, edge.local.ATTACKS)."""
     name = f"node-{i}"
     data = data_dir or t.layout.nodes / f"client-{i - 1:02d}"
     return ["flower-supernode",
             "--superlink", f"{t.superlink_host}:{t.ports.fleet}",
             "--root-certificates", str(t.layout.pki / "ca.crt"),
             "--auth-supernode-private-key", str(key or t.layout.pki / name),
-            "--node-config", f"data-dir=\"{data}\"",
+            "--node-config", f"data-dir=\"{data}\"" + (f" attack=\"{attack}\"" if attack else ""),
             "--isolation", "subprocess",
             "--host", t.bind, "--port", str(port or t.ports.clientapp[i - 1])]
 

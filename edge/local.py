@@ -64,7 +64,7 @@ from protocol.updates import (
 REPLAY_METHODS = ("dmole-replay", "fedavg-replay-lora")
 # Fault injection (node config `attack`, deployment tests only): a node that sends NaN experts,
 # or experts whose B is scaled ×100 — what a broken or malicious edge looks like to the cloud.
-ATTACKS = ("", "nan", "scale100")
+ATTACKS = ("", "nan", "scale100", "mixed")
 
 
 @dataclass
@@ -195,7 +195,7 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
                         desc=f"{c.id} {task}", progress=False,
                         schedule=lambda s: task_sched(offset + s))
     em.experts.activate([])
-    factors = _attacked(em.get_factors(name, ins.plan), c.attack)
+    factors = _attacked(em.get_factors(name, ins.plan), c.attack, ins.global_round)
     update = ClientUpdate(c.id, task, ins.global_round, len(train_set), sample_modalities(used),
                           compress(factors, fed.compression))
     content = encode_update(update)
@@ -207,7 +207,10 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     return content
 
 
-def _attacked(factors: dict[str, np.ndarray], attack: str) -> dict[str, np.ndarray]:
+def _attacked(factors: dict[str, np.ndarray], attack: str, global_round: int = 0
+              ) -> dict[str, np.ndarray]:
+    if attack == "mixed":  # NaN experts in even rounds, ×100-scaled ones in odd rounds
+        attack = "nan" if global_round % 2 == 0 else "scale100"
     if attack == "nan":
         return {k: np.full_like(v, np.nan) for k, v in factors.items()}
     if attack == "scale100":

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,13 +273,17 @@ def up(out: Path, nodes: int, cfg: RunConfig, run: bool = True, progress: bool =
     return dep
 
 
+def run_config_with(dep: Deployment, extra: dict[str, Any]) -> Path:
+    """The prepared run config with ``extra`` replacing its keys (TOML refuses a key twice)."""
+    flat = {**tomllib.loads((dep.out / RUN_CONFIG).read_text()), **extra}
+    path = dep.out / "run-config.extra.toml"
+    path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in flat.items()))
+    return path
+
+
 def submit(dep: Deployment, extra: dict[str, Any] | None = None) -> str:
     """``flwr run . local`` with the deployment's run config (+ ``extra`` keys); the run id."""
-    path = dep.out / RUN_CONFIG
-    if extra:
-        path = dep.out / "run-config.extra.toml"
-        path.write_text((dep.out / RUN_CONFIG).read_text() + "".join(
-            f'"{k}" = {json.dumps(v)}\n' for k, v in extra.items()))
+    path = run_config_with(dep, extra) if extra else dep.out / RUN_CONFIG
     r = flwr(dep, "run", ".", "local", "--run-config", str(path), timeout=300)
     started = [ln for ln in r.stdout.splitlines() if "Successfully started run" in ln]
     if not started:

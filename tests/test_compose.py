@@ -294,3 +294,14 @@ def test_init_prepares_pki_data_and_config_and_is_idempotent(tmp_path, tiny_cfg)
     assert (tmp_path / "state" / "flwr-cli" / "config.toml").is_file()
     init(cfg, *args)  # again: nothing regenerated
     assert (tmp_path / "pki" / "ca.crt").read_bytes() == ca
+
+
+def test_extra_run_config_keys_replace_the_prepared_ones(tmp_path):
+    import tomllib
+
+    from deploy.launcher import RUN_CONFIG, Deployment, run_config_with
+
+    dep = Deployment(tmp_path, 3, {})
+    (tmp_path / RUN_CONFIG).write_text('"app.out-dir" = "/a"\n"federation.quorum" = 1\n')
+    got = tomllib.loads(run_config_with(dep, {"app.out-dir": "/b", "app.registry-dir": ""}).read_text())
+    assert got == {"app.out-dir": "/b", "federation.quorum": 1, "app.registry-dir": ""}

@@ -61,6 +61,15 @@ def test_federated_dmole_writes_metrics_comm_and_a_full_matrix(fed_cfg, tmp_path
 
 
 @pytest.mark.slow
+def test_a_run_where_30_percent_of_clients_drop_out_each_round_completes(fed_cfg, tmp_path):
+    cfg = parse_config({"federation.dropout": 0.3, "federation.seed": 1}, base=fed_cfg)
+    m = run_federated(cfg, tmp_path / "drop", progress=False)
+    assert m is not None and len(m["acc_matrix"]) == len(cfg.data.tasks)
+    assert m["rejected"]["dropped"] > 0  # messages were withheld, the rounds went on
+    assert len(m["rounds"]) == 3 * len(cfg.data.tasks)
+
+
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_same_result(fed_cfg, tiny_cfg, tmp_path):
     """kill -9 of the whole ``fedmole simulate`` process tree (server, Ray, ClientApps) in the
     middle of task 2; ``--resume`` finishes it with the uninterrupted run's results, and nothing

@@ -48,6 +48,8 @@ class GlobalState:
     acc_matrix: dict[int, list[float]] = field(default_factory=dict)  # row t; NaN: not measured
     router_acc: dict[int, float] = field(default_factory=dict)  # task index → % routed right
     rejected: Counter[str] = field(default_factory=Counter)  # reason → count
+    # Flower node id → reason → count: which node sent what was rejected or repaired
+    rejected_by_node: dict[str, dict[str, int]] = field(default_factory=dict)
     comm: dict[str, Any] = field(default_factory=dict)  # see cloud.comm
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per-round log
 
@@ -57,7 +59,8 @@ class GlobalState:
                 "partners": self.partners,
                 "acc_matrix": {str(k): v for k, v in self.acc_matrix.items()},
                 "router_acc": {str(k): v for k, v in self.router_acc.items()},
-                "rejected": dict(self.rejected), "comm": self.comm, "rounds": self.rounds}
+                "rejected": dict(self.rejected),
+                "rejected_by_node": self.rejected_by_node, "comm": self.comm, "rounds": self.rounds}
 
 
 def _nan_safe(obj: Any) -> Any:
@@ -121,8 +124,11 @@ def load_checkpoint(folder: Path) -> GlobalState:
             acc_matrix={int(k): [float("nan") if x is None else float(x) for x in v]
                         for k, v in meta["acc_matrix"].items()},
             router_acc={int(k): float(v) for k, v in meta.get("router_acc", {}).items()},
-            rejected=Counter(meta["rejected"]), comm=dict(meta["comm"]), rounds=list(meta["rounds"]))
-    except (KeyError, TypeError, ValueError, AttributeError, PlanError) as e:
+            rejected=Counter(meta["rejected"]),
+            rejected_by_node={str(k): {str(r): int(n) for r, n in v.items()}
+                              for k, v in meta.get("rejected_by_node", {}).items()},
+            comm=dict(meta["comm"]), rounds=list(meta["rounds"]))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, PlanError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed state ({e}); delete it to "
                               "start over") from e
     for key, v in tensors.items():

@@ -163,16 +163,13 @@ class FedMoleStrategy(FedAvg):
             comm.add(self.state.comm, "down", comm.payload_bytes(m.content, self.plan.modality_of))
         return out
 
-    def _received(self, replies: Iterable[Message], rp: RoundPlan) -> list[RecordDict]:
-        return [c for _, c in self._received_from(replies, rp)]
-
     def _received_from(self, replies: Iterable[Message], rp: RoundPlan
                        ) -> list[tuple[int, RecordDict]]:
         """(sending node, content) of every reply that carries one (errors are counted)."""
         out = []
         for m in replies:
             if m.has_error():
-                self.rejected["client-error"] += 1
+                self._reject("client-error", m.metadata.src_node_id)
                 log.warning("round %d: client error %s", rp.server_round, m.error)
                 continue
             comm.add(self.state.comm, "up", comm.payload_bytes(m.content, self.plan.modality_of))
@@ -221,7 +218,14 @@ class FedMoleStrategy(FedAvg):
         except MessageError:
             return False
 
-    def _with_quorum(self, rp: RoundPlan, replies: Iterable[Message]) -> list[RecordDict]:
+    def _reject(self, kind: str, node: int | None) -> None:
+        """Count one rejected or repaired reply under ``kind``, in total and for its node."""
+        self.rejected[kind] += 1
+        if node is not None:
+            per = self.state.rejected_by_node.setdefault(str(node), {})
+            per[kind] = per.get(kind, 0) + 1
+
+    def _with_quorum(self, rp: RoundPlan, replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
         """The round's reply contents, after re-sending to the nodes without a usable reply while
         fewer than federation.quorum are usable (federation.round-retries times, each within
         federation.round-timeout). Whether the round then counts is decided on the fully
@@ -244,7 +248,7 @@ class FedMoleStrategy(FedAvg):
             self.state.rejected["retried"] += len(fresh)
             got += self._received_from(self._grid.send_and_receive(fresh, timeout=fed.round_timeout),
                                        rp)
-        return [c for _, c in got]
+        return got
 
     # -- training rounds -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -302,22 +306,22 @@ class FedMoleStrategy(FedAvg):
         return None, MetricRecord({k: v for k, v in metrics.items()
                                    if isinstance(v, int | float) and not isinstance(v, bool)})
 
-    def _allocate(self, task: str, contents: list[RecordDict]) -> dict:
+    def _allocate(self, task: str, contents: list[tuple[int, RecordDict]]) -> dict:
         rows: list = []
         votes: dict[str, int] = {}
         n_total = 0
         routers = self._router_acc(task)
-        for c in contents:
+        for node, c in contents:
             try:
                 p = decode_probe(c)
                 if p.task != task:
-                    self.rejected["stale-task"] += 1
+                    self._reject("stale-task", node)
                     continue
                 candidates = set(self.plan.modality_of)
                 if set(p.scores) != candidates or not all(
                         np.isfinite(v) and abs(v) < 1e30 for v in p.scores.values()):
                     # One client's scores must not be able to stop the task's allocation.
-                    self.rejected["invalid"] += 1
+                    self._reject("invalid", node)
                     log.warning("probe reply of %r rejected: scores must cover exactly the %d "
                                 "candidate modules with finite values below 1e30", p.client_id,
                                 len(candidates))
@@ -326,10 +330,10 @@ class FedMoleStrategy(FedAvg):
                 if routers is not None and part is not None:
                     routers.add(p.client_id, part.n_samples, part.state, part.histogram)
             except (MessageError, RouterUpdateError) as e:
-                self.rejected["malformed"] += 1
+                self._reject("malformed", node)
                 log.warning("probe reply rejected: %s", e)
                 continue
-            n = self._cap(p.client_id, task, p.n_samples)
+            n = self._cap(p.client_id, task, p.n_samples, node)
             self.declared[(task, p.client_id)] = n
             rows.append((p.scores, n))
             n_total += n
@@ -367,18 +371,18 @@ class FedMoleStrategy(FedAvg):
             return None
         return RouterAccumulator(task, self.router_dim, self.cfg.dmole.router_hidden)
 
-    def _cap(self, client_id: str, task: str, n: int) -> int:
+    def _cap(self, client_id: str, task: str, n: int, node: int | None = None) -> int:
         """A claimed sample count, capped at what the client declared in the task's probe round
         (else at federation.max-client-samples); a cap is counted under ``rejected``."""
         cap = min(self.declared.get((task, client_id), self.cfg.federation.max_client_samples),
                   self.cfg.federation.max_client_samples)
         if n > cap:
-            self.rejected["samples-capped"] += 1
+            self._reject("samples-capped", node)
             log.warning("client %r claims %d samples of %r; capped at %d", client_id, n, task, cap)
             return cap
         return n
 
-    def _aggregate(self, rp: RoundPlan, contents: list[RecordDict]) -> dict:
+    def _aggregate(self, rp: RoundPlan, contents: list[tuple[int, RecordDict]]) -> dict:
         name = SHARED if not self.probe else rp.task
         spec = AggregationSpec.from_plan(self.plan, name, self.dims)
         # The expert before this round, as ΔW per module (B·A, no scale): what a change is from.
@@ -391,9 +395,9 @@ class FedMoleStrategy(FedAvg):
         routers = self._router_acc(rp.task)
         losses = []
         # Pass 1: decode and validate every reply; pass 2 folds them, norm outliers shrunk.
-        valid: list[tuple[RecordDict, ClientUpdate]] = []
+        valid: list[tuple[int, RecordDict, ClientUpdate]] = []
         seen: set[str] = set()
-        for c in contents:
+        for node, c in contents:
             try:
                 update = decode_update(c)
                 if not self.probe:  # the shared adapter travels under its own name
@@ -406,15 +410,15 @@ class FedMoleStrategy(FedAvg):
             except (MessageError, UpdateError) as e:
                 kind = "malformed" if isinstance(e, MessageError) else (
                     "duplicate" if "already added" in str(e) else "invalid")
-                self.rejected[kind] += 1
+                self._reject(kind, node)
                 log.warning("update rejected: %s", e)
                 continue
             seen.add(update.client_id)
-            n = self._cap(update.client_id, rp.task, update.n_samples)
+            n = self._cap(update.client_id, rp.task, update.n_samples, node)
             if n != update.n_samples:
                 update = type(update)(update.client_id, update.task, update.round, n,
                                       update.modalities, update.tensors)
-            valid.append((c, update))
+            valid.append((node, c, update))
         quorum = self.cfg.federation.quorum
         if len(valid) < quorum:
             self.rejected["round-skipped"] += 1
@@ -423,11 +427,11 @@ class FedMoleStrategy(FedAvg):
                         rp.server_round, rp.task, len(valid), quorum,
                         self.cfg.federation.round_retries)
             return {"clients": 0, "skipped": 1}
-        shrink = clip_scales({u.client_id: deviation_norm(u, reference) for _, u in valid},
+        shrink = clip_scales({u.client_id: deviation_norm(u, reference) for _, _, u in valid},
                              self.cfg.federation.clip_factor)
-        for c, update in valid:
+        for node, c, update in valid:
             if shrink[update.client_id] < 1:
-                self.rejected["norm-clipped"] += 1
+                self._reject("norm-clipped", node)
                 log.warning("client %r changed the %r expert %.1f× more than allowed; shrunk",
                             update.client_id, name, 1 / shrink[update.client_id])
             acc.add(update, shrink[update.client_id], reference)
@@ -437,7 +441,7 @@ class FedMoleStrategy(FedAvg):
                     if part is not None:
                         routers.add(update.client_id, part.n_samples, part.state, part.histogram)
                 except (MessageError, RouterUpdateError) as e:
-                    self.rejected["router-invalid"] += 1
+                    self._reject("router-invalid", node)
                     log.warning("router part rejected: %s", e)
             self.state.comm["client_rounds"] += 1
             loss = c["meta"].get("last-loss")
@@ -499,15 +503,15 @@ class FedMoleStrategy(FedAvg):
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         routed_ok = routed_n = 0
-        for c in self._received(replies, rp):
+        for node, c in self._received_from(replies, rp):
             try:
                 e = decode_eval(c)
             except MessageError as err:
-                self.rejected["malformed"] += 1
+                self._reject("malformed", node)
                 log.warning("evaluation reply rejected: %s", err)
                 continue
             if e.global_round != rp.server_round or not set(e.scores) <= set(self.tasks):
-                self.rejected["stale-or-unknown"] += 1
+                self._reject("stale-or-unknown", node)
                 continue
             for task, (acc, n) in e.scores.items():
                 sums[task] = sums.get(task, 0.0) + acc * n

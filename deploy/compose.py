@@ -98,7 +98,8 @@ def container_topology(nodes: int = 3) -> Topology:
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"nodes must be in 1..{MAX_NODES} (the images pre-create that many "
                          f"mount points), got {nodes}")
-    return Topology(nodes, Layout(pki=PKI, registry=REGISTRY, nodes=DATA_ROOT, bundles=BUNDLES),
+    return Topology(nodes, Layout(pki=PKI, registry=REGISTRY, nodes=DATA_ROOT, bundles=BUNDLES,
+                                  state=STATE),
                     Ports(serve=(SERVE_PORT,) * nodes, clientapp=(CLIENTAPP_PORT,) * nodes),
                     bind="0.0.0.0", superlink_host="superlink", registry_host="registry")
 

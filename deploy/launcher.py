@@ -137,7 +137,7 @@ def flwr(dep: Deployment, *args: str, timeout: float = 120) -> subprocess.Comple
 
 def layout(out: Path) -> topo.Layout:
     return topo.Layout(pki=out / "pki", registry=out / "registry", nodes=out / "run" / "clients",
-                       bundles=out / "bundles", logs=out / "logs")
+                       bundles=out / "bundles", logs=out / "logs", state=out / "superlink")
 
 
 def topology_of(dep: Deployment) -> topo.Topology:
@@ -199,6 +199,8 @@ def prepare(out: Path, nodes: int, cfg: RunConfig, progress: bool = False) -> tu
 
 def start_superlink(dep: Deployment) -> None:
     t = topology_of(dep)
+    if t.layout.state is not None:
+        t.layout.state.mkdir(parents=True, exist_ok=True)
     pid = start(dep, "superlink", topo.superlink(t))
     for port in (dep.ports["control"], dep.ports["fleet"]):
         wait_port(port, pid, dep.log("superlink"))

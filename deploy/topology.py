@@ -41,6 +41,7 @@ class Layout:
     nodes: Path  # the materialised client folders: client-00/ is node-1's data, …
     bundles: Path  # per-node bundle downloads: bundles/node-N
     logs: Path | None = None
+    state: Path | None = None  # the SuperLink's database (node registrations, runs)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def superlink(t: Topology) -> list[str]:
            "--fleet-api-address", f"{t.bind}:{p.fleet}",
            "--host", t.bind, "--port", str(p.control),
            "--health-server-address", f"{t.bind}:{p.health}"]
+    if t.layout.state is not None:  # registered keys and runs survive a SuperLink restart
+        cmd += ["--database", str(t.layout.state / "superlink.db")]
     if t.layout.logs is not None:
         cmd += ["--log-file", str(t.layout.logs / "superlink.flwr.log")]
     return cmd

@@ -118,6 +118,7 @@ def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_
                        "compression": cfg.federation.compression,
                        "partition": partition.task_counts()},
         "rejected": result["rejected"],
+        "rejected_by_node": result.get("rejected_by_node", {}),
         "aggregation": {"centers": list(cfg.federation.aggregation), "dp": result.get("dp")},
         "rounds": result["rounds"],
         "dmole": {"plan_experts": {t: _per_modality(result["plan"], t) for t in result["plan"]["tasks"]},

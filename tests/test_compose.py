@@ -34,7 +34,7 @@ def services(compose) -> dict[str, dict]:
 def container_topology() -> T.Topology:
     """Spelled out here, not taken from deploy.compose: the test's own idea of the layout."""
     layout = T.Layout(pki=Path("/pki"), registry=Path("/registry"), nodes=Path("/data-root"),
-                      bundles=Path("/bundles"))
+                      bundles=Path("/bundles"), state=Path("/state"))
     ports = T.Ports(serve=(50051,) * NODES, clientapp=(9094,) * NODES)
     return T.Topology(NODES, layout, ports, bind="0.0.0.0", superlink_host="superlink",
                       registry_host="registry")

@@ -107,6 +107,10 @@ def test_run_with_a_malicious_node_killed_and_restarted_completes_and_edges_serv
     rejected = result["rejected"]
     assert rejected.get("invalid", 0) + rejected.get("malformed", 0) >= 1, rejected
     assert rejected.get("norm-clipped", 0) >= 1, rejected
+    # per node: the bad updates all came from one node, the malicious one
+    bad = {n for n, kinds in result["rejected_by_node"].items()
+           if {"invalid", "malformed", "norm-clipped"} & set(kinds)}
+    assert len(bad) == 1, result["rejected_by_node"]
     ACCURACY["malicious"] = _last_row_mean(result)
     nodes = _nodes(dep)
     assert len(nodes) == 3 and all(n["status"] == "online" for n in nodes), nodes  # it rejoined

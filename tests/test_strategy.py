@@ -112,6 +112,8 @@ def test_training_round_is_the_exact_weighted_mean_of_client_delta_w(strategy):
         got = arrays[f"{m}.lora_B"].astype(np.float64) @ arrays[f"{m}.lora_A"]
         assert np.allclose(got, expected, atol=1e-5)  # shared A → rank ≤ r → exact
     assert strategy.rejected == {"invalid": 1} and metrics["clients"] == 2
+    # counted for the node that sent it, too
+    assert strategy.state.rejected_by_node == {str(msgs[2].metadata.dst_node_id): {"invalid": 1}}
     # A stale reply (echoing another round) is rejected too.
     stale = ClientUpdate("c5", "color", 1, 1, frozenset({"language"}), updates[0].tensors)
     strategy.aggregate_train(3, [_reply(msgs[0], encode_update(stale))])

@@ -116,18 +116,28 @@ def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) ->
     work = bundle.parent / (bundle.name + "-quant")
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(bundle, work)
+    sym = {"symmetric": True, "weight_only_ops": ()}
     recipes = [
         ("dynamic per-channel", {"per_channel": True, "reduce_range": False}),
         ("dynamic per-channel reduce_range", {"per_channel": True, "reduce_range": True}),
         ("dynamic per-tensor reduce_range", {"per_channel": False, "reduce_range": True}),
         ("matmulnbits int8 block32 acc4 (int8 compute)",
-         {"block_size": 32, "accuracy_level": 4, "keep_fp32": ""}),
+         {"block_size": 32, "accuracy_level": 4, "keep_fp32": "", **sym}),
         ("matmulnbits int8 block32 acc1 (weight-only)",
-         {"block_size": 32, "accuracy_level": 1, "keep_fp32": ""}),
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": "", **sym}),
         ("matmulnbits int8 block16 acc1, lm_head fp32",
-         {"block_size": 16, "accuracy_level": 1, "keep_fp32": KEEP_FP32}),
-        ("matmulnbits int8 block32 acc1, lm_head fp32 (chosen)",
-         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32}),
+         {"block_size": 16, "accuracy_level": 1, "keep_fp32": KEEP_FP32, **sym}),
+        ("matmulnbits int8 block32 acc1, lm_head fp32 (the previous choice)",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32, **sym}),
+        ("matmulnbits int8 block32 acc1 asymmetric, lm_head fp32",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32, "symmetric": False,
+          "weight_only_ops": ()}),
+        ("matmulnbits int8 block32 acc1 asymmetric, lm_head fp32, conv + embedding int8",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32, "symmetric": False,
+          "weight_only_ops": ("Conv", "Gather")}),
+        ("matmulnbits int8 block32 acc1 asymmetric, lm_head fp32, embedding int8 (chosen)",
+         {"block_size": 32, "accuracy_level": 1, "keep_fp32": KEEP_FP32, "symmetric": False,
+          "weight_only_ops": ("Gather",)}),
     ]
     rows = []
     fp32_bytes = sum((work / f).stat().st_size for f in (FP32, DEC_FP32))

@@ -37,7 +37,9 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -55,7 +57,8 @@ FP32, INT8 = "model.onnx", "model_int8.onnx"  # routing + prefill graph
 DEC_FP32, DEC_INT8 = "decoder.onnx", "decoder_int8.onnx"  # the KV-cache decode step
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
 # The quantiser's settings for this model, chosen by measurement (module docstring).
-QUANT = {"block_size": 32, "accuracy_level": 1}
+QUANT: dict[str, Any] = {"block_size": 32, "accuracy_level": 1, "symmetric": False}
+WEIGHT_ONLY_OPS = ("Gather",)
 # The output projection decides every greedy token (56 KB fp32 here); each GatedLinear's
 # gate·select product is a (E, R) table of exact 0/α-r values, not worth a quantiser.
 KEEP_FP32 = r"^/lm_head/|_proj/MatMul_1$"
@@ -179,9 +182,12 @@ def export_onnx(graph: ExportGraph, path: Path, opset: int = OPSET) -> None:
 
 
 def quantize_int8(src: Path, dst: Path, block_size: int = QUANT["block_size"],
-                  accuracy_level: int = QUANT["accuracy_level"], keep_fp32: str = KEEP_FP32) -> None:
+                  accuracy_level: int = QUANT["accuracy_level"], keep_fp32: str = KEEP_FP32,
+                  symmetric: bool = QUANT["symmetric"], weight_only_ops: tuple[str, ...] = WEIGHT_ONLY_OPS
+                  ) -> None:
     """Block-wise int8 weights (MatMulNBits) for every MatMul with a constant weight, except the
-    nodes whose names match ``keep_fp32``."""
+    nodes whose names match ``keep_fp32``; then the weights of ``weight_only_ops`` (convolutions,
+    embedding tables) as int8 per output channel behind a DequantizeLinear."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -190,12 +196,47 @@ def quantize_int8(src: Path, dst: Path, block_size: int = QUANT["block_size"],
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     keep = [n.name for n in model.graph.node if keep_fp32 and re.search(keep_fp32, n.name)]
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                        accuracy_level=accuracy_level, bits=8)
-    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=keep, algo_config=cfg)
     q.process()
-    q.model.save_model_to_file(str(dst))
+    out = q.model.model
+    if weight_only_ops:
+        int8_weight_only(out, weight_only_ops)
+    onnx.save(out, str(dst))
+
+
+def int8_weight_only(model: onnx.ModelProto, ops: tuple[str, ...], min_elements: int = 2048) -> list[str]:
+    """In place: each fp32 initializer that is the weight of an ``ops`` node (Conv: input 1,
+    Gather: input 0) with ≥ ``min_elements`` values becomes int8 with one symmetric scale per
+    output channel (axis 0: a conv's output channel, an embedding's row) and a DequantizeLinear
+    that gives the consumers back its name. Returns the names converted."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {n.input[0] if n.op_type == "Gather" else n.input[1]
+               for n in model.graph.node if n.op_type in ops and len(n.input) > 1}
+    done, dq_nodes = [], []
+    for name in sorted(weights):
+        init = inits.get(name)
+        if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        w = numpy_helper.to_array(init)  # (C_out, …)
+        if w.size < min_elements:
+            continue
+        scale = np.maximum(np.abs(w).reshape(w.shape[0], -1).max(axis=1), 1e-12) / 127.0  # (C_out,)
+        q = np.clip(np.rint(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale.astype(np.float32),
+                                                                f"{name}_scale")])
+        dq_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"],
+                                         [name], axis=0, name=f"{name}_DequantizeLinear"))
+        done.append(name)
+    for node in reversed(dq_nodes):  # before every consumer
+        model.graph.node.insert(0, node)
+    return done
 
 
 def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_id: str | None = None,
@@ -213,6 +254,7 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     export_onnx(build_graph(gm, decoder_only=True), out / DEC_FP32)
     for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
         quantize_int8(out / src, out / dst, block_size, accuracy_level)
+        onnx.checker.check_model(str(out / dst))
     gm.em.enc.tok.save_pretrained(str(out / TOKENIZER_DIR))
     if gm.em.model.feature_extractor is not None:
         gm.em.model.feature_extractor.save_pretrained(str(out / PROCESSOR_DIR))
@@ -220,8 +262,10 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     extra = {
         "opset": OPSET, "graph": asdict(spec),
         "quantization": {"op": "MatMulNBits", "bits": 8, "block_size": block_size,
-                         "symmetric": True, "accuracy_level": accuracy_level,
-                         "fp32_nodes": KEEP_FP32},
+                         "symmetric": QUANT["symmetric"], "accuracy_level": accuracy_level,
+                         "fp32_nodes": KEEP_FP32,
+                         "weight_only_int8": {"ops": list(WEIGHT_ONLY_OPS),
+                                              "scale": "symmetric, per output channel"}},
         "router_weights": [gm.cfg.dmole.router_vision_weight, 1.0, gm.cfg.dmole.router_audio_weight],
         "max_length": gm.cfg.model.max_length, "max_new_tokens": gm.cfg.train.max_new_tokens,
         "eos_token_id": int(gm.em.enc.eos_id), "pad_token_id": int(gm.em.enc.pad_id),

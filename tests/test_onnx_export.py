@@ -159,3 +159,19 @@ def test_bundle_lists_every_file_with_its_hash(exported):
     assert list(man.tasks) == gm.tasks and man.global_round == 7
     assert set(man.thresholds) == set(gm.tasks)
     assert man.extra["opset"] == 17 and man.versions["onnxruntime"]
+
+
+def test_int8_graph_keeps_the_lm_head_fp32_and_stores_the_embedding_as_int8(exported):
+    import onnx
+    from onnx import TensorProto
+
+    _, bundle, _ = exported
+    m = onnx.load(str(Path(bundle) / "model_int8.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert "MatMulNBits" in ops
+    inits = {i.name: i for i in m.graph.initializer}
+    gathers = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+    dq = {n.output[0]: n for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    embedding = [w for w in gathers if w in dq]  # the token table, int8 per row
+    assert embedding and all(inits[dq[w].input[0]].data_type == TensorProto.INT8 for w in embedding)
+    assert any(n.op_type == "MatMul" and n.name.startswith("/lm_head/") for n in m.graph.node)

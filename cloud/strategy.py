@@ -231,12 +231,16 @@ class FedMoleStrategy(FedAvg):
         federation.round-timeout). Whether the round then counts is decided on the fully
         validated replies (``_aggregate``)."""
         fed = self.cfg.federation
+        replies = list(replies)
+        # Nodes that answered "nothing to do" (no data of the task) were heard: not re-sent.
+        idle = {m.metadata.src_node_id for m in replies
+                if not m.has_error() and skip_reason(m.content) is not None}
         got = self._received_from(replies, rp)
         for attempt in range(1, fed.round_retries + 1):
             ok = {node for node, c in got if self._usable(rp, c)}
             if len(ok) >= fed.quorum or self._grid is None:
                 break
-            again = [m for m in self._sent if m.metadata.dst_node_id not in ok]
+            again = [m for m in self._sent if m.metadata.dst_node_id not in ok | idle]
             if not again:
                 break
             log.warning("round %d: %d usable replies, quorum %d; re-sending to %d nodes "
@@ -246,8 +250,10 @@ class FedMoleStrategy(FedAvg):
                              dst_node_id=m.metadata.dst_node_id) for m in again]
             fresh = self._send(self._drop(fresh, rp, attempt))
             self.state.rejected["retried"] += len(fresh)
-            got += self._received_from(self._grid.send_and_receive(fresh, timeout=fed.round_timeout),
-                                       rp)
+            more = list(self._grid.send_and_receive(fresh, timeout=fed.round_timeout))
+            idle |= {m.metadata.src_node_id for m in more
+                     if not m.has_error() and skip_reason(m.content) is not None}
+            got += self._received_from(more, rp)
         return got
 
     # -- training rounds -----------------------------------------------------------------------

@@ -428,6 +428,17 @@ def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
     assert metrics["skipped"] == 1 and s.rejected["round-skipped"] == 1 and s.rejected["retried"] == 4
     assert all(np.array_equal(before[k], v) for k, v in s.state.experts["color"].items())
 
+    # nodes that answered "no data of this task" were heard: only the silent one is re-sent
+    from protocol.updates import encode_skip
+
+    s3 = FedMoleStrategy(cfg, MMAP, DIMS)
+    silent3 = Grid()
+    msgs, sent = _trained(s3, silent3)
+    s3.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng))),
+                           _reply(msgs[1], encode_skip("c1", "color", "no data"))])
+    assert [[m.metadata.dst_node_id for m in r] for r in silent3.resent] == \
+        [[msgs[2].metadata.dst_node_id]] * 2
+
     # a retry that reaches a node completes the quorum: the round counts
     def answer(m):
         return _reply(m, encode_update(_client_update(f"c{m.metadata.dst_node_id}", sent, rng)))

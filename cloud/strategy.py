@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -81,6 +82,19 @@ def initial_factors(plan: ExpertPlan, task: str, dims: Mapping[str, tuple[int, i
         out[f"{e.module}.lora_A"] = rng.uniform(-bound, bound, (e.rank, d_in)).astype(np.float32)
         out[f"{e.module}.lora_B"] = np.zeros((d_out, e.rank), np.float32)
     return out
+
+
+class _Among:
+    """A view of Flower's Grid whose node list is narrowed to ``nodes`` (for sampling)."""
+
+    def __init__(self, grid: Grid, nodes: set[int]):
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._nodes & set(self._grid.get_node_ids()))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 class StopRun(Exception):
@@ -132,6 +146,8 @@ class FedMoleStrategy(FedAvg):
         self.publisher: Callable[[GlobalState, int, str], str] | None = None
         # (task, client) → the sample count it declared in the task's probe round (capped).
         self.declared: dict[tuple[str, str], int] = {}
+        # task → Flower node ids that answered its probe with data (this process's run only)
+        self.holders: dict[str, set[int]] = {}
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -193,12 +209,15 @@ class FedMoleStrategy(FedAvg):
                         need, self.cfg.federation.round_timeout)
         return n
 
-    def _sample(self, grid: Grid, rp: RoundPlan, build: Callable[[], list[Message]]) -> list[Message]:
+    def _sample(self, grid: Grid, rp: RoundPlan, build: Callable[[], list[Message]],
+                among: int | None = None) -> list[Message]:
         """Flower's sampling (``build``), with the node minimums lowered to what is connected
-        once the deadline has passed; no node at all → no message (the round is skipped)."""
+        once the deadline has passed (or to ``among``, the size of a narrowed candidate set);
+        no node at all → no message (the round is skipped)."""
         n = self._await_nodes(grid, self.min_available_nodes, rp)
         if n == 0:
             return []
+        n = min(n, among) if among is not None else n
         saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
         self.min_available_nodes = min(self.min_available_nodes, n)
         self.min_train_nodes = min(self.min_train_nodes, n)
@@ -279,9 +298,17 @@ class FedMoleStrategy(FedAvg):
         # autoencoder fit) and the allocation needs the clients that hold task t, which a
         # 10% sample of many clients can miss entirely.
         saved, self.fraction_train = self.fraction_train, 1.0 if rp.phase == PROBE else self.fraction_train
+        # A sampled training round goes to the task's holders (the nodes that answered its
+        # probe with data): a node without the task's data can only reply "no data". Unknown
+        # holders (a resumed run, a probe nobody answered) → all nodes, as Flower samples.
+        pool: Grid = grid
+        holders = self.holders.get(rp.task, set()) & set(grid.get_node_ids())
+        if rp.phase != PROBE and self.fraction_train < 1.0 and holders:
+            pool = cast(Grid, _Among(grid, holders))  # duck-typed: Flower reads get_node_ids
         try:
             msgs = self._sample(grid, rp, lambda: list(
-                super(FedMoleStrategy, self).configure_train(server_round, arrays, config, grid)))
+                super(FedMoleStrategy, self).configure_train(server_round, arrays, config, pool)),
+                among=len(holders) if pool is not grid else None)
         finally:
             self.fraction_train = saved
         self._grid, self._sent = grid, msgs
@@ -341,6 +368,7 @@ class FedMoleStrategy(FedAvg):
                 continue
             n = self._cap(p.client_id, task, p.n_samples, node)
             self.declared[(task, p.client_id)] = n
+            self.holders.setdefault(task, set()).add(node)
             rows.append((p.scores, n))
             n_total += n
             for t, v in p.votes.items():

@@ -336,6 +336,30 @@ def test_probe_reaches_every_client_and_training_samples_the_fraction():
     assert len(list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))) == 2
 
 
+def test_a_sampled_training_round_goes_to_the_tasks_holders_only():
+    from protocol.updates import encode_skip
+
+    cfg = parse_config({"data.tasks": "color", "federation.clients": 8, "federation.fraction": 0.25,
+                        "federation.min-clients": 2, "federation.rounds-per-task": 2,
+                        "lora.rank": 2, "lora.alpha": 4, "dmole.router": "none"})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    grid = Grid(nodes=range(1, 9))
+    probe = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert len(probe) == 8  # the probe reaches everyone
+    scores = {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}
+    holders = {m.metadata.dst_node_id for m in probe[:3]}
+    st.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5, scores)))
+                           if m.metadata.dst_node_id in holders
+                           else _reply(m, encode_skip(f"c{i}", "color", "no-data"))
+                           for i, m in enumerate(probe)])
+    for r in (2, 3):  # 25% of 8 = 2 nodes, drawn among the 3 holders every time
+        msgs = list(st.configure_train(r, ArrayRecord(), ConfigRecord(), grid))
+        assert len(msgs) == 2 and {m.metadata.dst_node_id for m in msgs} <= holders
+    # holders unknown (e.g. a resumed run): Flower's sampling over every node
+    st.holders.clear()
+    assert len(list(st.configure_train(2, ArrayRecord(), ConfigRecord(), grid))) == 2
+
+
 def test_scaled_update_is_shrunk_duplicates_refused_and_claimed_samples_capped(strategy):
     """A ×100 update is pulled back to 3× the round's median change; a second reply of the same
     client is refused; a client claiming more samples than it declared in the probe is capped."""

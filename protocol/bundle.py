@@ -39,6 +39,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocol.checks import finite_number
+
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = 1  # manifest format this code writes and reads
@@ -174,16 +176,6 @@ def _seconds(value: int | float, where: str) -> float:
                           f"{value!r}; re-export the bundle") from None
 
 
-def _finite(v: Any) -> bool:
-    """A number (not a bool) that converts to a finite float."""
-    if isinstance(v, bool) or not isinstance(v, float | int):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def check_bundle_id(bundle_id: Any, what: str = "bundle_id") -> str:
     """Return ``bundle_id`` if it is a safe folder name ([A-Za-z0-9._-]+, no leading '.')."""
     if not isinstance(bundle_id, str) or not _SAFE_ID.fullmatch(bundle_id) or len(bundle_id) > 200:
@@ -222,7 +214,7 @@ def _validate(m: Manifest, where: str) -> None:
     for task, thr in m.thresholds.items():
         if task not in known:
             raise bad(f"thresholds[{task!r}]", f"a threshold of a listed task {sorted(known)}", task)
-        if not _finite(thr):
+        if not finite_number(thr):
             raise bad(f"thresholds[{task!r}]", "a finite number", thr)
     for task, others in m.partners.items():
         if task not in known or any(not isinstance(o, str) or o not in known for o in others):

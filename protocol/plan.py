@@ -16,13 +16,14 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from protocol.checks import finite_number
 
 PLAN_VERSION = 1
 
@@ -68,13 +69,6 @@ def _bad(field: str, rule: str, value: Any) -> PlanError:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v: int | float) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond the float range
-        return False
 
 
 def _name(v: Any, field: str) -> str:
@@ -134,8 +128,7 @@ def _check_allocation(a: TaskAllocation, modality_of: Mapping[str, str], field: 
                    a.per_modality)
     if len(a.modules) != a.budget:
         raise _bad(f"{field}.budget", f"the number of its modules ({len(a.modules)})", a.budget)
-    if isinstance(a.seconds, bool) or not isinstance(a.seconds, int | float) or not _finite(a.seconds) \
-            or a.seconds < 0:
+    if not finite_number(a.seconds) or a.seconds < 0:
         raise _bad(f"{field}.seconds", "a finite number >= 0", a.seconds)
 
 

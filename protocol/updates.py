@@ -17,7 +17,6 @@ numpy (Flower's ArrayRecord has no bfloat16: cast at the edge).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from protocol.checks import finite_number
 from protocol.compression import compress, decompress
 
 ARRAYS_KEY = "expert"
@@ -149,16 +149,6 @@ def encode_probe(p: ProbeReply) -> RecordDict:
                        VOTES_KEY: MetricRecord({k: int(v) for k, v in p.votes.items()}),
                        META_KEY: ConfigRecord({"client-id": p.client_id, "task": p.task,
                                                "num-examples": int(p.n_samples)})})
-
-
-def finite_number(v: Any) -> bool:
-    """An int or float, not a bool, that converts to a finite float (an int may be too large)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def decode_probe(content: RecordDict) -> ProbeReply:

@@ -280,3 +280,16 @@ def test_compare_command_reads_runs_and_rejects_a_missing_one(tmp_path) -> None:
     assert (tmp_path / "t.md").read_text().startswith("| method")
     res = CliRunner().invoke(app, ["compare", str(tmp_path / "missing")])
     assert res.exit_code == 3
+
+
+def test_an_unknown_task_name_is_a_usage_error_not_a_traceback(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from fedmole_cli import EXIT_USAGE, app
+
+    for cmd in (["simulate"], ["train", "--method", "dmole"]):
+        res = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "run"), "--set", "data.tasks=colour",
+                                       "--set", f"data.cache-dir={tmp_path / 'cache'}", "-q"])
+        assert res.exit_code == EXIT_USAGE, res.output
+        assert "unknown task 'colour'" in res.output and "known tasks: color" in res.output
+        assert not (tmp_path / "run" / "metrics.json").exists()

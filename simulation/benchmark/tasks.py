@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from protocol.config import ConfigError
 from simulation.benchmark.audio import (
     AUDIO_RATE,
     MAX_SECONDS,
@@ -347,10 +348,10 @@ def list_tasks() -> list[str]:
 
 
 def check_tasks(names: tuple[str, ...] | list[str]) -> None:
-    """Raise ``ValueError`` naming the first unknown task and listing the known ones."""
+    """Raise :class:`ConfigError` (a ``ValueError``) naming the first unknown task and the known ones."""
     for name in names:
         if name not in TASKS:
-            raise ValueError(f"unknown task {name!r} in config key `data.tasks`; "
+            raise ConfigError(f"unknown task {name!r} in config key `data.tasks`; "
                              f"known tasks: {', '.join(TASKS)}")
 
 

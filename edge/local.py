@@ -8,9 +8,9 @@ same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.st
   co-activation votes of the client's task-t samples under the global routers of older tasks;
   and a first local fit of task t's autoencoder from the shared seeded init.
 * **train** — the held-out samples' error histogram under the global AE (for τ), optionally
-  more local AE epochs, then ``federation.local-steps`` optimiser steps on task t's expert
-  (partners active, frozen) over local task-t data mixed with the persisted replay buffer; the
-  learning rate follows the task's schedule across rounds (round k covers steps
+  more local AE epochs, then ``federation.local-epochs`` of optimiser steps (at most
+  ``local-steps``) on task t's expert (partners active, frozen) over local task-t data mixed with
+  the persisted replay buffer; the learning rate (``federation.client-lr``) follows the task's schedule across rounds (round k covers steps
   (k−1)·S … k·S−1 of one warmup + cosine over R·S steps), so R rounds of S steps see the same
   schedule as S·R centralized steps.
 * **evaluate** — route each local test sample of the tasks seen so far and the next one with
@@ -191,7 +191,7 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     total = steps * max(1, ins.rounds)
     task_sched = cosine_schedule(int(cfg.train.warmup_fraction * total), total)
     offset = (max(1, ins.train_round) - 1) * steps
-    stats = train_steps(em.model, next_batch, steps, cfg.train.lr, cfg.train.weight_decay,
+    stats = train_steps(em.model, next_batch, steps, fed.client_lr, cfg.train.weight_decay,
                         desc=f"{c.id} {task}", progress=False,
                         schedule=lambda s: task_sched(offset + s))
     em.experts.activate([])

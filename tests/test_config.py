@@ -113,3 +113,6 @@ def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
     assert FederationConfig(local_steps=50, local_epochs=12).steps_for(347, 32) == 50
     with pytest.raises(ConfigError, match="local-epochs"):
         parse_config({"federation.local-epochs": -1})
+    assert parse_config({"federation.client-lr": 0.01}).federation.client_lr == 0.01
+    with pytest.raises(ConfigError, match="client-lr"):
+        parse_config({"federation.client-lr": 0})

@@ -89,6 +89,28 @@ def test_train_round_sends_only_its_experts_is_deterministic_and_fills_replay(se
     assert ReplayStore(c.state_dir / "replay", cfg.replay.buffer_size, None, 0).seen() == store.seen()
 
 
+def test_clients_step_at_federation_client_lr_not_train_lr(setup, tmp_path):
+    import dataclasses
+
+    cfg, partition, em, clients = setup
+    c = next(c for c in clients if "color" in c.data.train)
+    plan = _plan_with(em, "color", {m: float(i % 5) for i, m in enumerate(em.mmap)})
+    experts = {"color": initial_factors(plan, "color", em.dims, 0)}
+    ins = Instruction(phase="train", task="color", task_index=0, global_round=2, method="dmole",
+                      plan=plan, train_round=1, rounds=2)
+
+    def change(train_lr: float, client_lr: float, name: str) -> float:
+        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=train_lr),
+                                  federation=dataclasses.replace(cfg.federation, client_lr=client_lr))
+        u = decode_update(local.train(local.Client(run, c.data, tmp_path / name, em), ins, experts, {}))
+        # how far the expert's B factors (zero at init) moved: grows with the step size
+        return sum(float(np.abs(t).sum()) for k, t in u.tensors.items() if k.endswith(".lora_B"))
+
+    base = change(1e-3, 1e-3, "a")
+    assert change(5e-2, 1e-3, "b") == pytest.approx(base)  # train.lr is the centralized runners'
+    assert change(1e-3, 1e-2, "c") > 3 * base
+
+
 def test_evaluate_reports_seen_and_next_tasks_only(setup):
     cfg, partition, em, clients = setup
     scores = {m: 1.0 for m in em.mmap}

@@ -317,15 +317,16 @@ class FederationConfig:
     # takes ceil(E · n / batch-size) steps per round, at most local-steps. 0 → every client
     # takes local-steps steps whatever its size. Measured on the default scenario (Dirichlet
     # 0.5 shards of 34–347 samples): a fixed 80 steps ran the smallest shard ~200 epochs a task
-    # and gave AVG 36.6; E = 12 gave 40.6 / 45.5 / 46.3 over three seeds (centralized D-MoLE +
-    # replay on the same data: 49.0 / 44.7 / 41.8) in about the same wall time.
+    # and gave AVG 36.6; E = 12 gave 40.6 / 45.5 / 46.3 over three seeds at client-lr 3e-3, and
+    # 44.9 / 47.9 / 47.4 at 6e-3 (centralized D-MoLE + replay on the same data: 49.0 / 44.7 /
+    # 41.8), in about the same wall time. E = 16 at 3e-3 gave 45.8 at seed 0 but ~40% more time.
     local_epochs: float = 12.0
     # Learning rate of the clients' local optimiser (train.lr is the centralized runners'). FedAvg
     # of LoRA experts takes smaller steps than one learner: clients' ΔW partly cancel in the mean,
     # and the cloud re-factors the mean to rank r by SVD. Measured on the default scenario,
-    # seed 0: at 3e-3 (= train.lr) color, the first task, scored 71.0 (seeds 0–5: mean 72.8)
-    # and AVG 40.6; at 6e-3 color scored 86.0 (seeds 0–5: mean 89.3) and AVG 44.9. Centralized
-    # D-MoLE + replay at 6e-3 fell from AVG 49.0 to 46.2, so train.lr stays 3e-3.
+    # seed 0: at 3e-3 (= train.lr) color, the first task, scored 71.0 (alone, seeds 0–5: mean
+    # 72.8) and AVG 40.6; at 6e-3 color scored 86.0 (alone, seeds 0–5: mean 89.3) and AVG 44.9.
+    # Centralized D-MoLE + replay at 6e-3 fell from AVG 49.0 to 46.2, so train.lr stays 3e-3.
     client_lr: float = 6e-3
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training

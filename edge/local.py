@@ -10,9 +10,9 @@ same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.st
 * **train** — the held-out samples' error histogram under the global AE (for τ), optionally
   more local AE epochs, then ``federation.local-epochs`` of optimiser steps (at most
   ``local-steps``) on task t's expert (partners active, frozen) over local task-t data mixed with
-  the persisted replay buffer; the learning rate (``federation.client-lr``) follows the task's schedule across rounds (round k covers steps
-  (k−1)·S … k·S−1 of one warmup + cosine over R·S steps), so R rounds of S steps see the same
-  schedule as S·R centralized steps.
+  the persisted replay buffer; the learning rate (``federation.client-lr``) follows the task's
+  schedule across rounds (round k covers steps (k−1)·S … k·S−1 of one warmup + cosine over R·S
+  steps), so R rounds of S steps see the same schedule as S·R centralized steps.
 * **evaluate** — route each local test sample of the tasks seen so far and the next one with
   the global routers, answer with its experts, report exact-match accuracy and test count per
   task (later tasks are not measured: no metric reads them).

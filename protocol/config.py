@@ -319,7 +319,8 @@ class FederationConfig:
     # 0.5 shards of 34–347 samples): a fixed 80 steps ran the smallest shard ~200 epochs a task
     # and gave AVG 36.6; E = 12 gave 40.6 / 45.5 / 46.3 over three seeds at client-lr 3e-3, and
     # 44.9 / 47.9 / 47.4 at 6e-3 (centralized D-MoLE + replay on the same data: 49.0 / 44.7 /
-    # 41.8), in about the same wall time. E = 16 at 3e-3 gave 45.8 at seed 0 but ~40% more time.
+    # 41.8), in about the same wall time. E = 16 at 3e-3 gave 45.8 at seed 0 with a third more
+    # steps (`make demo`: 930 s).
     local_epochs: float = 12.0
     # Learning rate of the clients' local optimiser (train.lr is the centralized runners'). FedAvg
     # of LoRA experts takes smaller steps than one learner: clients' ΔW partly cancel in the mean,

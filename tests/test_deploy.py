@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 # at client-lr 3e-3; at the default 6e-3 the two runs measured 63.5 (malicious) and 59.5 (clean)
 # once: larger steps spread runs whose aggregates differ (a median over 2 honest + 1 attacked node
 # vs over 3 honest), so this scenario keeps 3e-3.
-LEARNABLE = {"federation.client-lr": 3e-3, "data.tasks": "color,beats", "data.train-per-task": 300, "data.test-per-task": 100,
+LEARNABLE = {"federation.client-lr": 3e-3,
+             "data.tasks": "color,beats", "data.train-per-task": 300, "data.test-per-task": 100,
              "data.pretrain-size": 4000, "pretrain.steps": 800, "train.eval-batch-size": 50,
              "replay.buffer-size": 40, "federation.dirichlet-alpha": 100.0,
              "federation.no-audio-fraction": 0.0, "federation.rounds-per-task": 3,

@@ -177,11 +177,12 @@ def data(
 @app.command()
 def pretrain(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Pretrain (or find in the cache) the base model and print its checkpoint folder."""
-    from simulation.base import ensure_base
+    from simulation.base import describe_base, ensure_base
     from simulation.benchmark import ensure_benchmark
 
     cfg = _guard(lambda: _config(config, set_))
     path = _guard(lambda: ensure_base(cfg, ensure_benchmark(cfg.data), progress=not quiet))
+    typer.echo(describe_base(path), err=True)
     typer.echo(str(path))
 
 

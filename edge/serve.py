@@ -151,6 +151,47 @@ class ModelHolder:
             return True
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not the message the method takes (kept to answer with)."""
+
+    message: str
+    error: str
+
+
+def _lenient(message_cls):
+    """A request deserializer that never raises: bytes that do not parse become
+    :class:`Undecodable`, so the method answers INVALID_ARGUMENT instead of gRPC's own
+    ``INTERNAL: Exception deserializing request!``."""
+    def parse(raw: bytes):
+        try:
+            return message_cls.FromString(raw)
+        except Exception as e:  # protobuf's DecodeError, and whatever a C++ parser raises
+            return Undecodable(message_cls.DESCRIPTOR.full_name, f"{type(e).__name__}: {e}")
+    return parse
+
+
+def add_inference_servicer(servicer: InferenceServicer, server: grpc.Server) -> None:
+    """``add_InferenceServicer_to_server`` with lenient request parsing (same method names)."""
+    pb = inference_pb2
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict, request_deserializer=_lenient(pb.PredictRequest),
+            response_serializer=pb.PredictResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _refuse_undecodable(request: object, context: grpc.ServicerContext) -> None:
+    if isinstance(request, Undecodable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request bytes are not a valid {request.message} ({request.error}); "
+                      "build it with the stubs in protocol/proto")
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, holder: ModelHolder):
         self.holder = holder
@@ -164,6 +205,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def Predict(self, request: inference_pb2.PredictRequest, context: grpc.ServicerContext
                 ) -> inference_pb2.PredictResponse:
+        _refuse_undecodable(request, context)
         served = self._served(context)
         try:
             samples, max_new = decode_request(request, served.limits)
@@ -182,6 +224,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def GetModelInfo(self, request: inference_pb2.ModelInfoRequest, context: grpc.ServicerContext
                      ) -> inference_pb2.ModelInfo:
+        _refuse_undecodable(request, context)
         served = self._served(context)
         m, lim = served.model, served.limits
         return inference_pb2.ModelInfo(
@@ -224,7 +267,7 @@ def start_service(bundle: Path | None, trusted_key: Path | None, host: str = "12
     opts = [("grpc.max_receive_message_length", TRANSPORT_LIMIT),
             ("grpc.max_send_message_length", TRANSPORT_LIMIT), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(holder), server)
+    add_inference_servicer(InferenceServicer(holder), server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -16,6 +16,7 @@ Pitfalls handled here (shared/versions.md): SigLIP has no CLS token, so the feat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_size: int
-                   ) -> MoleModel:
+def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_size: int,
+                   init_seed: int = 0) -> MoleModel:
     """A freshly initialised LLaVA model sized by ``cfg`` for ``tokenizer``'s vocabulary."""
     if image_size % cfg.patch_size:
         raise ValueError(
@@ -93,7 +94,7 @@ def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_s
         image_seq_length=n_patches,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)  # the architecture's init is part of the (cached) base's identity
+    torch.manual_seed(init_seed)  # the init is part of the (cached) base's identity
     llava = LlavaForConditionalGeneration(config)
     if not cfg.audio_hidden:
         return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
@@ -172,6 +173,21 @@ def _load_audio_tower(p: Path, tokenizer: PreTrainedTokenizerBase) -> dict:
     if audio_id is None or audio_id == tokenizer.unk_token_id:
         raise CheckpointError(f"tokenizer of {str(p)!r} has no {AUDIO} token for its audio tower")
     return {"audio_tower": tower, "audio_token_id": int(audio_id), "feature_extractor": extractor}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) in name order: the base's identity.
+
+    Two machines that pretrained "the same" base (same data and config) may hold different
+    weights (other CPU kernels round differently); this digest tells them apart, and a base that
+    was loaded is checked against the digest recorded when it was saved.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_base_info(path: Path) -> dict:

@@ -40,6 +40,8 @@ class DataConfig:
     train_per_task: int = 600
     test_per_task: int = 200
     pretrain_size: int = 8000
+    # Held-out pretraining samples, balanced over the 8 templates: the base's quality check.
+    pretrain_heldout: int = 800
     image_size: int = 32
     # Where generated data and the pretrained base are cached ("" → $FEDMOLE_CACHE or .cache/fedmole).
     cache_dir: str = ""
@@ -51,6 +53,7 @@ class DataConfig:
         _check(self.train_per_task > 0, "data.train-per-task", "> 0", self.train_per_task)
         _check(self.test_per_task > 0, "data.test-per-task", "> 0", self.test_per_task)
         _check(self.pretrain_size > 0, "data.pretrain-size", "> 0", self.pretrain_size)
+        _check(self.pretrain_heldout > 0, "data.pretrain-heldout", "> 0", self.pretrain_heldout)
         _check(self.image_size in (32, 64), "data.image-size", "32 or 64", self.image_size)
 
 
@@ -142,9 +145,26 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_fraction: float = 0.05
+    # Seeds the architecture's init and the batch order: a different seed is a different base
+    # (the cache key holds it), which is how the seeds bench measures the spread over bases.
+    seed: int = 0
+    # The quality bar: after `steps`, every pretraining template's held-out exact match (%) must
+    # reach `target`; below it, pretraining goes on in rounds of `extend-steps` (a short warmup
+    # + cosine restart at `extend-lr-factor` × lr) until it does or `max-steps` is spent.
+    target: float = 90.0
+    max_steps: int = 4000
+    extend_steps: int = 500
+    extend_lr_factor: float = 0.5
 
     def validate(self) -> None:
         _check(self.steps > 0, "pretrain.steps", "> 0", self.steps)
+        _check(self.seed >= 0, "pretrain.seed", ">= 0", self.seed)
+        _check(0 <= self.target <= 100, "pretrain.target", "a percentage in [0, 100]", self.target)
+        _check(self.max_steps >= self.steps, "pretrain.max-steps", f">= pretrain.steps ({self.steps})",
+               self.max_steps)
+        _check(self.extend_steps > 0, "pretrain.extend-steps", "> 0", self.extend_steps)
+        _check(0 < self.extend_lr_factor <= 1, "pretrain.extend-lr-factor", "in (0, 1]",
+               self.extend_lr_factor)
         _check(self.batch_size > 0, "pretrain.batch-size", "> 0", self.batch_size)
         _check(self.lr > 0, "pretrain.lr", "> 0", self.lr)
         _check(0 <= self.warmup_fraction < 1, "pretrain.warmup-fraction", "in [0, 1)",

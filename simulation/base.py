@@ -1,12 +1,27 @@
 """The cloud's foundation model: pretrained once on the benchmark's pretraining split, cached.
 
 The base learns perception and word/number primitives (what shape, is there a red circle,
-repeat words, the next number, is the digit > 4) with instruction templates that the continual
-tasks do not use, so it is competent but scores near zero zero-shot on the stream — the
-continual tasks are new skills, as in continual instruction tuning.
+repeat words, the next number, is the digit > 4; high/low tones, is there a sound, more than
+three beeps) with instruction templates that the continual tasks do not use, so it is
+competent but scores near zero zero-shot on the stream — the continual tasks are new skills,
+as in continual instruction tuning.
 
-The cache key hashes everything the weights depend on (data, model sizes, pretraining
-schedule); the folder is written beside its final place and renamed in, so an interrupted
+**A base that is good enough every time.** How well the stream can be learnt depends on the
+base (the colour task swung from ~20% to ~95% between bases pretrained on two machines), so
+pretraining is held to a bar: after ``pretrain.steps`` every template's held-out exact match
+must reach ``pretrain.target``; a template below it earns another round of
+``pretrain.extend-steps`` (a warmup + cosine restart at a lower rate), until the bar is met or
+``pretrain.max-steps`` is spent (then the base is kept, flagged ``target_met: false``, and a
+warning says so).
+
+**Knowing the base.** ``fedmole_base.json`` records the sha256 of the weights, the sha256 of
+the data it was trained on, the held-out accuracy per template, the zero-shot row on the
+stream's tasks, the pretraining history and the machine (torch's CPU kernel level, threads,
+library versions): what differs between two machines that pretrained under the same key.
+Loading a cached base recomputes the weights' digest and refuses a base that does not match.
+
+The cache key hashes everything the weights depend on (data, model sizes, pretraining schedule
+and seed); the folder is written beside its final place and renamed in, so an interrupted
 pretraining never leaves a half checkpoint that a later run would trust.
 """
 
@@ -14,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -22,16 +39,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mole.backbone import build_backbone, load_backbone, pick_device, save_backbone
+from mole.backbone import (
+    CheckpointError,
+    build_backbone,
+    load_backbone,
+    pick_device,
+    read_base_info,
+    save_backbone,
+    weights_digest,
+)
 from mole.batching import Encoder
 from mole.model import MoleModel
-from mole.steps import train_steps
+from mole.steps import TrainStats, cosine_schedule, generate_answers, train_steps
 from mole.tokenizer import build_word_tokenizer
 from protocol.config import RunConfig
-from protocol.manifest import load_samples, read_manifest
+from protocol.manifest import Sample, load_samples, read_manifest
 from simulation.benchmark import benchmark_key, cache_root
+from simulation.benchmark.generate import HELDOUT_FOLDER
+from simulation.benchmark.tasks import PRETRAIN_TEMPLATES, pretrain_template, task_metrics
 
-BASE_VERSION = "1"
+BASE_VERSION = "2"  # 2: pretraining held to a held-out bar; pretrain.seed
+log = logging.getLogger(__name__)
 
 
 def base_key(cfg: RunConfig) -> str:
@@ -55,31 +83,116 @@ def _vocabulary_texts(data_root: Path) -> list[str]:
     return texts
 
 
+def data_digest(data_root: Path) -> str:
+    """sha256 over every file of the benchmark folder (relative path + bytes, in path order).
+
+    Recorded with the base: equal digests on two machines mean the data bytes are not what
+    differs between their bases.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in data_root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(data_root)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def machine_info() -> dict:
+    """What can make the same pretraining differ between machines (README: reproducibility)."""
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "numpy": np.__version__, "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": cpu,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def heldout_accuracy(model: MoleModel, enc: Encoder, samples: list[Sample], batch_size: int,
+                     max_new_tokens: int) -> dict[str, float]:
+    """Exact match (%) per pretraining template on the held-out pretraining samples."""
+    preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)
+    right: dict[str, list[bool]] = {t: [] for t in PRETRAIN_TEMPLATES}
+    for s, p in zip(samples, preds, strict=True):
+        right[pretrain_template(s.instruction)].append(p.strip() == s.answer)
+    return {t: round(100.0 * sum(v) / len(v), 1) for t, v in right.items() if v}
+
+
+def zero_shot_row(model: MoleModel, enc: Encoder, data_root: Path, cfg: RunConfig
+                  ) -> dict[str, float]:
+    """The base's exact match (%) on the test split of every task of the stream."""
+    from mole.steps import evaluate
+
+    return {t: round(evaluate(model, enc, load_samples(data_root / t, "test"), task_metrics(t),
+                              cfg.train.eval_batch_size, cfg.train.max_new_tokens)["exact"], 1)
+            for t in cfg.data.tasks}
+
+
 def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
                   ) -> tuple[MoleModel, object, dict]:
-    """Build the backbone from configs and train all its weights on the pretraining split."""
+    """Build the backbone from configs and train all its weights until the held-out bar."""
+    pc = cfg.pretrain
     tok = build_word_tokenizer(_vocabulary_texts(data_root))
     device = pick_device(cfg.train.device)
-    model = build_backbone(cfg.model, tok, cfg.data.image_size).to(device)
+    model = build_backbone(cfg.model, tok, cfg.data.image_size, init_seed=pc.seed).to(device)
     enc = Encoder.for_model(tok, model, cfg.model.max_length)
     samples = load_samples(data_root / "pretrain")
-    rng = np.random.default_rng(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    heldout = load_samples(data_root / HELDOUT_FOLDER)
+    rng = np.random.default_rng(pc.seed)
+    torch.manual_seed(pc.seed)
     for p in model.parameters():
         p.requires_grad = True
-    bs = cfg.pretrain.batch_size
+    bs = pc.batch_size
 
     def next_batch(_: int):
         return enc.train_batch([samples[i] for i in rng.integers(0, len(samples), bs)])
 
-    stats = train_steps(model, next_batch, cfg.pretrain.steps, cfg.pretrain.lr,
-                        warmup_fraction=cfg.pretrain.warmup_fraction, desc="pretrain base",
-                        progress=progress)
+    def measure() -> dict[str, float]:
+        return heldout_accuracy(model, enc, heldout, cfg.train.eval_batch_size,
+                                cfg.train.max_new_tokens)
+
+    # Round 0: the planned schedule. Then restarts while a template is below the bar.
+    stages: list[TrainStats] = [train_steps(
+        model, next_batch, pc.steps, pc.lr, warmup_fraction=pc.warmup_fraction,
+        desc="pretrain base", progress=progress)]
+    acc = measure()
+    history = [{"steps": pc.steps, "heldout": acc}]
+    done = pc.steps
+    while min(acc.values()) < pc.target and done < pc.max_steps:
+        n = min(pc.extend_steps, pc.max_steps - done)
+        warm = max(1, int(pc.warmup_fraction * n))
+        stages.append(train_steps(
+            model, next_batch, n, pc.lr * pc.extend_lr_factor, schedule=cosine_schedule(warm, n),
+            desc=f"pretrain base (+{n}, below {pc.target:g}%)", progress=progress))
+        done += n
+        acc = measure()
+        history.append({"steps": done, "heldout": acc})
     for p in model.parameters():
         p.requires_grad = False
-    info = {"key": base_key(cfg), "steps": stats.steps, "first_loss": stats.first_loss,
-            "final_loss": stats.last_loss, "seconds": round(stats.seconds, 1),
-            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_flat()}
+    model.eval()
+    met = min(acc.values()) >= pc.target
+    if not met:
+        low = {t: a for t, a in acc.items() if a < pc.target}
+        log.warning("the base missed the held-out bar of %g%% after %d steps on %s: the stream's "
+                    "results on this base are not comparable to the README's", pc.target, done, low)
+    info = {
+        "key": base_key(cfg), "seed": pc.seed, "steps": done, "target": pc.target,
+        "target_met": met, "heldout": acc, "history": history,
+        "first_loss": stages[0].first_loss, "final_loss": stages[-1].last_loss,
+        "seconds": round(sum(s.seconds for s in stages), 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "zero_shot": zero_shot_row(model, enc, data_root, cfg),
+        "data_sha256": data_digest(data_root), "machine": machine_info(), "config": cfg.to_flat(),
+    }
     return model, tok, info
 
 
@@ -92,10 +205,12 @@ def ensure_base(cfg: RunConfig, data_root: Path, progress: bool = True) -> Path:
         return final
     t0 = time.perf_counter()
     model, tok, info = pretrain_base(cfg, data_root, progress)
+    model = model.cpu()
+    info["weights_sha256"] = weights_digest(model)
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_backbone(model.cpu(), tok, tmp, info)  # type: ignore[arg-type]
+    save_backbone(model, tok, tmp, info)  # type: ignore[arg-type]
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():  # a concurrent run finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,6 +222,47 @@ def ensure_base(cfg: RunConfig, data_root: Path, progress: bool = True) -> Path:
 def load_base(cfg: RunConfig, data_root: Path, progress: bool = True):
     path = ensure_base(cfg, data_root, progress)
     model, tok = load_backbone(path, pick_device(cfg.train.device))
+    recorded = read_base_info(path).get("weights_sha256")
+    if recorded and (got := weights_digest(model)) != recorded:
+        raise CheckpointError(
+            f"base checkpoint {str(path)!r} holds weights with sha256 {got[:16]}… but its "
+            f"fedmole_base.json records {recorded[:16]}…: the folder was changed or corrupted; "
+            "delete it to pretrain the base again")
     for p in model.parameters():
         p.requires_grad = False
     return model, tok, path
+
+
+def base_summary(path: Path) -> dict:
+    """What every run report shows of its base: identity, quality bar, held-out accuracy."""
+    info = read_base_info(path)
+    keys = ("key", "seed", "steps", "final_loss", "params", "wall_s", "weights_sha256",
+            "data_sha256", "target", "target_met", "heldout", "zero_shot", "machine")
+    return {"path": str(path), **{k: info[k] for k in keys if k in info}}
+
+
+def describe_base(path: Path) -> str:
+    """Human-readable lines for ``fedmole pretrain``: the base's identity and quality."""
+    info = read_base_info(path)
+    lines = [f"base: {path}"]
+    if not info:
+        return "\n".join(lines + ["  (no fedmole_base.json: a base from elsewhere)"])
+    m = info.get("machine", {})
+    lines += [
+        f"  weights sha256: {info.get('weights_sha256', '?')}",
+        f"  data sha256:    {info.get('data_sha256', '?')}",
+        f"  pretraining:    seed {info.get('seed', '?')}, {info.get('steps', '?')} steps, "
+        f"{info.get('wall_s', '?')} s, final loss {info.get('final_loss', float('nan')):.4f}",
+        f"  machine:        {m.get('cpu', '?')} ({m.get('cpu_capability', '?')}, "
+        f"{m.get('threads', '?')} threads), torch {m.get('torch', '?')}",
+    ]
+    held = info.get("heldout", {})
+    if held:
+        bar = info.get("target")
+        flag = "" if info.get("target_met", True) else f"  BELOW THE BAR OF {bar:g}%"
+        lines.append("  held-out (%):   " + ", ".join(f"{t} {a:.1f}" for t, a in held.items())
+                     + flag)
+    zs = info.get("zero_shot", {})
+    if zs:
+        lines.append("  zero-shot (%):  " + ", ".join(f"{t} {a:.1f}" for t, a in zs.items()))
+    return "\n".join(lines)

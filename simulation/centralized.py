@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mole.backbone import read_base_info
 from mole.batching import Encoder
 from mole.experts import ExpertModel
 from mole.modality import modality_map, modules_by_modality
@@ -25,7 +24,7 @@ from mole.model import MoleModel
 from mole.steps import evaluate, train_steps
 from protocol.config import RunConfig
 from protocol.manifest import Sample, load_samples
-from simulation.base import load_base
+from simulation.base import base_summary, load_base
 from simulation.benchmark import ensure_benchmark, task_metrics
 from simulation.methods import make_source
 from simulation.metrics import modality_arrivals
@@ -134,9 +133,3 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         zero_shot=[zero[t]["exact"] for t in tasks], bytes_up=0, bytes_down=0,
         wall_s=time.perf_counter() - t_start, config=cfg.to_flat(), extra=extra,
     )
-
-
-def base_summary(path: Path) -> dict:
-    info = read_base_info(path)
-    return {"path": str(path),
-            **{k: info[k] for k in ("steps", "final_loss", "params", "wall_s") if k in info}}

@@ -47,7 +47,8 @@ from mole.steps import train_steps
 from protocol.config import RunConfig
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
-from simulation.centralized import Stream, base_summary, prepare_stream
+from simulation.base import base_summary
+from simulation.centralized import Stream, prepare_stream
 from simulation.methods import BatchSource, make_source
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs

@@ -305,7 +305,7 @@ def tiny(tmp_path: Path, **kw: object) -> DataConfig:
 def test_generated_benchmark_writes_wav_files(tmp_path: Path) -> None:
     root = ensure_benchmark(tiny(tmp_path))
     stream = json.loads((root / "stream.json").read_text())
-    assert stream["generator_version"] == GENERATOR_VERSION == "2"
+    assert stream["generator_version"] == GENERATOR_VERSION == "3"
     assert stream["audio_rate"] == AUDIO_RATE
     assert stream["task_info"]["pitch"]["modalities"] == ["audio", "text"]
     wavs = sorted((root / "pitch" / "audio").glob("*.wav"))

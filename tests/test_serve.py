@@ -121,6 +121,20 @@ def test_too_many_inputs_and_empty_requests_are_refused(service):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
 
 
+@pytest.mark.parametrize("method", ["Predict", "GetModelInfo"])
+def test_bytes_that_are_not_a_request_are_invalid_argument(service, method):
+    svc, stub, channel = service
+    raw = channel.unary_unary(f"/fedmole.v1.Inference/{method}",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    # A truncated varint, then a field with an invalid wire type: unparseable for protobuf.
+    for junk in (b"\x0a\xff\xff\xff\xff\xff", bytes([0x0F, 0x01, 0x02]), b"\x80" * 20):
+        with pytest.raises(grpc.RpcError) as err:
+            raw(junk, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "not a valid fedmole.v1." in err.value.details()
+    assert stub.Predict(encode_request(_inputs()), timeout=30).bundle_id == "round-00007"
+
+
 def test_tampered_or_unsigned_bundle_is_refused_and_the_old_one_keeps_serving(service, bundles,
                                                                                 tmp_path):
     from protocol.bundle import generate_keypair, sign_bundle

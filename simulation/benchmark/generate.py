@@ -5,6 +5,8 @@ Layout of one generated benchmark (DESIGN.md §3)::
     ROOT/stream.json                  generator version, seed, image size, audio rate,
                                       ordered tasks, info
     ROOT/pretrain/manifest.jsonl      split "pretrain", task "pretrain"
+    ROOT/pretrain-heldout/            split "test", task "pretrain": the same templates,
+                                      balanced, never trained on (the base's held-out accuracy)
     ROOT/<task>/manifest.jsonl        train records, then test records
     ROOT/<task>/images/<id>.png       image samples (S, S, 3)
     ROOT/<task>/audio/<id>.wav        audio samples: mono 16-bit PCM at AUDIO_RATE, ≤ MAX_SECONDS
@@ -33,9 +35,12 @@ from PIL import Image
 from protocol.config import DataConfig
 from protocol.manifest import SampleRecord, write_manifest, write_wav
 from simulation.benchmark.audio import AUDIO_RATE, MAX_SAMPLES, MAX_SECONDS
-from simulation.benchmark.tasks import PRETRAIN, TASKS, TaskSpec, check_tasks
+from simulation.benchmark.tasks import PRETRAIN, PRETRAIN_HELDOUT, TASKS, TaskSpec, check_tasks
 
-GENERATOR_VERSION = "2"  # 2: audio tasks (pitch, beats, sweep) and audio in the pretraining mix
+# 2: audio tasks (pitch, beats, sweep) and audio in the pretraining mix; 3: hard negatives in
+# the "is there a …" pretraining template and the held-out pretraining folder.
+GENERATOR_VERSION = "3"
+HELDOUT_FOLDER = "pretrain-heldout"
 SPLIT_INDEX: dict[str, int] = {"train": 0, "test": 1, "pretrain": 2}
 STREAM_FILE = "stream.json"
 STALE_TMP_S = 3600.0  # a temp folder untouched this long belongs to a dead generation
@@ -99,9 +104,9 @@ def _write_split(folder: Path, spec: TaskSpec, split: str, n: int, cfg: DataConf
     return records
 
 
-def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int]], cfg: DataConfig
-                ) -> None:
-    folder = root / spec.name
+def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int]], cfg: DataConfig,
+                folder_name: str | None = None) -> None:
+    folder = root / (folder_name or spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     if "image" in spec.modalities:
         (folder / "images").mkdir(exist_ok=True)
@@ -120,6 +125,7 @@ def generate_benchmark(root: Path, cfg: DataConfig) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _write_task(root, PRETRAIN, [("pretrain", cfg.pretrain_size)], cfg)
+    _write_task(root, PRETRAIN_HELDOUT, [("test", cfg.pretrain_heldout)], cfg, HELDOUT_FOLDER)
     for name in cfg.tasks:
         _write_task(root, TASKS[name], [("train", cfg.train_per_task),
                                         ("test", cfg.test_per_task)], cfg)

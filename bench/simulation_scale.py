@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.targets import finish  # noqa: E402
 
 
 def tree_rss_mb(root: int) -> float:
@@ -69,7 +72,7 @@ def main() -> None:
     th.join()
     wall = time.perf_counter() - t0
     result = {"clients": args.clients, "fraction": args.fraction, "wall_s": round(wall, 1),
-              "peak_tree_rss_mb": round(peak, 1), "ok": rc == 0, "returncode": rc,
+              "peak_tree_rss_mb": round(peak, 1), "returncode": rc,
               "command": " ".join(cmd)}
     metrics = args.run_dir / "metrics.json"
     if rc == 0 and metrics.is_file():
@@ -77,10 +80,8 @@ def main() -> None:
         result.update({k: m[k] for k in ("avg", "last", "bwt")})
         result["bytes_up_per_client_round"] = m["comm"]["bytes_up_per_client_round"]
         result["rounds"] = len(m["rounds"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    sys.exit(0 if rc == 0 else 1)
+    finish(result, args.out, {"returncode": (rc, "==", 0),
+                              "rounds": (result.get("rounds"), ">=", 1)})
 
 
 if __name__ == "__main__":

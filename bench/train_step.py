@@ -11,7 +11,6 @@ interleaved so machine noise hits both alike; compare the ratio, not absolute ti
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.targets import finish  # noqa: E402
 from mole.backbone import build_backbone, pick_device  # noqa: E402
 from mole.batching import Encoder  # noqa: E402
 from mole.experts import ExpertModel  # noqa: E402
@@ -116,9 +116,9 @@ def main() -> None:
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if device.type == "cuda" else None,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
+    # A LoRA step must not cost more than a full-parameter step: it skips the base's weight
+    # gradients and their optimizer state.
+    finish(res, args.out, {"lora_vs_full_speed_ratio": (res["lora_vs_full_speed_ratio"], ">=", 1.0)})
 
 
 if __name__ == "__main__":

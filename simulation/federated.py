@@ -28,7 +28,7 @@ from typing import Any
 
 from protocol.app_config import AppConfig
 from protocol.config import RunConfig
-from simulation.base import ensure_base
+from simulation.base import base_summary, ensure_base
 from simulation.benchmark import ensure_benchmark
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
@@ -125,6 +125,7 @@ def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_
                   "partners": result["partners"], "thresholds": result["thresholds"],
                   "router_accuracy": router_acc.get(str(len(tasks) - 1))},
         "server_wall_s": result.get("server_wall_s"),
+        "base": base_summary(Path(cfg.model.base_path)),
         "notes": [
             f"Federated {method}: {cfg.federation.clients} clients (fraction "
             f"{cfg.federation.fraction}), Dirichlet alpha {cfg.federation.dirichlet_alpha}, "

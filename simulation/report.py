@@ -277,6 +277,10 @@ def _report_md(m: Mapping[str, Any], acc: M.Matrix, zero_shot: M.Matrix | None) 
                     + f" (max {_fmt(arr.get('max_drop'), 1)})"]
         out += [""]
 
+    base = m.get("base")
+    if isinstance(base, Mapping) and base:
+        out += _base_section(base)
+
     notes = m.get("notes")
     if isinstance(notes, Sequence) and not isinstance(notes, str) and notes:
         out += ["## Notes", "", *(f"- {note}" for note in notes), ""]
@@ -290,6 +294,39 @@ def _report_md(m: Mapping[str, Any], acc: M.Matrix, zero_shot: M.Matrix | None) 
         "",
     ]
     return "\n".join(out)
+
+
+def _base_section(base: Mapping[str, Any]) -> list[str]:
+    """The base the run started from: which weights, how good, where they were made.
+
+    Results on the generated stream move with the base (see the README's reproducibility
+    section), so a report without its base is not comparable to any other."""
+    out = ["## Base", ""]
+    rows = [["path", f"`{base.get('path', '?')}`"]]
+    for key, label in (("weights_sha256", "weights sha256"), ("data_sha256", "data sha256")):
+        if base.get(key):
+            rows.append([label, f"`{base[key]}`"])
+    if "seed" in base:
+        rows.append(["pretraining", f"seed {base['seed']}, {base.get('steps', '?')} steps"])
+    machine = base.get("machine")
+    if isinstance(machine, Mapping) and machine:
+        rows.append(["pretrained on", f"{machine.get('cpu', '?')} ({machine.get('cpu_capability', '?')}, "
+                     f"{machine.get('threads', '?')} threads), torch {machine.get('torch', '?')}"])
+    out += [_md_table(["", "value"], rows, [False, False]), ""]
+    held = base.get("heldout")
+    if isinstance(held, Mapping) and held:
+        met = base.get("target_met", True)
+        out += [f"Held-out exact match (%) per pretraining template; the bar is a mean of "
+                f"{_fmt(base.get('target'), 0)}%: " + ("met." if met else "**missed** — this base is "
+                "weaker than the reference bases, so results are not comparable."), ""]
+        names = list(held)
+        out += [_md_table(names, [[_fmt(held[t]) for t in names]], [True] * len(names)), ""]
+    zs = base.get("zero_shot")
+    if isinstance(zs, Mapping) and zs:
+        names = list(zs)
+        out += ["Zero-shot exact match (%) of the base on the stream's test sets:", ""]
+        out += [_md_table(names, [[_fmt(zs[t]) for t in names]], [True] * len(names)), ""]
+    return out
 
 
 # -------------------------------------------------------------------------------- public API

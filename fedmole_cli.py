@@ -92,6 +92,7 @@ def demo(
     """The main job: the default federated scenario end to end, a summary table and reports."""
     from protocol.config import FEDERATED_METHODS
     from simulation.federated import run_federated
+    from simulation.reference import compare_lines, load_reference
     from simulation.report import comparison_table
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -106,6 +107,9 @@ def demo(
     table = comparison_table(rows)
     (out / "summary.md").write_text(table + "\n")
     typer.echo(table)
+    ref = load_reference()
+    for row in rows:
+        typer.echo("\n".join(compare_lines(row, ref, default_config=config is None and not set_)))
     typer.echo(f"reports: {', '.join(str(out / n / 'report.md') for n in names)}")
 
 

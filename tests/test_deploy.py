@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 # vs over 3 honest), so this scenario keeps 3e-3.
 LEARNABLE = {"federation.client-lr": 3e-3,
              "data.tasks": "color,beats", "data.train-per-task": 300, "data.test-per-task": 100,
-             "data.pretrain-size": 4000, "pretrain.steps": 800, "train.eval-batch-size": 50,
+             "data.pretrain-size": 4000, "data.pretrain-heldout": 160, "pretrain.steps": 800,
+             "pretrain.target": 0.0, "train.eval-batch-size": 50,
              "replay.buffer-size": 40, "federation.dirichlet-alpha": 100.0,
              "federation.no-audio-fraction": 0.0, "federation.rounds-per-task": 3,
              "federation.local-epochs": 8.0, "federation.local-steps": 100,

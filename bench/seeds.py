@@ -106,8 +106,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for r in rows:
             by_base.setdefault(r["pretrain_seed"], []).append(r["avg"])
         entry["avg_by_base"] = {str(p): spread(v) for p, v in sorted(by_base.items())}
-        entry["runs"] = [{k: r[k] for k in ("pretrain_seed", "seed", "avg", "last", "bwt", "dir")}
-                         for r in rows]
+        routed = [r["router"] for r in rows if r.get("router") is not None]
+        if routed:
+            entry["router_accuracy"] = spread(routed)
+        walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
+        if walls:
+            entry["wall_s"] = spread(walls)
+        entry["runs"] = [{k: r.get(k) for k in ("pretrain_seed", "seed", "avg", "last", "bwt",
+                                                "router", "dir")} for r in rows]
         out[method] = entry
     return out
 
@@ -150,6 +156,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--reference", type=Path, default=None,
                     help="also write the intervals `fedmole demo` prints (e.g. conf/reference.json)")
+    ap.add_argument("--no-run", action="store_true",
+                    help="run nothing: summarize the finished runs under --work (a partial bench)")
     ap.add_argument("--order", choices=("base-first", "seed-first"), default="seed-first",
                     help="seed-first: every method and base at seed 0 before any at seed 1, so a "
                          "partial bench already spans the bases")
@@ -173,6 +181,9 @@ def main() -> None:
         for method in methods:
             out = run_dir(args.work, method, pseed, seed)
             mp = out / "metrics.json"
+            if not mp.is_file() and args.no_run:
+                failed.append(f"{method} p{pseed} s{seed} (not run: --no-run)")
+                continue
             if not mp.is_file():
                 cmd = command(method, out, pseed, seed, args.config, args.set)
                 print(f"[{time.perf_counter() - t0:7.0f} s] {method} pretrain-seed {pseed} seed {seed}",
@@ -183,9 +194,10 @@ def main() -> None:
                     continue
             m = json.loads(mp.read_text())
             final = m["acc_matrix"][-1]
+            router = (m.get("dmole") or {}).get("router_accuracy")
             runs[method].append({"pretrain_seed": pseed, "seed": seed, "dir": str(out),
-                                 "tasks": m["tasks"], "final": final,
-                                 **{fig: m[fig] for fig in FIGURES}})
+                                 "tasks": m["tasks"], "final": final, "router": router,
+                                 "wall_s": m.get("wall_s"), **{fig: m[fig] for fig in FIGURES}})
             if "base" in m:
                 bases.setdefault(str(pseed), m["base"])
     summary = summarize(runs)

@@ -155,6 +155,10 @@ class PretrainConfig:
     max_steps: int = 4000
     extend_steps: int = 500
     extend_lr_factor: float = 0.5
+    # Steps at the start that train on image samples only (see simulation/base.py).
+    vision_warmup_steps: int = 0
+    # Learning-rate factor of the vision tower and projector during pretraining.
+    vision_lr_factor: float = 1.0
 
     def validate(self) -> None:
         _check(self.steps > 0, "pretrain.steps", "> 0", self.steps)
@@ -163,6 +167,9 @@ class PretrainConfig:
         _check(self.max_steps >= self.steps, "pretrain.max-steps", f">= pretrain.steps ({self.steps})",
                self.max_steps)
         _check(self.extend_steps > 0, "pretrain.extend-steps", "> 0", self.extend_steps)
+        _check(self.vision_lr_factor > 0, "pretrain.vision-lr-factor", "> 0", self.vision_lr_factor)
+        _check(0 <= self.vision_warmup_steps <= self.steps, "pretrain.vision-warmup-steps",
+               f"in [0, pretrain.steps ({self.steps})]", self.vision_warmup_steps)
         _check(0 < self.extend_lr_factor <= 1, "pretrain.extend-lr-factor", "in (0, 1]",
                self.extend_lr_factor)
         _check(self.batch_size > 0, "pretrain.batch-size", "> 0", self.batch_size)

@@ -153,17 +153,30 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
         p.requires_grad = True
     bs = pc.batch_size
 
+    images = np.array([i for i, s in enumerate(samples) if s.image is not None])
+    drawn = 0
+
     def next_batch(_: int):
-        return enc.train_batch([samples[i] for i in rng.integers(0, len(samples), bs)])
+        # The first `vision-warmup-steps` batches hold image samples only: their loss can fall
+        # only through the vision tower and projector, before the LM learns to answer the
+        # image templates from the instruction's words alone.
+        nonlocal drawn
+        pool = images if drawn < pc.vision_warmup_steps and len(images) else None
+        drawn += 1
+        idx = pool[rng.integers(0, len(pool), bs)] if pool is not None else rng.integers(0, len(samples), bs)
+        return enc.train_batch([samples[i] for i in idx])
 
     def measure() -> dict[str, float]:
         return heldout_accuracy(model, enc, heldout, cfg.train.eval_batch_size,
                                 cfg.train.max_new_tokens)
 
+    # The vision tower and projector may get their own rate (pretrain.vision-lr-factor).
+    vision_lr = {"llava.model.vision_tower": pc.vision_lr_factor,
+                 "llava.model.multi_modal_projector": pc.vision_lr_factor}
     # Round 0: the planned schedule. Then restarts while a template is below the bar.
     stages: list[TrainStats] = [train_steps(
         model, next_batch, pc.steps, pc.lr, warmup_fraction=pc.warmup_fraction,
-        desc="pretrain base", progress=progress)]
+        desc="pretrain base", progress=progress, lr_factors=vision_lr)]
     acc = measure()
     history = [{"steps": pc.steps, "heldout": acc}]
     done = pc.steps
@@ -172,7 +185,8 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
         warm = max(1, int(pc.warmup_fraction * n))
         stages.append(train_steps(
             model, next_batch, n, pc.lr * pc.extend_lr_factor, schedule=cosine_schedule(warm, n),
-            desc=f"pretrain base (+{n}, below {pc.target:g}%)", progress=progress))
+            desc=f"pretrain base (+{n}, below {pc.target:g}%)", progress=progress,
+            lr_factors=vision_lr))
         done += n
         acc = measure()
         history.append({"steps": done, "heldout": acc})

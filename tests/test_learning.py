@@ -61,7 +61,8 @@ def federated(stream_cfg, tmp_path_factory) -> dict[str, dict]:
 
 
 def _summary(m: dict) -> str:
-    return f"{m['method']}: AVG {m['avg']:.1f}, Last {m['last']:.1f}, BWT {m['bwt']:+.1f}, matrix {m['acc_matrix']}"
+    return (f"{m['method']}: AVG {m['avg']:.1f}, Last {m['last']:.1f}, BWT {m['bwt']:+.1f}, "
+            f"matrix {m['acc_matrix']}")
 
 
 def test_the_base_has_learned_its_pretraining(centralized):

@@ -49,11 +49,14 @@ def train_steps(
     progress: bool = True,
     schedule: Callable[[int], float] | None = None,
     lr_factors: dict[str, float] | None = None,
+    aux_loss: Callable[[Batch], torch.Tensor] | None = None,
+    aux_params: Sequence[torch.nn.Parameter] = (),
 ) -> TrainStats:
     """``schedule`` (step → lr factor) replaces the default warmup + cosine over ``steps``; a
     federated client passes the slice of its task's schedule that this round covers.
     ``lr_factors`` (parameter-name prefix → factor on ``lr``) gives parts of the model their own
-    rate; the first matching prefix wins."""
+    rate; the first matching prefix wins. ``aux_loss`` (batch → scalar) is added to the LM
+    loss, and ``aux_params`` (its own head) are trained with the model's parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
@@ -62,8 +65,11 @@ def train_steps(
     for n, p in named:
         f = next((v for k, v in (lr_factors or {}).items() if n.startswith(k)), 1.0)
         groups.setdefault(f, []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "lr": lr * f} for f, ps in groups.items()], lr=lr,
-                            weight_decay=weight_decay)
+    param_groups = [{"params": ps, "lr": lr * f} for f, ps in groups.items()]
+    if aux_params:
+        param_groups.append({"params": list(aux_params), "lr": lr})
+        params = [*params, *aux_params]
+    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, schedule or cosine_schedule(int(warmup_fraction * steps), steps)
     )
@@ -76,6 +82,8 @@ def train_steps(
         batch = next_batch(step).to(device)
         _, loss = model(**batch.model_inputs(), labels=batch.labels)
         assert loss is not None
+        if aux_loss is not None:
+            loss = loss + aux_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step} of {desc}; "
                                      "lower the learning rate")

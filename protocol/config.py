@@ -39,7 +39,7 @@ class DataConfig:
                               "pitch", "beats", "sweep")
     train_per_task: int = 600
     test_per_task: int = 200
-    pretrain_size: int = 8000
+    pretrain_size: int = 32000
     # Held-out pretraining samples, balanced over the 8 templates: the base's quality check.
     pretrain_heldout: int = 800
     image_size: int = 32
@@ -153,7 +153,7 @@ class PretrainConfig:
     # `extend-steps` (a short warmup + cosine restart at `extend-lr-factor` × lr) until it does
     # or `max-steps` is spent (then a warning, and `target_met = false` in the base's info).
     target: float = 90.0
-    max_steps: int = 4000
+    max_steps: int = 2500
     extend_steps: int = 500
     extend_lr_factor: float = 0.5
     # Steps at the start that train on image samples only (see simulation/base.py).
@@ -161,7 +161,7 @@ class PretrainConfig:
     # Learning-rate factor of the vision tower and projector during pretraining.
     vision_lr_factor: float = 1.0
     # Weight of the vision tower's auxiliary loss on the image-only templates (simulation/base.py).
-    vision_aux_weight: float = 0.0
+    vision_aux_weight: float = 1.0
 
     def validate(self) -> None:
         _check(self.steps > 0, "pretrain.steps", "> 0", self.steps)

@@ -98,10 +98,9 @@ def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_s
     torch.manual_seed(init_seed)  # the init is part of the (cached) base's identity
     llava = LlavaForConditionalGeneration(config)
     # LLaVA's generic init draws every Linear/Conv/Embedding of the whole model from N(0, 0.02),
-    # the vision tower included: at width 64 that leaves the tower's attention uniform and its
-    # patch signal the size of the position embeddings, and whether pretraining ever learned to
-    # see (shape at chance in 2 of 3 seeds after 4,000 steps) was a matter of the seed. The tower
-    # gets SigLIP's own init (lecun / xavier), as a pretrained tower would have been trained from.
+    # the vision tower included; the tower gets SigLIP's own init (lecun / xavier), the one its
+    # architecture is trained from. (Alone this did not make pretraining learn to see at every
+    # seed; the vision tower's auxiliary loss in simulation/base.py does.)
     llava.model.vision_tower.load_state_dict(SiglipVisionModel(vision).state_dict())
     if not cfg.audio_hidden:
         return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,

@@ -48,28 +48,18 @@ def train_steps(
     desc: str = "train",
     progress: bool = True,
     schedule: Callable[[int], float] | None = None,
-    lr_factors: dict[str, float] | None = None,
     aux_loss: Callable[[Batch], torch.Tensor] | None = None,
     aux_params: Sequence[torch.nn.Parameter] = (),
 ) -> TrainStats:
     """``schedule`` (step → lr factor) replaces the default warmup + cosine over ``steps``; a
     federated client passes the slice of its task's schedule that this round covers.
-    ``lr_factors`` (parameter-name prefix → factor on ``lr``) gives parts of the model their own
-    rate; the first matching prefix wins. ``aux_loss`` (batch → scalar) is added to the LM
+    ``aux_loss`` (batch → scalar) is added to the LM
     loss, and ``aux_params`` (its own head) are trained with the model's parameters."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for n, p in named:
-        f = next((v for k, v in (lr_factors or {}).items() if n.startswith(k)), 1.0)
-        groups.setdefault(f, []).append(p)
-    param_groups = [{"params": ps, "lr": lr * f} for f, ps in groups.items()]
-    if aux_params:
-        param_groups.append({"params": list(aux_params), "lr": lr})
-        params = [*params, *aux_params]
-    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    params += list(aux_params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, schedule or cosine_schedule(int(warmup_fraction * steps), steps)
     )

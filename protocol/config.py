@@ -156,10 +156,6 @@ class PretrainConfig:
     max_steps: int = 2500
     extend_steps: int = 500
     extend_lr_factor: float = 0.5
-    # Steps at the start that train on image samples only (see simulation/base.py).
-    vision_warmup_steps: int = 0
-    # Learning-rate factor of the vision tower and projector during pretraining.
-    vision_lr_factor: float = 1.0
     # Weight of the vision tower's auxiliary loss on the image-only templates (simulation/base.py).
     vision_aux_weight: float = 1.0
 
@@ -172,9 +168,6 @@ class PretrainConfig:
         _check(self.extend_steps > 0, "pretrain.extend-steps", "> 0", self.extend_steps)
         _check(self.vision_aux_weight >= 0, "pretrain.vision-aux-weight", ">= 0",
                self.vision_aux_weight)
-        _check(self.vision_lr_factor > 0, "pretrain.vision-lr-factor", "> 0", self.vision_lr_factor)
-        _check(0 <= self.vision_warmup_steps <= self.steps, "pretrain.vision-warmup-steps",
-               f"in [0, pretrain.steps ({self.steps})]", self.vision_warmup_steps)
         _check(0 < self.extend_lr_factor <= 1, "pretrain.extend-lr-factor", "in (0, 1]",
                self.extend_lr_factor)
         _check(self.batch_size > 0, "pretrain.batch-size", "> 0", self.batch_size)

@@ -60,10 +60,14 @@ METHODS: dict[str, Method] = {
     "dmole-oracle": Method("train", ("--method", "dmole", "--set", "dmole.router=oracle"), _CENTRAL),
     "fed-dmole-replay": Method("simulate", ("--method", "dmole-replay"), _FED),
     "fed-dmole": Method("simulate", ("--method", "dmole"), _FED),
+    # The federated run with the true task as its route: the gap to fed-dmole-replay is the
+    # federated router's cost, the gap to dmole-oracle is what federated training costs.
+    "fed-dmole-replay-oracle": Method("simulate", ("--method", "dmole-replay", "--set",
+                                                   "dmole.router=oracle"), _FED),
     "fed-seq-lora": Method("simulate", ("--method", "fedavg-seq-lora"), _FED),
     "fed-replay-lora": Method("simulate", ("--method", "fedavg-replay-lora"), _FED),
 }
-FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")
+FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")  # the methods the issue's bars are on
 FIGURES = ("avg", "last", "bwt")
 
 
@@ -102,6 +106,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         entry["final_per_task"] = {t: spread([r["final"][i] for r in rows if r["final"][i] is not None])
                                    for i, t in enumerate(tasks)
                                    if any(r["final"][i] is not None for r in rows)}
+        # Each task's accuracy right after its own training (the matrix diagonal): plasticity.
+        entry["diag_per_task"] = {t: spread([r["diag"][i] for r in rows])
+                                  for i, t in enumerate(tasks) if all(r.get("diag") for r in rows)}
         by_base: dict[int, list[float]] = {}
         for r in rows:
             by_base.setdefault(r["pretrain_seed"], []).append(r["avg"])
@@ -115,6 +122,24 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         entry["runs"] = [{k: r.get(k) for k in ("pretrain_seed", "seed", "avg", "last", "bwt",
                                                 "router", "dir")} for r in rows]
         out[method] = entry
+    return out
+
+
+def gap(summary: dict[str, Any], method: str, ref: str) -> dict[str, Any] | None:
+    """Where ``method`` loses points against ``ref``, per task (means over runs): ``learn`` is
+    the difference right after the task's own training (under-trained experts), ``keep`` the
+    difference in what was lost since (router misses, interference), ``final`` their sum."""
+    if method not in summary or ref not in summary:
+        return None
+    a, b = summary[method], summary[ref]
+    out: dict[str, Any] = {}
+    for t in a.get("diag_per_task", {}):
+        if t not in b.get("diag_per_task", {}) or t not in a["final_per_task"]:
+            continue
+        learn = a["diag_per_task"][t]["mean"] - b["diag_per_task"][t]["mean"]
+        final = a["final_per_task"][t]["mean"] - b["final_per_task"][t]["mean"]
+        out[t] = {"learn": round(learn, 2), "keep": round(final - learn, 2),
+                  "final": round(final, 2)}
     return out
 
 
@@ -137,7 +162,10 @@ def targets(summary: dict[str, Any]) -> dict[str, tuple[Any, str, Any]]:
 
 def reference(summary: dict[str, Any], seeds: int, pseeds: int, bases: dict[str, Any]) -> dict:
     """What `fedmole demo` reads: per method label, the interval of AVG/Last/BWT."""
-    label = {m: ("fed-" + METHODS[m].args[1]) if METHODS[m].verb == "simulate" else m for m in summary}
+    # A plain federated run's metrics.json names its method "fed-<federation.method>"; a variant
+    # (extra --set) keeps the bench's name so that it never shadows the plain one.
+    label = {m: ("fed-" + METHODS[m].args[1])
+             if METHODS[m].verb == "simulate" and len(METHODS[m].args) == 2 else m for m in summary}
     return {"source": "bench/seeds.py", "seeds": seeds, "pretrain_seeds": pseeds,
             "bases": {p: {k: b.get(k) for k in ("weights_sha256", "heldout", "machine")}
                       for p, b in bases.items()},
@@ -195,8 +223,10 @@ def main() -> None:
             m = json.loads(mp.read_text())
             final = m["acc_matrix"][-1]
             router = (m.get("dmole") or {}).get("router_accuracy")
+            diag = [m["acc_matrix"][i][i] for i in range(len(m["tasks"]))]
             runs[method].append({"pretrain_seed": pseed, "seed": seed, "dir": str(out),
-                                 "tasks": m["tasks"], "final": final, "router": router,
+                                 "tasks": m["tasks"], "final": final, "diag": diag,
+                                 "router": router,
                                  "wall_s": m.get("wall_s"), **{fig: m[fig] for fig in FIGURES}})
             if "base" in m:
                 bases.setdefault(str(pseed), m["base"])
@@ -209,6 +239,11 @@ def main() -> None:
                                             "target_met", "machine")} for p, b in bases.items()},
         "summary": summary,
     }
+    gaps = {f"{m}_vs_{r}": g for m in (*FEDERATED_DMOLE, "fed-dmole-replay-oracle")
+            for r in ("dmole-oracle", "fed-dmole-replay-oracle") if m != r
+            and (g := gap(summary, m, r)) is not None}
+    if gaps:
+        res["gap_per_task"] = gaps
     held = [b["heldout"] for b in bases.values() if b.get("heldout")]
     if len(held) > 1:
         res["heldout_range_by_template"] = {

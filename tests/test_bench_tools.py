@@ -41,7 +41,7 @@ def test_finish_writes_targets_and_exits_3_on_a_miss(tmp_path, capsys):
 
 def _run(p: int, s: int, avg: float, last: float, bwt: float) -> dict:
     return {"pretrain_seed": p, "seed": s, "avg": avg, "last": last, "bwt": bwt, "dir": f"p{p}-s{s}",
-            "tasks": ["a", "b"], "final": [last, None if s else last]}
+            "tasks": ["a", "b"], "final": [last, None if s else last], "diag": [avg, avg]}
 
 
 def test_seeds_summary_and_the_issue_bars():
@@ -62,6 +62,19 @@ def test_seeds_summary_and_the_issue_bars():
                  "fed-dmole-replay_minus_oracle_avg": True}  # -4
     ref = seeds.reference(summary, 1, 2, {})
     assert set(ref["methods"]) == {"seq-lora", "dmole", "dmole-oracle", "fed-dmole-replay"}
+
+
+def test_seeds_gap_splits_the_loss_into_learning_and_keeping():
+    runs = {"dmole-oracle": [_run(0, 0, 60, 50, 0)], "fed-dmole-replay": [_run(0, 0, 52, 40, 0)],
+            "fed-dmole-replay-oracle": [_run(0, 0, 55, 48, 0)]}
+    summary = seeds.summarize(runs)
+    # task a: learnt 8 points worse (52 vs 60 right after training), ended 10 worse (40 vs 50).
+    assert seeds.gap(summary, "fed-dmole-replay", "dmole-oracle")["a"] == {
+        "learn": -8.0, "keep": -2.0, "final": -10.0}
+    assert seeds.gap(summary, "fed-dmole", "dmole-oracle") is None
+    # The oracle variant keeps its own name in the reference: it must not shadow the plain run.
+    ref = seeds.reference(summary, 1, 1, {})
+    assert set(ref["methods"]) == {"dmole-oracle", "fed-dmole-replay", "fed-dmole-replay-oracle"}
 
 
 def test_seeds_command_names_the_seeds_last_so_the_folder_is_true():

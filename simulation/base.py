@@ -57,10 +57,9 @@ from protocol.config import RunConfig
 from protocol.manifest import Sample, load_samples, read_manifest
 from simulation.benchmark import benchmark_key, cache_root
 from simulation.benchmark.generate import HELDOUT_FOLDER
-from simulation.benchmark.shapes import COLOR_NAMES, SHAPES
 from simulation.benchmark.tasks import PRETRAIN_TEMPLATES, pretrain_template, task_metrics
 
-BASE_VERSION = "4"  # 2: held-out bar, pretrain.seed; 3: SigLIP init of the tower; 4: pair aux head
+BASE_VERSION = "3"  # 2: held-out bar, pretrain.seed; 3: SigLIP init of the vision tower
 log = logging.getLogger(__name__)
 
 
@@ -145,76 +144,41 @@ def _mean(acc: dict[str, float]) -> float:
 _AUX_TEMPLATES = ("shape", "digit-gt")
 
 
-def _exists_pair(instruction: str) -> tuple[str, str] | None:
-    """(colour, shape) asked by an "is there a red circle" instruction, else None."""
-    words = instruction.split()
-    if len(words) == 5 and words[:3] == ["is", "there", "a"] and words[3] in COLOR_NAMES \
-            and words[4] in SHAPES:
-        return words[3], words[4]
-    return None
-
-
 def _vision_aux(model: MoleModel, samples: list, weight: float, last: list[int]):
-    """Deep supervision of the vision tower, added to the LM loss with ``weight``; the heads are
-    dropped after pretraining.
-
-    - a linear head on the mean-pooled patch states predicts the answer of the image-only
-      templates (shape, digit > 4);
-    - a per-patch linear head scores every (colour, shape) pair, max-pooled over the patches
-      (an object fills one patch), and the asked pair's score predicts the "is there a red
-      circle" answer (binary cross-entropy): the tower must bind colour to shape in each patch.
+    """Deep supervision of the vision tower: a linear head on its mean-pooled patch states
+    predicts the answer of the image-only templates (shape, digit > 4), added to the LM loss
+    with ``weight``; the head is dropped after pretraining.
 
     Why: the tower alone learns shape in ~400 steps at every seed, but through the projector and
     the LM it learned it in 1 of 3 seeds within 4,000 steps (shape at chance, 23-29%, in the
-    others): the LM's gradient reaches the tower too weakly to start it. With the class head
-    alone "exists" stayed at 48-65% depending on the seed. Returns (loss fn or None, head
-    parameters)."""
+    others): the LM's gradient reaches the tower too weakly to start it. Returns
+    (loss fn or None, head parameters)."""
     if weight <= 0:
         return None, []
-    tmpl: list[str | None] = []
+    tmpl = []
     for s in samples:
         try:
             tmpl.append(pretrain_template(s.instruction) if s.image is not None else None)
         except ValueError:
             tmpl.append(None)
     words = sorted({s.answer for s, t in zip(samples, tmpl, strict=True) if t in _AUX_TEMPLATES})
-    pairs = [(c, sh) for c in COLOR_NAMES for sh in SHAPES]
+    if not words:
+        return None, []
     label = [words.index(s.answer) if t in _AUX_TEMPLATES else -100
              for s, t in zip(samples, tmpl, strict=True)]
-    # For "exists" rows: index of the asked pair and 1.0/0.0 for yes/no; -1 elsewhere.
-    asked = [-1] * len(samples)
-    truth = [0.0] * len(samples)
-    for i, (s, t) in enumerate(zip(samples, tmpl, strict=True)):
-        if t == "exists" and (pair := _exists_pair(s.instruction)) and s.answer in ("yes", "no"):
-            asked[i], truth[i] = pairs.index(pair), float(s.answer == "yes")
-    if not words and max(asked) < 0:
-        return None, []
     tower = model.llava.model.vision_tower
-    d_v = tower.config.hidden_size
-    cls_head = torch.nn.Linear(d_v, max(1, len(words))).to(model.device)
-    pair_head = torch.nn.Linear(d_v, len(pairs)).to(model.device)
+    head = torch.nn.Linear(tower.config.hidden_size, len(words)).to(model.device)
 
     def loss(batch) -> torch.Tensor:
-        rows = [i for i in last if samples[i].image is not None]  # pixel_values order
-        if batch.pixel_values is None or not rows:
+        # Labels of the batch's image rows, in pixel_values order: (N_img,)
+        y = torch.tensor([label[i] for i in last if samples[i].image is not None],
+                         device=model.device)
+        if batch.pixel_values is None or not (y >= 0).any():
             return torch.zeros((), device=model.device)
-        y = torch.tensor([label[i] for i in rows], device=model.device)            # (N_img,)
-        q = torch.tensor([asked[i] for i in rows], device=model.device)            # (N_img,)
-        if not (y >= 0).any() and not (q >= 0).any():
-            return torch.zeros((), device=model.device)
-        h = tower(pixel_values=batch.pixel_values).last_hidden_state               # (N_img, P, d_v)
-        total = torch.zeros((), device=model.device)
-        if (y >= 0).any():
-            total = total + F.cross_entropy(cls_head(h.mean(1)), y, ignore_index=-100)
-        if (m := q >= 0).any():
-            score = pair_head(h[m]).amax(1)                                        # (N_ex, pairs)
-            t = torch.tensor([truth[i] for i, k in zip(rows, m.tolist(), strict=True) if k],
-                             device=model.device)
-            total = total + F.binary_cross_entropy_with_logits(
-                score.gather(1, q[m][:, None])[:, 0], t)
-        return weight * total
+        pooled = tower(pixel_values=batch.pixel_values).last_hidden_state.mean(1)  # (N_img, d_v)
+        return weight * F.cross_entropy(head(pooled), y, ignore_index=-100)
 
-    return loss, [*cls_head.parameters(), *pair_head.parameters()]
+    return loss, list(head.parameters())
 
 
 def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True

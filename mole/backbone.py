@@ -35,7 +35,7 @@ from transformers import (
 
 from mole.audio import AudioTower, build_audio_tower, build_feature_extractor
 from mole.model import MoleModel
-from mole.tokenizer import AUDIO, IMAGE, SEP, ensure_special_tokens
+from mole.tokenizer import AUDIO, IMAGE, SEP
 from protocol.config import ModelConfig
 
 BASE_INFO = "fedmole_base.json"
@@ -126,9 +126,21 @@ def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Pa
     (path / BASE_INFO).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
 
 
+# The model types this loader handles; every other family is refused by name (not loaded into
+# LlavaForConditionalGeneration, which warns and initialises a foreign checkpoint at random).
+KNOWN_MODEL_TYPES = ("llava",)
+
+
 def load_backbone(path: str | Path, device: torch.device | None = None
                   ) -> tuple[MoleModel, PreTrainedTokenizerBase]:
-    """Load a local LLaVA-family checkpoint folder (never the hub) with its tokenizer."""
+    """Load a local LLaVA checkpoint folder in the project's prompt layout (never the hub).
+
+    What is loaded is checked, not assumed: the config's ``model_type``, every tensor of the
+    model class (none missing, unexpected or of another shape), and a tokenizer in the
+    project's ``<image>… instruction <sep> answer <eos>`` layout. A checkpoint that fails any
+    of these is refused with a :class:`CheckpointError` that names what is wrong — it is never
+    trained with random rows or random tensors in it.
+    """
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"base checkpoint {str(p)!r} is not a folder; check `model.base-path`")
@@ -136,30 +148,96 @@ def load_backbone(path: str | Path, device: torch.device | None = None
         raise CheckpointError(
             f"base checkpoint {str(p)!r} has no config.json; it must be a save_pretrained folder"
         )
+    _check_model_type(p)
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        llava = LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True)
+        llava, report = LlavaForConditionalGeneration.from_pretrained(
+            p, local_files_only=True, output_loading_info=True)
     except Exception as e:  # safetensors, json and torch each raise their own types
         raise CheckpointError(
             f"cannot load base checkpoint {str(p)!r}: {e}; delete it to rebuild the cached base, "
             "or point `model.base-path` at an intact LLaVA checkpoint"
         ) from e
-    tokenizer = ensure_special_tokens(tokenizer)
+    _check_loading_report(p, report)
+    _check_prompt_layout(p, tokenizer)
+    if tokenizer.eos_token is None:
+        raise CheckpointError(f"tokenizer of {str(p)!r} has no eos token; answers could not end")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any id will do
     vocab = llava.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
-        llava.resize_token_embeddings(len(tokenizer))
-    if llava.config.image_token_index >= llava.get_input_embeddings().weight.shape[0]:
+        raise CheckpointError(
+            f"tokenizer of {str(p)!r} has {len(tokenizer)} tokens but the model's embedding has "
+            f"{vocab} rows: the extra tokens would get untrained rows; save the tokenizer that "
+            "belongs to these weights")
+    if llava.config.image_token_index >= vocab:
         raise CheckpointError(
             f"image_token_index {llava.config.image_token_index} is outside the vocabulary "
             f"({vocab}) of {str(p)!r}"
         )
-    if tokenizer.convert_tokens_to_ids(SEP) is None:
-        raise CheckpointError(f"tokenizer of {str(p)!r} has no {SEP} token")
     audio = _load_audio_tower(p, tokenizer)
     model = MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, **audio)
     model.eval()
     return model.to(device or torch.device("cpu")), tokenizer
+
+
+def _check_model_type(p: Path) -> None:
+    try:
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"config.json of base checkpoint {str(p)!r} is unreadable: {e}") from e
+    if model_type not in KNOWN_MODEL_TYPES:
+        raise CheckpointError(
+            f"base checkpoint {str(p)!r} is a {model_type!r} model; the model types supported "
+            f"are: {', '.join(KNOWN_MODEL_TYPES)}. Other VLM families (qwen2_vl, idefics3, "
+            "internvl, …) are not supported yet; use a LLaVA checkpoint or the cached base "
+            "(leave `model.base-path` empty)")
+
+
+def _check_loading_report(p: Path, report: dict) -> None:
+    """Refuse a load that left any tensor at its random init or dropped any stored tensor."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in report.get(kind) or []]
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (first: {', '.join(keys[:3])})")
+    if problems:
+        raise CheckpointError(
+            f"base checkpoint {str(p)!r} does not match LlavaForConditionalGeneration: "
+            f"{'; '.join(problems)}. Training it would start from random tensors; restore the "
+            "checkpoint's weight files, or delete a cached base to rebuild it")
+
+
+def _check_prompt_layout(p: Path, tok: PreTrainedTokenizerBase) -> None:
+    """The project's prompt is ``<image>×P instruction <sep> answer <eos>`` with its own
+    word-level tokenizer and no image processor; a LLaVA-1.5-style checkpoint (a chat template,
+    a CLIPImageProcessor with its own normalisation) would be silently mis-preprocessed."""
+    foreign = []
+    if getattr(tok, "chat_template", None):
+        foreign.append("its tokenizer has a chat template")
+    pre = p / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            pre_cfg = json.loads(pre.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{str(pre)!r} is unreadable: {e}") from e
+        kind = pre_cfg.get("image_processor_type") or pre_cfg.get("processor_class")
+        if kind:
+            foreign.append(f"it has its own image processor ({kind})")
+    if (p / "processor_config.json").is_file() or (p / "chat_template.json").is_file() or (
+            p / "chat_template.jinja").is_file():
+        foreign.append("it has its own processor / chat template files")
+    vocab = tok.get_vocab()
+    missing = [t for t in (SEP, IMAGE) if t not in vocab]
+    if missing:
+        foreign.append(f"its tokenizer lacks {', '.join(missing)} (they would get random rows)")
+    if foreign:
+        raise CheckpointError(
+            f"base checkpoint {str(p)!r} is a LLaVA model but not in this project's prompt "
+            f"layout: {'; '.join(foreign)}. Checkpoints with their own processor and chat "
+            "template (LLaVA-1.5 and other Hugging Face releases) are not supported yet; use the "
+            "cached base (leave `model.base-path` empty) or one saved by `fedmole pretrain`")
 
 
 def _load_audio_tower(p: Path, tokenizer: PreTrainedTokenizerBase) -> dict:

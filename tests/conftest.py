@@ -15,6 +15,22 @@ WORDS = ("what color is the shape red green blue how many 1 2 3 plus 4 7 describ
          "which note is played c e g")
 
 
+# The learnable scenario's data and pretraining: the default model pretrained briefly on a stream
+# of 2 tasks, one per modality (color: vision, beats: audio). tests/test_deploy.py and
+# tests/test_learning.py both use it with the session's one cache below, so the base (the base
+# key hashes these keys and the model's) is pretrained once per test session, not once per file.
+LEARNABLE_BASE = {"data.tasks": "color,beats", "data.train-per-task": 300,
+                  "data.test-per-task": 100, "data.pretrain-size": 4000,
+                  "data.pretrain-heldout": 160, "pretrain.steps": 800, "pretrain.target": 0.0,
+                  "train.eval-batch-size": 50}
+
+
+@pytest.fixture(scope="session")
+def learnable_cache(tmp_path_factory) -> Path:
+    """One data + base cache for every test on the learnable scenario."""
+    return tmp_path_factory.mktemp("learnable-cache")
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from protocol.config import load_config

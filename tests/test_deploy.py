@@ -23,6 +23,7 @@ from deploy import launcher as L
 from deploy import topology as T
 from deploy.pki import make_node_key
 from protocol.config import parse_config
+from tests.conftest import LEARNABLE_BASE
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
@@ -32,10 +33,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 # at client-lr 3e-3; at the default 6e-3 the two runs measured 63.5 (malicious) and 59.5 (clean)
 # once: larger steps spread runs whose aggregates differ (a median over 2 honest + 1 attacked node
 # vs over 3 honest), so this scenario keeps 3e-3.
-LEARNABLE = {"federation.client-lr": 3e-3,
-             "data.tasks": "color,beats", "data.train-per-task": 300, "data.test-per-task": 100,
-             "data.pretrain-size": 4000, "data.pretrain-heldout": 160, "pretrain.steps": 800,
-             "pretrain.target": 0.0, "train.eval-batch-size": 50,
+LEARNABLE = {**LEARNABLE_BASE, "federation.client-lr": 3e-3,
              "replay.buffer-size": 40, "federation.dirichlet-alpha": 100.0,
              "federation.no-audio-fraction": 0.0, "federation.rounds-per-task": 3,
              "federation.local-epochs": 8.0, "federation.local-steps": 100,
@@ -46,9 +44,9 @@ ACCURACY: dict[str, float] = {}  # run → mean accuracy over both tasks at the 
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def deployment(tmp_path_factory, learnable_cache):
     out = tmp_path_factory.mktemp("deploy") / "d"
-    cfg = parse_config({"data.cache-dir": str(out.parent / "cache"), **LEARNABLE})
+    cfg = parse_config({"data.cache-dir": str(learnable_cache), **LEARNABLE})
     dep = L.up(out, 3, cfg, run=False, attacks={3: "mixed"})
     try:
         yield dep, cfg

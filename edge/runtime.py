@@ -77,7 +77,7 @@ class EdgeModel:
             p.requires_grad = False
         self.cfg = cfg
         self.model = model
-        self.enc = Encoder.for_model(tok, model, cfg.model.max_length)
+        self.enc = Encoder.for_any(tok, model, cfg.model.max_length)
         self.experts = ExpertModel(model)
         self.mmap = modality_map(model)
         self.dims = module_dims(model, list(self.mmap))

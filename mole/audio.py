@@ -96,3 +96,36 @@ def build_feature_extractor(cfg: ModelConfig) -> WhisperFeatureExtractor:
         feature_size=cfg.audio_mels, sampling_rate=cfg.audio_sample_rate,
         hop_length=samples // cfg.audio_frames, chunk_length=cfg.audio_seconds, n_fft=N_FFT,
     )
+
+
+AUDIO_CONFIG = "audio_tower.json"
+AUDIO_WEIGHTS = "audio_tower.safetensors"
+
+
+def load_audio_extras(p: Any, tokenizer: Any) -> dict[str, Any]:
+    """MoleModel's audio arguments from a checkpoint folder (empty when it has no audio tower).
+
+    The tower sits beside the VLM's own files as ``audio_tower.json`` + ``audio_tower.safetensors``
+    with the Whisper feature extractor's ``preprocessor_config.json``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mole.families.base import CheckpointError
+    from mole.tokenizer import AUDIO
+
+    if not (p / AUDIO_CONFIG).is_file():
+        return {}
+    try:
+        tower = AudioTower.from_description(json.loads((p / AUDIO_CONFIG).read_text()))
+        tower.load_state_dict(load_file(str(p / AUDIO_WEIGHTS)), strict=True)
+        extractor = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
+    except Exception as e:  # json, safetensors, torch and transformers each raise their own types
+        raise CheckpointError(
+            f"cannot load the audio tower of base checkpoint {str(p)!r}: {e}; delete the folder "
+            "to rebuild the cached base, or restore its audio_tower.* and preprocessor_config.json"
+        ) from e
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO)
+    if audio_id is None or audio_id == tokenizer.unk_token_id:
+        raise CheckpointError(f"tokenizer of {str(p)!r} has no {AUDIO} token for its audio tower")
+    return {"audio_tower": tower, "audio_token_id": int(audio_id), "feature_extractor": extractor}

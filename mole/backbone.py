@@ -19,32 +19,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import (
-    AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
     Qwen2Config,
     SiglipVisionConfig,
     SiglipVisionModel,
-    WhisperFeatureExtractor,
 )
 
-from mole.audio import AudioTower, build_audio_tower, build_feature_extractor
+from mole.audio import AUDIO_CONFIG, AUDIO_WEIGHTS, build_audio_tower, build_feature_extractor
+from mole.families.base import CheckpointError
+from mole.families.llava import LLAVA, LlavaAdapter, fixed_image_geometry
 from mole.model import MoleModel
-from mole.tokenizer import AUDIO, IMAGE, SEP
+from mole.tokenizer import AUDIO, IMAGE
 from protocol.config import ModelConfig
 
 BASE_INFO = "fedmole_base.json"
-AUDIO_CONFIG = "audio_tower.json"
-AUDIO_WEIGHTS = "audio_tower.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A base checkpoint folder is missing, incomplete or corrupt."""
+__all__ = ["AUDIO_CONFIG", "AUDIO_WEIGHTS", "BASE_INFO", "CheckpointError", "build_backbone",
+           "load_backbone", "pick_device", "read_base_info", "save_backbone", "weights_digest"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -102,13 +99,15 @@ def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_s
     # architecture is trained from. (Alone this did not make pretraining learn to see at every
     # seed; the vision tower's auxiliary loss in simulation/base.py does.)
     llava.model.vision_tower.load_state_dict(SiglipVisionModel(vision).state_dict())
+    geometry: dict[str, Any] = fixed_image_geometry(llava)
     if not cfg.audio_hidden:
-        return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, audio_tower=build_audio_tower(cfg),
-                     audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO),
-                     feature_extractor=build_feature_extractor(cfg))
+        return MoleModel(llava, LlavaAdapter(llava), LLAVA, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **geometry)
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO)
+    return MoleModel(llava, LlavaAdapter(llava, [audio_id]), LLAVA,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     audio_tower=build_audio_tower(cfg), audio_token_id=audio_id,
+                     feature_extractor=build_feature_extractor(cfg), **geometry)
 
 
 def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Path,
@@ -126,137 +125,21 @@ def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Pa
     (path / BASE_INFO).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
 
 
-# The model types this loader handles; every other family is refused by name (not loaded into
-# LlavaForConditionalGeneration, which warns and initialises a foreign checkpoint at random).
-KNOWN_MODEL_TYPES = ("llava",)
+def load_backbone(path: str | Path, device: torch.device | None = None) -> tuple[MoleModel, Any]:
+    """Load a local checkpoint folder through its family (never the hub).
 
-
-def load_backbone(path: str | Path, device: torch.device | None = None
-                  ) -> tuple[MoleModel, PreTrainedTokenizerBase]:
-    """Load a local LLaVA checkpoint folder in the project's prompt layout (never the hub).
-
-    What is loaded is checked, not assumed: the config's ``model_type``, every tensor of the
-    model class (none missing, unexpected or of another shape), and a tokenizer in the
-    project's ``<image>… instruction <sep> answer <eos>`` layout. A checkpoint that fails any
-    of these is refused with a :class:`CheckpointError` that names what is wrong — it is never
-    trained with random rows or random tensors in it.
+    The family comes from ``config.model_type`` (mole.families; an unknown type is refused with
+    the list of known ones). What is loaded is checked, not assumed: every tensor of the
+    family's model class (none missing, unexpected or of another shape), the processor and
+    chat template the checkpoint was saved with (or the project's own prompt layout). Returns
+    (model, processor): the processor is what ``Encoder.for_any`` turns into the sample encoder
+    (the tokenizer for the project's own layout).
     """
+    from mole.families import family_for, read_model_type
+
     p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"base checkpoint {str(p)!r} is not a folder; check `model.base-path`")
-    if not (p / "config.json").is_file():
-        raise CheckpointError(
-            f"base checkpoint {str(p)!r} has no config.json; it must be a save_pretrained folder"
-        )
-    _check_model_type(p)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        llava, report = LlavaForConditionalGeneration.from_pretrained(
-            p, local_files_only=True, output_loading_info=True)
-    except Exception as e:  # safetensors, json and torch each raise their own types
-        raise CheckpointError(
-            f"cannot load base checkpoint {str(p)!r}: {e}; delete it to rebuild the cached base, "
-            "or point `model.base-path` at an intact LLaVA checkpoint"
-        ) from e
-    _check_loading_report(p, report)
-    _check_prompt_layout(p, tokenizer)
-    if tokenizer.eos_token is None:
-        raise CheckpointError(f"tokenizer of {str(p)!r} has no eos token; answers could not end")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any id will do
-    vocab = llava.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        raise CheckpointError(
-            f"tokenizer of {str(p)!r} has {len(tokenizer)} tokens but the model's embedding has "
-            f"{vocab} rows: the extra tokens would get untrained rows; save the tokenizer that "
-            "belongs to these weights")
-    if llava.config.image_token_index >= vocab:
-        raise CheckpointError(
-            f"image_token_index {llava.config.image_token_index} is outside the vocabulary "
-            f"({vocab}) of {str(p)!r}"
-        )
-    audio = _load_audio_tower(p, tokenizer)
-    model = MoleModel(llava, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, **audio)
-    model.eval()
-    return model.to(device or torch.device("cpu")), tokenizer
-
-
-def _check_model_type(p: Path) -> None:
-    try:
-        model_type = json.loads((p / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"config.json of base checkpoint {str(p)!r} is unreadable: {e}") from e
-    if model_type not in KNOWN_MODEL_TYPES:
-        raise CheckpointError(
-            f"base checkpoint {str(p)!r} is a {model_type!r} model; the model types supported "
-            f"are: {', '.join(KNOWN_MODEL_TYPES)}. Other VLM families (qwen2_vl, idefics3, "
-            "internvl, …) are not supported yet; use a LLaVA checkpoint or the cached base "
-            "(leave `model.base-path` empty)")
-
-
-def _check_loading_report(p: Path, report: dict) -> None:
-    """Refuse a load that left any tensor at its random init or dropped any stored tensor."""
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = [k if isinstance(k, str) else k[0] for k in report.get(kind) or []]
-        if keys:
-            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (first: {', '.join(keys[:3])})")
-    if problems:
-        raise CheckpointError(
-            f"base checkpoint {str(p)!r} does not match LlavaForConditionalGeneration: "
-            f"{'; '.join(problems)}. Training it would start from random tensors; restore the "
-            "checkpoint's weight files, or delete a cached base to rebuild it")
-
-
-def _check_prompt_layout(p: Path, tok: PreTrainedTokenizerBase) -> None:
-    """The project's prompt is ``<image>×P instruction <sep> answer <eos>`` with its own
-    word-level tokenizer and no image processor; a LLaVA-1.5-style checkpoint (a chat template,
-    a CLIPImageProcessor with its own normalisation) would be silently mis-preprocessed."""
-    foreign = []
-    if getattr(tok, "chat_template", None):
-        foreign.append("its tokenizer has a chat template")
-    pre = p / "preprocessor_config.json"
-    if pre.is_file():
-        try:
-            pre_cfg = json.loads(pre.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{str(pre)!r} is unreadable: {e}") from e
-        kind = pre_cfg.get("image_processor_type") or pre_cfg.get("processor_class")
-        if kind:
-            foreign.append(f"it has its own image processor ({kind})")
-    if (p / "processor_config.json").is_file() or (p / "chat_template.json").is_file() or (
-            p / "chat_template.jinja").is_file():
-        foreign.append("it has its own processor / chat template files")
-    vocab = tok.get_vocab()
-    missing = [t for t in (SEP, IMAGE) if t not in vocab]
-    if missing:
-        foreign.append(f"its tokenizer lacks {', '.join(missing)} (they would get random rows)")
-    if foreign:
-        raise CheckpointError(
-            f"base checkpoint {str(p)!r} is a LLaVA model but not in this project's prompt "
-            f"layout: {'; '.join(foreign)}. Checkpoints with their own processor and chat "
-            "template (LLaVA-1.5 and other Hugging Face releases) are not supported yet; use the "
-            "cached base (leave `model.base-path` empty) or one saved by `fedmole pretrain`")
-
-
-def _load_audio_tower(p: Path, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """MoleModel's audio arguments from the folder (empty when the base has no audio tower)."""
-    if not (p / AUDIO_CONFIG).is_file():
-        return {}
-    try:
-        tower = AudioTower.from_description(json.loads((p / AUDIO_CONFIG).read_text()))
-        tower.load_state_dict(load_file(str(p / AUDIO_WEIGHTS)), strict=True)
-        extractor = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
-    except Exception as e:  # json, safetensors, torch and transformers each raise their own types
-        raise CheckpointError(
-            f"cannot load the audio tower of base checkpoint {str(p)!r}: {e}; delete the folder "
-            "to rebuild the cached base, or restore its audio_tower.* and preprocessor_config.json"
-        ) from e
-    audio_id = tokenizer.convert_tokens_to_ids(AUDIO)
-    if audio_id is None or audio_id == tokenizer.unk_token_id:
-        raise CheckpointError(f"tokenizer of {str(p)!r} has no {AUDIO} token for its audio tower")
-    return {"audio_tower": tower, "audio_token_id": int(audio_id), "feature_extractor": extractor}
+    model_type = read_model_type(p)
+    return family_for(model_type, p).load(p, device or torch.device("cpu"))
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -10,8 +10,8 @@ features by placeholder position).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,16 +33,21 @@ class Batch:
     pixel_values: torch.Tensor | None  # (N_img, 3, H, W), N_img ≤ B
     labels: torch.Tensor | None  # (B, T), -100 outside answers
     input_features: torch.Tensor | None = None  # (N_audio, M, F) log-mel, N_audio ≤ B
+    # What else a family's processor returns per image, rows in image order: Qwen2-VL's
+    # image_grid_thw (N_img, 3), Idefics3's pixel_attention_mask (N_tiles, H, W), …
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     move(self.pixel_values), move(self.labels), move(self.input_features))
+                     move(self.pixel_values), move(self.labels), move(self.input_features),
+                     {k: v.to(device) for k, v in self.extras.items()})
 
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+    def model_inputs(self) -> dict[str, object]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "pixel_values": self.pixel_values, "input_features": self.input_features}
+                "pixel_values": self.pixel_values, "input_features": self.input_features,
+                "image_extras": self.extras}
 
 
 def image_tensor(image: np.ndarray, image_size: int, sample_id: str) -> torch.Tensor:
@@ -102,6 +107,22 @@ class AudioFeatures:
         return torch.stack([self._cache[(s.task, s.id)] for s in samples])
 
 
+class SampleEncoder(Protocol):
+    """What every family's encoder offers (this module's Encoder, mole.chat.ChatEncoder):
+    samples → padded batches, generated ids → answer text."""
+
+    tok: Any  # the checkpoint's tokenizer
+    eos_id: int
+    pad_id: int
+    max_length: int
+
+    def train_batch(self, samples: Sequence[Sample]) -> Batch: ...
+
+    def prompt_batch(self, samples: Sequence[Sample]) -> Batch: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
 class Encoder:
     """Tokenises samples for one model (its placeholder counts, image size and max length)."""
 
@@ -127,6 +148,12 @@ class Encoder:
         audio = AudioFeatures(extractor) if extractor is not None else None
         return cls(tokenizer, model.n_image_tokens, model.image_size, max_length,
                    audio, model.n_audio_tokens)
+
+    @staticmethod
+    def for_any(tokenizer: object, model: MoleModel, max_length: int) -> SampleEncoder:
+        """The encoder of ``model``'s family (this class for the project's own prompt layout,
+        mole.chat.ChatEncoder for checkpoints with their own processor and chat template)."""
+        return model.family.encoder(model, tokenizer, max_length)  # type: ignore[no-any-return]
 
     def _words(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])

@@ -115,6 +115,25 @@ class ExpertModel:
         # PEFT writes a non-"default" adapter into a subfolder named after it.
         return out_dir / name
 
+    def factors(self, name: str) -> dict[str, Any]:
+        """``{"<module>.lora_A": (r, d_in), "<module>.lora_B": (d_out, r)}`` of expert ``name``."""
+        out: dict[str, Any] = {}
+        for module in sorted(self.modules_of(name)):
+            layer: Any = self.model.get_submodule(module)
+            for kind in ("lora_A", "lora_B"):
+                out[f"{module}.{kind}"] = getattr(layer, kind)[name].weight.detach()
+        return out
+
+    def save_peft(self, name: str, base_path: str | Path, folder: Path) -> Path:
+        """Expert ``name`` as an adapter of the base's own HF class (mole.peft_export)."""
+        from mole.peft_export import write_peft_expert
+
+        cfg: Any = self.peft.peft_config[name] if self.peft is not None else None
+        if cfg is None or name not in self.experts:
+            raise ValueError(f"no expert {name!r} to save; experts: {self.experts}")
+        return write_peft_expert(base_path, self.factors(name), float(cfg.lora_alpha), folder,
+                                 rank=int(cfg.r))
+
     def load_expert(self, name: str, folder: Path) -> None:
         """Load a PEFT adapter folder as expert ``name``; a broken folder raises clearly."""
         if not (folder / "adapter_config.json").is_file():

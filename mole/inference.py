@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from mole.batching import Encoder
+from mole.batching import SampleEncoder
 from mole.experts import ExpertModel
 from mole.steps import generate_answers
 from protocol.manifest import Sample
@@ -29,7 +29,7 @@ def active_set(route: str | None, seen: Sequence[str], partners: Mapping[str, Se
     return [route, *partners.get(route, [])]
 
 
-def routed_answers(experts: ExpertModel, enc: Encoder, samples: Sequence[Sample],
+def routed_answers(experts: ExpertModel, enc: SampleEncoder, samples: Sequence[Sample],
                    routes: Sequence[str | None], seen: Sequence[str],
                    partners: Mapping[str, Sequence[str]], batch_size: int, max_new_tokens: int
                    ) -> list[str]:

@@ -65,13 +65,18 @@ register_modality(ModalitySpec(
 def modality_map(model: nn.Module) -> dict[str, str]:
     """Candidate module name → modality, over the model's ``nn.Linear`` modules, in model order.
 
-    Names are relative to ``model`` (call it on the unwrapped model, not a PeftModel).
+    Names are relative to ``model`` (call it on the unwrapped model, not a PeftModel). A
+    ``MoleModel`` brings its family's specs (plus the audio tower's); other modules use the
+    registered ones.
     """
+    family = getattr(model, "family", None)
+    specs = list(_REGISTRY.values()) if family is None else [
+        *family.modalities, *([_REGISTRY["audio"]] if getattr(model, "audio_tower", None) else [])]
     out: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        hits = [s.name for s in _REGISTRY.values() if s.match(name)]
+        hits = [s.name for s in specs if s.match(name)]
         if len(hits) > 1:
             raise ValueError(f"module {name!r} matches several modalities: {hits}")
         if hits:

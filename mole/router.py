@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mole.batching import Batch, Encoder
+from mole.batching import Batch, SampleEncoder
 from mole.experts import ExpertModel
 from mole.model import MoleModel
 from protocol.manifest import Sample
@@ -58,16 +58,15 @@ def vision_block(model: MoleModel, batch: Batch) -> torch.Tensor:
     has_img = (batch.input_ids == model.image_token_id).any(dim=1)  # (B,)
     out = torch.zeros(batch.input_ids.shape[0], model.hidden_size, device=batch.input_ids.device)
     if batch.pixel_values is not None and batch.pixel_values.shape[0]:
-        n_img = batch.pixel_values.shape[0]
-        feats = model._image_features(batch.pixel_values)  # (N_img·P, d)
-        out[has_img] = feats.view(n_img, -1, feats.shape[-1]).amax(dim=1).float()  # (N_img, d)
+        per_image = model.image_features(batch.pixel_values, batch.extras)  # [(P_i, d)]
+        out[has_img] = torch.stack([f.amax(dim=0) for f in per_image]).float()  # (N_img, d)
     return out
 
 
 def text_only(model: MoleModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts (B, T) → the same prompts without <image>/<audio> placeholders (B, T')."""
-    placeholders = [model.image_token_id]
+    placeholders = list(model.adapter.image_marker_ids)
     if model.audio_token_id is not None:
         placeholders.append(model.audio_token_id)
     keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholders,
@@ -107,7 +106,7 @@ DEFAULT_BLOCKS: tuple[FeatureBlock, ...] = (vision_block, instruction_block, aud
 
 
 @torch.no_grad()
-def feature_blocks(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequence[Sample],
+def feature_blocks(model: MoleModel | ExpertModel, enc: SampleEncoder, samples: Sequence[Sample],
                    batch_size: int, blocks: Sequence[FeatureBlock] = DEFAULT_BLOCKS
                    ) -> list[torch.Tensor]:
     """Raw blocks, each (N, d_k) on the CPU, computed with all experts off.
@@ -125,7 +124,8 @@ def feature_blocks(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequen
         with model.only([]) if isinstance(model, ExpertModel) else nullcontext():
             for i in range(0, len(samples), batch_size):
                 b = enc.prompt_batch(samples[i: i + batch_size]).to(net.device)
-                assert bool((b.input_ids[:, -1] == enc.sep_id).all()), "prompts must end in <sep>"
+                if hasattr(enc, "sep_id"):  # the project's layout: prompts end in <sep>
+                    assert bool((b.input_ids[:, -1] == enc.sep_id).all()), "prompts must end in <sep>"
                 for part, block in zip(parts, blocks, strict=True):
                     part.append(block(net, b).cpu())
     finally:
@@ -144,7 +144,7 @@ def combine_blocks(blocks: Sequence[torch.Tensor], weights: Sequence[float] | No
     return F.normalize(torch.cat(scaled, dim=1), dim=1)
 
 
-def router_features(model: MoleModel | ExpertModel, enc: Encoder, samples: Sequence[Sample],
+def router_features(model: MoleModel | ExpertModel, enc: SampleEncoder, samples: Sequence[Sample],
                     batch_size: int, blocks: Sequence[FeatureBlock] = DEFAULT_BLOCKS,
                     weights: Sequence[float] | None = None) -> torch.Tensor:
     """(N, D) routing features, sample order kept; layout follows ``blocks`` (vision | text | audio)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from mole.batching import Batch, Encoder
+from mole.batching import Batch, SampleEncoder
 from mole.model import MoleModel
 from mole.scoring import score_answers
 from protocol.manifest import Sample
@@ -91,7 +91,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def generate_answers(model: MoleModel, enc: Encoder, samples: Sequence[Sample], batch_size: int,
+def generate_answers(model: MoleModel, enc: SampleEncoder, samples: Sequence[Sample], batch_size: int,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers, in sample order."""
     model.eval()
@@ -99,12 +99,12 @@ def generate_answers(model: MoleModel, enc: Encoder, samples: Sequence[Sample], 
     for i in range(0, len(samples), batch_size):
         b = enc.prompt_batch(samples[i: i + batch_size]).to(model.device)
         for ids in model.generate(b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens,
-                                  b.input_features):
+                                  b.input_features, b.extras):
             out.append(enc.decode(ids))
     return out
 
 
-def evaluate(model: MoleModel, enc: Encoder, samples: Sequence[Sample], metrics: Sequence[str],
+def evaluate(model: MoleModel, enc: SampleEncoder, samples: Sequence[Sample], metrics: Sequence[str],
              batch_size: int, max_new_tokens: int) -> dict[str, float]:
     """Generate greedy answers and score them (percent per metric)."""
     preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)

@@ -49,7 +49,7 @@ from mole.backbone import (
     save_backbone,
     weights_digest,
 )
-from mole.batching import Encoder
+from mole.batching import Encoder, SampleEncoder
 from mole.model import MoleModel
 from mole.steps import TrainStats, cosine_schedule, evaluate, generate_answers, train_steps
 from mole.tokenizer import build_word_tokenizer
@@ -118,7 +118,7 @@ def machine_info() -> dict:
     }
 
 
-def heldout_accuracy(model: MoleModel, enc: Encoder, samples: list[Sample], batch_size: int,
+def heldout_accuracy(model: MoleModel, enc: SampleEncoder, samples: list[Sample], batch_size: int,
                      max_new_tokens: int) -> dict[str, float]:
     """Exact match (%) per pretraining template on the held-out pretraining samples."""
     preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)
@@ -128,7 +128,7 @@ def heldout_accuracy(model: MoleModel, enc: Encoder, samples: list[Sample], batc
     return {t: round(100.0 * sum(v) / len(v), 1) for t, v in right.items() if v}
 
 
-def zero_shot_row(model: MoleModel, enc: Encoder, data_root: Path, cfg: RunConfig
+def zero_shot_row(model: MoleModel, enc: SampleEncoder, data_root: Path, cfg: RunConfig
                   ) -> dict[str, float]:
     """The base's exact match (%) on the test split of every task of the stream."""
     return {t: round(evaluate(model, enc, load_samples(data_root / t, "test"), task_metrics(t),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mole.batching import Encoder
+from mole.batching import Encoder, SampleEncoder
 from mole.experts import ExpertModel
 from mole.modality import modality_map, modules_by_modality
 from mole.model import MoleModel
@@ -39,7 +39,7 @@ class Stream:
     """Everything a continual run needs: the base model, its encoder and the task data."""
 
     model: MoleModel
-    enc: Encoder
+    enc: SampleEncoder
     base_path: Path
     tasks: list[str]
     train: dict[str, list[Sample]]
@@ -56,7 +56,7 @@ class Stream:
 def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
     data_root = ensure_benchmark(cfg.data)
     model, tok, base_path = load_base(cfg, data_root, progress)
-    enc = Encoder.for_model(tok, model, cfg.model.max_length)
+    enc = Encoder.for_any(tok, model, cfg.model.max_length)
     tasks = list(cfg.data.tasks)
     return Stream(
         model, enc, base_path, tasks,

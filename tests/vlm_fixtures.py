@@ -87,8 +87,14 @@ IDEFICS3_TEMPLATE = (
 def build_llava15(path: Path, seed: int = 0) -> Path:
     """LLaVA-1.5 layout: CLIP (30 px, 15-px patches → 4 patches + CLS; ``default`` drops the CLS,
     feature layer −2) → 2-layer MLP projector → Llama (64-d × 2)."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], unk_token="<unk>",
                         bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -117,8 +123,12 @@ def build_llava15(path: Path, seed: int = 0) -> Path:
 
 def build_qwen2vl(path: Path, seed: int = 0) -> Path:
     """Qwen2-VL: ViT (32-d, 14-px patches, 2×2 merge) → Qwen2 LM (64-d × 2) with M-RoPE."""
-    from transformers import (Qwen2TokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2TokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -152,8 +162,12 @@ def build_qwen2vl(path: Path, seed: int = 0) -> Path:
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 / SmolVLM: SigLIP-style tower (32 px, 8-px patches) → pixel-shuffle connector
     (scale 2) → Llama LM (64-d × 2); the processor splits large images into 32-px tiles."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessor, Idefics3Processor)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
     special = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",

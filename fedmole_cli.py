@@ -229,10 +229,20 @@ def export(
     signing_key: KeyOpt = Path("keys/bundle.key"),
     base: Annotated[Path | None, typer.Option(help="Base checkpoint, if it moved")] = None,
     bundle_id: Annotated[str | None, typer.Option(help="Default: round-NNNNN")] = None,
+    peft: Annotated[bool, typer.Option(
+        "--peft", help="Write the run's experts as PEFT adapters (OUT/<task>) of the base's own "
+                       "Hugging Face class instead of a bundle")] = False,
 ) -> None:
-    """Export a run's global model to a signed bundle (fp32 + int8 ONNX, tokenizer, manifest)."""
+    """Export a run's global model to a signed bundle (fp32 + int8 ONNX, tokenizer, manifest),
+    or with --peft its experts as adapters for PeftModel.from_pretrained."""
     from edge.export import export_bundle, load_run
 
+    if peft:
+        from edge.export import export_peft
+
+        for folder in _bundle_guard(lambda: export_peft(run, out, base)):
+            typer.echo(str(folder))
+        return
     if not signing_key.is_file():
         raise _fail(EXIT_USAGE, f"--signing-key {signing_key} does not exist; create one with "
                                 "`fedmole keys`")

@@ -25,11 +25,13 @@ from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
 from cloud.strategy import FedMoleStrategy, StopRun
 from mole.backbone import load_backbone
 from mole.modality import modality_map, module_dims
+from mole.peft_export import write_plan_experts
 from mole.router import DEFAULT_BLOCKS
 from protocol.app_config import AppConfig, split_run_config
 from protocol.config import RunConfig
 
 RESULT = "server_result.json"
+PEFT_DIR = "peft"  # OUT/peft/<task>: the experts as PEFT adapters (mole.peft_export)
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +71,10 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None
         except StopRun as e:
             log.warning("%s", e)
             return strategy.state
+    # Every global expert as a stock PEFT adapter OUT/peft/<task> (a Seq-LoRA run's one adapter
+    # as OUT/peft/shared), loadable with PeftModel.from_pretrained(<the base's HF class>, folder).
+    write_plan_experts(cfg.model.base_path, strategy.state.experts, strategy.state.plan,
+                       cfg.lora.alpha, out / PEFT_DIR)
     write_result(strategy.state, out, time.perf_counter() - t0, cfg.federation.dp_delta)
     return strategy.state
 

@@ -86,6 +86,12 @@ class GlobalModel:
 def load_run(run_dir: Path, base_path: Path | None = None) -> GlobalModel:
     """The global model of a federated D-MoLE run folder (``fedmole simulate --out RUN``)."""
     run_dir = Path(run_dir)
+    cfg, base = _run_config(run_dir, base_path)
+    return global_model_from_state(cfg, load_checkpoint(run_dir), base, str(run_dir))
+
+
+def _run_config(run_dir: Path, base_path: Path | None) -> tuple[RunConfig, Path]:
+    """A run folder's parsed config and its base checkpoint (``base_path`` if it moved)."""
     mfile = run_dir / "metrics.json"
     if not mfile.is_file():
         raise ExportError(f"{str(run_dir)!r} has no metrics.json; pass the --out folder of a "
@@ -100,8 +106,24 @@ def load_run(run_dir: Path, base_path: Path | None = None) -> GlobalModel:
     if not (base / "config.json").is_file():
         raise ExportError(f"the run's base {str(base)!r} is missing; pass --base PATH to the base "
                           "checkpoint folder it was trained from")
-    cfg = parse_config(flat)
-    return global_model_from_state(cfg, load_checkpoint(run_dir), base, str(run_dir))
+    return parse_config(flat), base
+
+
+def export_peft(run_dir: Path, out: Path, base_path: Path | None = None) -> list[Path]:
+    """A federated run's global experts as PEFT adapters ``out/<task>`` of the base's own HF
+    class (what the cloud writes to ``RUN/peft`` at the end of a run; this also serves a run
+    that stopped early or predates it)."""
+    from mole.peft_export import PeftExportError, write_plan_experts
+
+    run_dir = Path(run_dir)
+    cfg, base = _run_config(run_dir, base_path)
+    state = load_checkpoint(run_dir)
+    if not state.experts:
+        raise ExportError(f"{str(run_dir)!r} has no trained experts yet; export after a task")
+    try:
+        return write_plan_experts(base, state.experts, state.plan, cfg.lora.alpha, Path(out))
+    except PeftExportError as e:
+        raise ExportError(f"{str(run_dir)!r}: {e}") from e
 
 
 def global_model_from_state(cfg: RunConfig, state: GlobalState, base: Path, where: str = "the run"

@@ -155,3 +155,12 @@ def write_peft_experts(base_path: str | Path, experts: Mapping[str, Factors],
     """Every expert ``name → factors`` as ``out_dir/<name>`` (see :func:`write_peft_expert`)."""
     return [write_peft_expert(base_path, factors, float(alphas[name]), out_dir / name)
             for name, factors in experts.items() if factors]
+
+
+def write_plan_experts(base_path: str | Path, experts: Mapping[str, Factors], plan: Any,
+                       default_alpha: float, out_dir: Path) -> list[Path]:
+    """Experts of a federated run (an ``ExpertPlan`` gives each task's alpha; the one shared
+    adapter of a Seq-LoRA run, which has no plan entry, gets ``default_alpha``)."""
+    alphas = {e.task: float(e.alpha) for e in plan.experts}
+    return write_peft_experts(base_path, experts,
+                              {t: alphas.get(t, float(default_alpha)) for t in experts}, out_dir)

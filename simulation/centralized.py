@@ -32,6 +32,8 @@ from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
 ADAPTER = "shared"  # PEFT warns on names containing "lora"
+# Every run's experts as adapters of the base's own HF class (mole.peft_export): OUT/peft/<name>
+PEFT_DIR = "peft"
 
 
 @dataclass
@@ -104,6 +106,7 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         rows_detail.append(detail)
         acc.append([detail[i]["exact"] for i in tasks])
         experts.save_expert(ADAPTER, out / "experts" / f"after-{t:02d}-{task}")
+        experts.save_peft(ADAPTER, st.base_path, out / PEFT_DIR / f"after-{t:02d}-{task}")
         train_log.append({"task": task, "steps": stats.steps, "seconds": round(stats.seconds, 2),
                           "first_loss": round(stats.first_loss, 4),
                           "last_loss": round(stats.last_loss, 4)})

@@ -48,7 +48,7 @@ from protocol.config import RunConfig
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.base import base_summary
-from simulation.centralized import Stream, prepare_stream
+from simulation.centralized import PEFT_DIR, Stream, prepare_stream
 from simulation.methods import BatchSource, make_source
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
@@ -193,6 +193,7 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
         rows.append(detail)
         acc.append([detail[i]["exact"] for i in tasks])
         learner.experts.save_expert(task, out / "experts")
+        learner.experts.save_peft(task, stream.base_path, out / PEFT_DIR / task)
         per_task.append({"task": task, **planned, "partner": partner,
                          "router_fit_s": round(router_s, 3), "train_s": round(stats.seconds, 2),
                          "last_loss": round(stats.last_loss, 4),

@@ -234,3 +234,94 @@ def test_fedmole_train_on_an_unsupported_type_exits_with_the_data_error(checkpoi
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "'paligemma' model" in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fedmole_cli", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def _stock_peft(name: str, base: Path, folder: Path):
+    """The family's own HF class with the adapter loaded by PEFT, and a check that every tensor
+    of the adapter file landed in the model (PEFT itself only warns about missing keys)."""
+    import warnings
+
+    from peft import PeftModel
+
+    from mole.families import family_for, read_model_type
+
+    cls = family_for(read_model_type(base)).hf_class()
+    hf = cls.from_pretrained(base, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Found missing adapter keys" would be a warning
+        pm = PeftModel.from_pretrained(hf, str(folder)).eval()
+    assert type(pm.base_model.model) is cls
+    stored = load_file(str(folder / "adapter_model.safetensors"))
+    params = dict(pm.named_parameters())
+    for key, value in stored.items():
+        loaded = params[key.replace(".weight", ".default.weight")]
+        assert torch.equal(loaded, value), key
+    return pm
+
+
+def _hf_inputs(name: str, b) -> dict:
+    """A FedMoLE batch of one sample as the stock class's forward/generate kwargs."""
+    kw = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+    if b.pixel_values is not None:
+        lead = (lambda t: t[None]) if name == "idefics3" else (lambda t: t)  # (B, tiles, …)
+        kw["pixel_values"] = lead(b.pixel_values)
+        kw.update({k: lead(v) for k, v in b.extras.items() if k != "image_tiles"})
+    return kw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_simulate_and_the_experts_reload_on_the_stock_class(checkpoints, name, tmp_path):
+    from mole.experts import ExpertModel
+
+    base = checkpoints[name]
+    common = ["--config", str(ROOT / "conf" / "tiny.toml"), "--quiet",
+              "--set", f"model.base-path={base}", "--set", f"data.cache-dir={tmp_path / 'cache'}",
+              "--set", "data.tasks=color,arith"]  # a vision task, then a text task
+    train = _cli("train", "--method", "dmole", "--out", str(tmp_path / "train"), *common)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    sim = _cli("simulate", "--out", str(tmp_path / "sim"), *common)
+    assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
+    for run in ("train", "sim"):
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert len(m["acc_matrix"]) == 2
+        assert sorted(p.name for p in (tmp_path / run / "peft").iterdir()) == ["arith", "color"]
+
+    # The centralized experts, on the stock class through PEFT, give the logits and answers
+    # that FedMoLE's own model gives with the same expert active.
+    model, proc = load_backbone(base)
+    enc = Encoder.for_any(proc, model, 64)
+    em = ExpertModel(model)
+    em.load_expert("color", tmp_path / "train" / "experts" / "color")
+    em.activate(["color"])
+    model.eval()
+    pm = _stock_peft(name, base, tmp_path / "train" / "peft" / "color")
+    for s in _samples()[:2]:  # with an image and text-only
+        b = enc.prompt_batch([s])
+        with torch.no_grad():
+            ours, _ = model(**b.model_inputs())
+            theirs = pm(**_hf_inputs(name, b)).logits
+        assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+        mine = model.generate(b.input_ids, b.attention_mask, b.pixel_values, 4, None, b.extras)[0]
+        gen = pm.generate(**_hf_inputs(name, b), max_new_tokens=4, do_sample=False,
+                          eos_token_id=model.eos_token_id, pad_token_id=model.pad_token_id)
+        stock = gen[0, b.input_ids.shape[1]:].tolist()
+        if model.eos_token_id in stock:
+            stock = stock[:stock.index(model.eos_token_id)]
+        assert mine == stock
+
+    # The federated experts load completely too; the CLI writes the same folders for a run.
+    _stock_peft(name, base, tmp_path / "sim" / "peft" / "arith")
+    exp = _cli("export", "--run", str(tmp_path / "sim"), "--out", str(tmp_path / "exported"),
+               "--peft")
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    for task in ("color", "arith"):
+        a = load_file(str(tmp_path / "exported" / task / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "sim" / "peft" / task / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

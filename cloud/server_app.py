@@ -24,6 +24,7 @@ from cloud.robust import dp_report
 from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
 from cloud.strategy import FedMoleStrategy, StopRun
 from mole.backbone import load_backbone
+from mole.families.base import require_edge_bundle
 from mole.modality import modality_map, module_dims
 from mole.peft_export import write_plan_experts
 from mole.router import DEFAULT_BLOCKS
@@ -43,6 +44,8 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None
     out = Path(app.out_dir)
     t0 = time.perf_counter()
     model, _ = load_backbone(cfg.model.base_path)
+    if app.registry_dir:  # a bundle per task: refuse a base it cannot be built for, up front
+        require_edge_bundle(model, cfg.model.base_path)
     mmap = modality_map(model)
     state = None
     if app.resume and (out / CHECKPOINT).is_file():

@@ -51,6 +51,7 @@ import torch
 from cloud.state import GlobalState, load_checkpoint
 from edge.onnx_graph import ExportGraph, GraphSpec
 from edge.runtime import EdgeModel
+from mole.families.base import CheckpointError, require_edge_bundle
 from mole.router import TaskRouter, ae_from_state
 from protocol.config import RunConfig, parse_config
 from protocol.instructions import is_shared
@@ -273,6 +274,10 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     from protocol.bundle import sign_bundle, write_manifest
 
     t0 = time.perf_counter()
+    try:
+        require_edge_bundle(gm.em.model, gm.cfg.model.base_path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mole.audio import AUDIO_CONFIG
 from mole.backbone import (
     CheckpointError,
     build_backbone,
@@ -53,7 +54,7 @@ from mole.batching import Encoder, SampleEncoder
 from mole.model import MoleModel
 from mole.steps import TrainStats, cosine_schedule, evaluate, generate_answers, train_steps
 from mole.tokenizer import build_word_tokenizer
-from protocol.config import RunConfig
+from protocol.config import ConfigError, RunConfig
 from protocol.manifest import Sample, load_samples, read_manifest
 from simulation.benchmark import benchmark_key, cache_root
 from simulation.benchmark.generate import HELDOUT_FOLDER
@@ -246,8 +247,31 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
     return model, tok, info
 
 
+def check_towers(cfg: RunConfig, data_root: Path) -> None:
+    """Every task's modalities have a tower in the base, or the run stops before any work.
+
+    The base's towers are known without loading it: an audio tower is ``audio_tower.json`` in a
+    checkpoint folder, or ``model.audio-hidden`` > 0 for the base pretraining would build; every
+    family has a vision tower. A task's modalities come from its training records."""
+    if cfg.model.base_path:
+        base = Path(cfg.model.base_path)
+        has_audio, where = (base / AUDIO_CONFIG).is_file(), f"base checkpoint {str(base)!r}"
+    else:
+        has_audio, where = cfg.model.audio_hidden > 0, "the base `model.audio-hidden = 0` builds"
+    if has_audio:
+        return
+    audio = [t for t in cfg.data.tasks if (data_root / t).is_dir()
+             and any(r.audio for r in read_manifest(data_root / t, "train"))]
+    if audio:
+        raise ConfigError(
+            f"tasks {audio} carry audio, but {where} has no audio tower: remove them from "
+            "`data.tasks`, or use a base with an audio tower (the project's own base with "
+            "`model.audio-hidden` > 0)")
+
+
 def ensure_base(cfg: RunConfig, data_root: Path, progress: bool = True) -> Path:
     """Path of the base checkpoint: ``model.base-path`` if set, else the cached pretrained one."""
+    check_towers(cfg, data_root)
     if cfg.model.base_path:
         return Path(cfg.model.base_path)
     final = cache_root(cfg.data) / "bases" / base_key(cfg)

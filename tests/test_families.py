@@ -325,3 +325,23 @@ def test_train_simulate_and_the_experts_reload_on_the_stock_class(checkpoints, n
         a = load_file(str(tmp_path / "exported" / task / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "sim" / "peft" / task / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The edge ONNX bundle is built for the project's own layout only: refused, nothing written.
+    assert _cli("keys", "--out", str(tmp_path / "keys")).returncode == 0
+    bundle = _cli("export", "--run", str(tmp_path / "sim"), "--out", str(tmp_path / "bundle"),
+                  "--signing-key", str(tmp_path / "keys" / "bundle.key"))
+    assert bundle.returncode == 3, bundle.stdout[-2000:] + bundle.stderr[-2000:]
+    assert "PEFT adapters" in bundle.stderr and not (tmp_path / "bundle").exists()
+
+
+def test_an_audio_task_on_a_base_without_audio_is_a_config_error_before_any_work(checkpoints,
+                                                                                 tmp_path):
+    for command in ("train", "simulate"):
+        proc = _cli(command, "--config", str(ROOT / "conf" / "tiny.toml"), "--quiet",
+                    "--out", str(tmp_path / command),
+                    "--set", f"model.base-path={checkpoints['qwen2-vl']}",
+                    "--set", f"data.cache-dir={tmp_path / 'cache'}",
+                    "--set", "data.tasks=color,pitch")
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "tasks ['pitch'] carry audio" in proc.stderr and "no audio tower" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / command / "metrics.json").exists()

@@ -194,3 +194,15 @@ def context_length(model: Any) -> int:
     """The language model's context window: the sequence limit of a checkpoint family (its
     samples are refused above it; ``model.max-length`` sizes only the project's own base)."""
     return int(model.vlm.config.get_text_config().max_position_embeddings)
+
+
+def require_edge_bundle(model: Any, base: str | Path) -> None:
+    """The edge's ONNX bundle (edge/onnx_graph) is built for the project's own fixed-resolution
+    LLaVA layout; other checkpoints are refused before any work instead of failing half-way."""
+    if model.family.name == "llava" and model.n_image_tokens > 0:
+        return
+    raise CheckpointError(
+        f"the edge ONNX bundle supports the project's own LLaVA base only so far; {str(base)!r} "
+        f"is a {model.family.name} checkpoint. Its experts are written as PEFT adapters (RUN/peft, "
+        "or `fedmole export --peft`) for PeftModel.from_pretrained on its own Hugging Face class; "
+        "drop `app.registry-dir` / the bundle export for this base")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mole.backbone import load_backbone, pick_device
+from mole.backbone import load_backbone, pick_device, pick_dtype
 from mole.batching import Encoder
 from mole.experts import ExpertModel
 from mole.modality import modality_map, module_dims
@@ -72,7 +72,8 @@ class EdgeModel:
     """The process's base model + experts; values of experts are set per message."""
 
     def __init__(self, cfg: RunConfig, base_path: Path):
-        model, tok = load_backbone(base_path, pick_device(cfg.train.device))
+        device = pick_device(cfg.train.device)
+        model, tok = load_backbone(base_path, device, pick_dtype(cfg.model.dtype, device))
         for p in model.parameters():
             p.requires_grad = False
         self.cfg = cfg

@@ -41,7 +41,7 @@ from protocol.config import ModelConfig
 
 BASE_INFO = "fedmole_base.json"
 __all__ = ["AUDIO_CONFIG", "AUDIO_WEIGHTS", "BASE_INFO", "CheckpointError", "build_backbone",
-           "load_backbone", "pick_device", "read_base_info", "save_backbone", "weights_digest"]
+           "load_backbone", "pick_device", "pick_dtype", "read_base_info", "save_backbone", "weights_digest"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,6 +51,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"`train.device` is {name!r} but CUDA is not available; use auto or cpu")
     return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.dtype``: ``auto`` → bfloat16 on CUDA, float32 elsewhere (CPU kernels for bf16
+    are slow and round differently from the fp32 the project's results were measured with)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, image_size: int,
@@ -125,7 +133,8 @@ def save_backbone(model: MoleModel, tokenizer: PreTrainedTokenizerBase, path: Pa
     (path / BASE_INFO).write_text(json.dumps(info or {}, indent=2, sort_keys=True))
 
 
-def load_backbone(path: str | Path, device: torch.device | None = None) -> tuple[MoleModel, Any]:
+def load_backbone(path: str | Path, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[MoleModel, Any]:
     """Load a local checkpoint folder through its family (never the hub).
 
     The family comes from ``config.model_type`` (mole.families; an unknown type is refused with
@@ -139,7 +148,10 @@ def load_backbone(path: str | Path, device: torch.device | None = None) -> tuple
 
     p = Path(path)
     model_type = read_model_type(p)
-    return family_for(model_type, p).load(p, device or torch.device("cpu"))
+    model, processor = family_for(model_type, p).load(p, device or torch.device("cpu"))
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model, processor
 
 
 def weights_digest(model: torch.nn.Module) -> str:

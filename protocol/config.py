@@ -20,6 +20,9 @@ from typing import Any, get_type_hints
 Scalar = bool | int | float | str
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key and value."""
 
@@ -61,9 +64,14 @@ class DataConfig:
 class ModelConfig:
     """Backbone: a small LLaVA-architecture model (SigLIP tower + Qwen2 LM) or a local checkpoint."""
 
-    # A local LLaVA-family checkpoint folder (save_pretrained layout). "" → build from the sizes
-    # below and pretrain it on the benchmark's pretraining split (cached).
+    # A local checkpoint folder (save_pretrained layout) of a supported family (llava,
+    # qwen2_vl, idefics3: mole/families). "" → the project's own base, built from the sizes
+    # below and pretrained on the benchmark's pretraining split (cached). The sizes and
+    # max-length below size only that base; a checkpoint brings its own.
     base_path: str = ""
+    # Weights' precision: auto → bfloat16 on CUDA, float32 on CPU; LoRA experts stay float32
+    # (PEFT keeps adapters in fp32 over a bf16/fp16 base) and the loss is taken in fp32.
+    dtype: str = "auto"
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
@@ -88,6 +96,7 @@ class ModelConfig:
     audio_seconds: int = 1
 
     def validate(self) -> None:
+        _check(self.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", self.dtype)
         for key, v in (
             ("model.vision-hidden", self.vision_hidden),
             ("model.vision-layers", self.vision_layers),
@@ -400,6 +409,9 @@ class FederationConfig:
     # round-timeout) and then skipped: the experts stay as they were and the run goes on.
     quorum: int = 1
     round_retries: int = 1
+    # GPU share Ray reserves for each simulated client (0.25: four clients per GPU); 0 → the
+    # clients run on CPU threads. Ignored by deployed SuperNodes (each uses its own device).
+    client_gpus: float = 0.0
 
     def steps_for(self, n_samples: int, batch_size: int) -> int:
         """Optimiser steps per round of a client holding ``n_samples`` of the task."""
@@ -416,6 +428,8 @@ class FederationConfig:
 
     def validate(self) -> None:
         _check(self.clients >= 1, "federation.clients", ">= 1", self.clients)
+        _check(self.client_gpus >= 0, "federation.client-gpus", ">= 0 (0: CPU clients)",
+               self.client_gpus)
         _check(0 < self.fraction <= 1, "federation.fraction", "in (0, 1]", self.fraction)
         _check(1 <= self.min_clients <= self.clients, "federation.min-clients",
                f"in [1, federation.clients={self.clients}]", self.min_clients)

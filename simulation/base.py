@@ -46,6 +46,7 @@ from mole.backbone import (
     build_backbone,
     load_backbone,
     pick_device,
+    pick_dtype,
     read_base_info,
     save_backbone,
     weights_digest,
@@ -302,6 +303,7 @@ def load_base(cfg: RunConfig, data_root: Path, progress: bool = True):
             f"base checkpoint {str(path)!r} holds weights with sha256 {got[:16]}… but its "
             f"fedmole_base.json records {recorded[:16]}…: the folder was changed or corrupted; "
             "delete it to pretrain the base again")
+    model.to(pick_dtype(cfg.model.dtype, model.device))  # after the digest: it is of the files
     for p in model.parameters():
         p.requires_grad = False
     return model, tok, path

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.app_config import AppConfig
-from protocol.config import RunConfig
+from protocol.config import ConfigError, RunConfig
 from simulation.base import base_summary, ensure_base
 from simulation.benchmark import ensure_benchmark
 from simulation.metrics import modality_arrivals
@@ -49,9 +49,17 @@ def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[RunConfig
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    import torch
+
     cores = os.cpu_count() or 1
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": min(cores, cfg.federation.clients), "num_gpus": 0,
+    share = cfg.federation.client_gpus
+    gpus = torch.cuda.device_count()
+    if share > 0 and not gpus:
+        raise ConfigError(f"`federation.client-gpus` = {share} asks Ray for a GPU share per "
+                          "client, but torch sees no CUDA device; set it to 0 on this machine")
+    return {"client_resources": {"num_cpus": 1, "num_gpus": float(share)},
+            "init_args": {"num_cpus": min(cores, cfg.federation.clients),
+                          "num_gpus": gpus if share > 0 else 0,
                           "include_dashboard": False, "log_to_driver": True,
                           "logging_level": "error"}}
 

@@ -263,3 +263,16 @@ def weighted_mean_scores(client_scores: Sequence[tuple[Mapping[str, float], int]
             _check_score_value(sc[m], f"client {i}: score of {m!r}")
     total = sum(n for _, n in rows)
     return {m: math.fsum(float(sc[m]) * n for sc, n in rows) / total for m in keys}
+
+
+def choose_partner(votes: Mapping[str, int], n_samples: int, share: float,
+                   order: Sequence[str] = ()) -> str | None:
+    """D-MoLE's co-activation rule, for the centralized learner and the cloud alike: the older
+    task that most of the new task's ``n_samples`` training samples route to, if it holds at
+    least ``share`` of them (0: never). Ties go to the earlier task in ``order``."""
+    if share <= 0 or n_samples <= 0:
+        return None
+    rank = {t: i for i, t in enumerate(order)}
+    best = min(((t, v) for t, v in votes.items() if v > 0),
+               key=lambda tv: (-tv[1], rank.get(tv[0], len(rank)), tv[0]), default=None)
+    return best[0] if best is not None and best[1] >= share * n_samples else None

@@ -50,7 +50,13 @@ from cloud.aggregation import (
     deviation_norm,
     validate_update,
 )
-from cloud.allocator import AllocationError, all_modules_allocation, allocate, weighted_mean_scores
+from cloud.allocator import (
+    AllocationError,
+    all_modules_allocation,
+    allocate,
+    choose_partner,
+    weighted_mean_scores,
+)
 from cloud.robust import parse_rules, trim_count
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
@@ -389,9 +395,8 @@ class FedMoleStrategy(FedAvg):
         s = self.state
         s.plan = s.plan.with_task(alloc, self.cfg.lora.rank, self.cfg.lora.alpha)
         s.experts[task] = initial_factors(s.plan, task, self.dims, self.cfg.federation.seed)
-        best = max(votes.items(), key=lambda kv: kv[1], default=None)
-        share = self.cfg.dmole.coactivate_share
-        s.partners[task] = [best[0]] if best and share > 0 and best[1] >= share * n_total else []
+        partner = choose_partner(votes, n_total, self.cfg.dmole.coactivate_share, s.plan.tasks)
+        s.partners[task] = [partner] if partner else []
         if routers is not None and routers.n_clients:
             fitted = routers.finalize(self.cfg.dmole.router_quantile).state
             if fitted is not None:

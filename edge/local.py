@@ -33,8 +33,8 @@ from flwr.app import ConfigRecord, RecordDict
 from edge.replay import mix_batch_sizes
 from edge.replay_store import ReplayStore
 from edge.runtime import EdgeModel, LocalData, sample_modalities
-from mole.inference import ALL, routed_answers
-from mole.proxy import proxy_batch_count, proxy_scores
+from mole.inference import routed_answers, sample_routes
+from mole.proxy import proxy_samples, proxy_scores
 from mole.router import (
     TaskRouter,
     ae_from_state,
@@ -119,10 +119,8 @@ def probe(c: Client, ins: Instruction, routers: dict[str, dict[str, np.ndarray]]
     if not train:
         return encode_skip(c.id, task, "no-data")
     rng = c.rng(ins.global_round, 0)
-    bs = cfg.train.batch_size
-    n_b = proxy_batch_count(len(train), bs, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches)
-    batches = [c.em.enc.train_batch([train[int(i)] for i in rng.integers(0, len(train), bs)])
-               for _ in range(n_b)]
+    batches = [c.em.enc.train_batch(b) for b in proxy_samples(
+        train, cfg.train.batch_size, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches, rng)]
     scores = proxy_scores(c.em.experts, batches, list(c.em.mmap)).scores
     votes: dict[str, int] = {}
     if ins.thresholds and cfg.dmole.coactivate_share > 0:
@@ -240,10 +238,9 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
             routes = router.route(em.features(c.data, "test", task))
             if task in ins.seen:
                 routed[task] = sum(r == task for r in routes)
-        elif shared or cfg.dmole.router == "none":
-            routes = [ALL] * len(samples)
-        else:  # oracle: the true task when its experts exist
-            routes = [task if task in seen else None] * len(samples)
+        else:  # the shared adapter (every "seen" expert on), oracle or no router
+            routes = sample_routes("none" if shared else cfg.dmole.router, task, seen,
+                                   len(samples), lambda: [])
         preds = routed_answers(em.experts, em.enc, samples, routes, seen, ins.partners,
                                cfg.train.eval_batch_size, cfg.train.max_new_tokens)
         acc = score_answers(preds, [s.answer for s in samples], ("exact",))["exact"]

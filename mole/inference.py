@@ -9,7 +9,7 @@ active: the routed task's expert plus its remembered co-activation partners, or 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from mole.batching import SampleEncoder
 from mole.experts import ExpertModel
@@ -17,6 +17,18 @@ from mole.steps import generate_answers
 from protocol.manifest import Sample
 
 ALL = "*"
+
+
+def sample_routes(mode: str, task: str, seen: Sequence[str], n: int,
+                  route: Callable[[], list[str | None]]) -> list[str | None]:
+    """The route of each of ``n`` test samples of ``task`` under ``dmole.router`` = ``mode``:
+    ``autoencoder`` (``route()``, the router's own answer), ``oracle`` (the true task once its
+    experts exist) or ``none`` (every seen expert on)."""
+    if mode == "oracle":
+        return [task if task in seen else None] * n
+    if mode == "none":
+        return [ALL] * n
+    return route()
 
 
 def active_set(route: str | None, seen: Sequence[str], partners: Mapping[str, Sequence[str]]

@@ -23,12 +23,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from mole.batching import Batch
 from mole.experts import ExpertModel
 from mole.model import MoleModel
+from protocol.manifest import Sample
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,17 @@ def proxy_batch_count(n_train: int, batch_size: int, fraction: float = 0.01, min
         raise ValueError(f"proxy minimum batch count must be >= 1, got {minimum}")
     n_batches = math.ceil(n_train / batch_size)
     return min(n_batches, max(minimum, math.ceil(fraction * n_batches)))
+
+
+def proxy_samples(samples: Sequence[Sample], batch_size: int, fraction: float, minimum: int,
+                  rng: np.random.Generator) -> list[list[Sample]]:
+    """The proxy's batches of a task: ``proxy_batch_count`` batches drawn without replacement
+    (one shuffled pass, as an epoch's first batches would be) — the centralized learner and
+    every federated client take the same rule, so their scores are comparable."""
+    n_b = proxy_batch_count(len(samples), batch_size, fraction, minimum)
+    order = rng.permutation(len(samples))
+    return [[samples[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+            for k in range(n_b) if order[k * batch_size:(k + 1) * batch_size].size]
 
 
 def _wrapped_names(model: nn.Module) -> list[str]:

@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cloud.allocator import all_modules_allocation, allocate, equal_param_rank
+from cloud.allocator import all_modules_allocation, allocate, choose_partner, equal_param_rank
 from mole.experts import ExpertModel
-from mole.inference import ALL, routed_answers
+from mole.inference import routed_answers, sample_routes
 from mole.modality import modality_map
-from mole.proxy import proxy_batch_count, proxy_scores
+from mole.proxy import proxy_samples, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
 from mole.steps import train_steps
@@ -54,17 +54,6 @@ from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
 
 log = logging.getLogger(__name__)
-
-
-def _partner(router: TaskRouter, feats: torch.Tensor, share: float) -> str | None:
-    """The older task most of these samples route to, if it holds ≥ ``share`` of the votes."""
-    if share <= 0 or not router.tasks:
-        return None
-    votes = Counter(r for r in router.route(feats) if r is not None)
-    if not votes:
-        return None
-    task, n = votes.most_common(1)[0]
-    return task if n / feats.shape[0] >= share else None
 
 
 class DmoleLearner:
@@ -97,12 +86,9 @@ class DmoleLearner:
     def plan_task(self, task: str, rng: np.random.Generator) -> dict:
         cfg, train = self.cfg, self.s.train[task]
         t0 = time.perf_counter()  # proxy time includes building its batches
-        bs = cfg.train.batch_size
-        n_b = proxy_batch_count(len(train), bs, cfg.dmole.proxy_fraction,
-                                cfg.dmole.proxy_min_batches)
-        order = rng.permutation(len(train))
-        batches = [self.s.enc.train_batch([train[int(i)] for i in order[k * bs:(k + 1) * bs]])
-                   for k in range(n_b) if order[k * bs:(k + 1) * bs].size]
+        batches = [self.s.enc.train_batch(b) for b in proxy_samples(
+            train, cfg.train.batch_size, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches,
+            rng)]
         proxy = proxy_scores(self.experts, batches, list(self.mmap))
         t1 = time.perf_counter()  # allocation time excludes the proxy (reported separately)
         if cfg.dmole.allocation == "all-modules":
@@ -115,7 +101,7 @@ class DmoleLearner:
         self.plan = self.plan.with_task(alloc, self.rank, self._alpha())
         lora = dataclasses.replace(cfg.lora, rank=self.rank, alpha=self._alpha())
         self.experts.add_expert(task, list(alloc.modules), lora)
-        return {"proxy_s": t1 - t0, "plan_s": alloc.seconds, "proxy_batches": n_b,
+        return {"proxy_s": t1 - t0, "plan_s": alloc.seconds, "proxy_batches": len(batches),
                 "per_modality": dict(alloc.per_modality), "shares": dict(alloc.shares)}
 
     def _alpha(self) -> int:
@@ -124,7 +110,10 @@ class DmoleLearner:
 
     def fit_router(self, task: str) -> str | None:
         feats = self.features(f"train/{task}", self.s.train[task])
-        partner = _partner(self.router, feats, self.cfg.dmole.coactivate_share)
+        votes = Counter(r for r in self.router.route(feats) if r is not None) if (
+            self.router.tasks) else Counter()
+        partner = choose_partner(votes, feats.shape[0], self.cfg.dmole.coactivate_share,
+                                 self.s.tasks)
         self.partners[task] = [partner] if partner else []
         self.router.add_task(task, feats)
         return partner
@@ -149,12 +138,8 @@ class DmoleLearner:
 
     def routes(self, task: str, seen: list[str]) -> list[str | None]:
         samples = self.s.test[task]
-        mode = self.cfg.dmole.router
-        if mode == "oracle":
-            return [task if task in seen else None] * len(samples)
-        if mode == "none":
-            return [ALL] * len(samples)
-        return self.router.route(self.features(f"test/{task}", samples))
+        return sample_routes(self.cfg.dmole.router, task, seen, len(samples),
+                             lambda: self.router.route(self.features(f"test/{task}", samples)))
 
     def evaluate(self, task: str, seen: list[str]) -> dict[str, float]:
         """Per-sample routing: group samples by routed task, answer each group with its experts."""

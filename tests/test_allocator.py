@@ -417,3 +417,16 @@ def test_with_task_validates_rank_and_modules():
     foreign = dataclasses.replace(alloc, modules=("x.0", *alloc.modules[1:]))
     with pytest.raises(PlanError, match="must be candidate modules listed in `modality_of`, got 'x.0'"):
         plan.with_task(foreign, rank=8, alpha=16)
+
+
+def test_choose_partner_is_the_one_rule_of_the_learner_and_the_cloud():
+    from cloud.allocator import choose_partner
+
+    # the most-voted older task, if it holds >= share of the new task's samples
+    assert choose_partner({"a": 6, "b": 3}, 10, 0.5) == "a"
+    assert choose_partner({"a": 4, "b": 3}, 10, 0.5) is None
+    assert choose_partner({"a": 6}, 10, 0.0) is None  # share 0: co-activation off
+    assert choose_partner({}, 10, 0.5) is None
+    # ties go to the earlier task of the stream, whatever order the votes came in
+    assert choose_partner({"b": 5, "a": 5}, 10, 0.5, order=["a", "b"]) == "a"
+    assert choose_partner({"a": 5, "b": 5}, 10, 0.5, order=["b", "a"]) == "b"

@@ -120,3 +120,18 @@ def test_batch_count_rejects_bad_values():
         proxy_batch_count(10, 2, 0.0)
     with pytest.raises(ValueError, match="must be > 0"):
         proxy_batch_count(0, 2)
+
+
+def test_proxy_samples_are_drawn_without_replacement():
+    import numpy as np
+
+    from mole.proxy import proxy_samples
+    from protocol.manifest import Sample
+
+    samples = [Sample(id=f"s{i}", task="t", instruction="q", answer="a") for i in range(50)]
+    batches = proxy_samples(samples, 8, 0.01, 3, np.random.default_rng(0))
+    ids = [s.id for b in batches for s in b]
+    assert len(batches) == 3 and len(ids) == 24 and len(set(ids)) == 24
+    # a task smaller than the batches asked for: every sample once, the last batch short
+    small = proxy_samples(samples[:10], 8, 1.0, 3, np.random.default_rng(0))
+    assert [len(b) for b in small] == [8, 2]

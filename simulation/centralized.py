@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,38 @@ def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
     )
 
 
+@dataclass
+class StreamResult:
+    """What the task loop measured: row t of ``acc`` after task t (exact match, every task)."""
+
+    acc: list[list[float]]
+    rows: list[dict[str, dict[str, float]]]  # per row: task → every metric of that task
+    logs: list[dict]  # per task: what ``learn`` reported
+
+
+def run_tasks(label: str, tasks: list[str], learn: Callable[[int, str], dict],
+              score: Callable[[str, list[str]], dict[str, float]],
+              save: Callable[[int, str], None], progress: bool = True) -> StreamResult:
+    """The centralized task loop every centralized method shares (the baselines and D-MoLE;
+    the cloud runs the same steps as Flower rounds): learn task t, score every task of the
+    stream with the tasks seen so far (future ones too: forward transfer), save the experts."""
+    res = StreamResult([], [], [])
+    for t, task in enumerate(tasks):
+        entry = learn(t, task)
+        seen = tasks[: t + 1]
+        detail = {i: score(i, seen) for i in tasks}
+        res.rows.append(detail)
+        res.acc.append([detail[i]["exact"] for i in tasks])
+        res.logs.append(entry)
+        save(t, task)
+        line = " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, res.acc[-1], strict=True))
+        log.info("[%s] after %s: %s", label, task, line)
+        if progress:
+            note = entry.get("note", "")
+            print(f"[{label}] after task {t + 1}/{len(tasks)} ({task}{note}): {line}", flush=True)
+    return res
+
+
 def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,11 +123,9 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
     experts.activate([ADAPTER], trainable=ADAPTER)
     n_trainable = sum(p.numel() for p in experts.trainable_parameters())
 
-    acc: list[list[float]] = []
-    rows_detail: list[dict[str, dict[str, float]]] = []
-    train_log: list[dict] = []
     bs = cfg.train.batch_size
-    for t, task in enumerate(tasks):
+
+    def learn(t: int, task: str) -> dict:
         source.start_task(task, train[task])
         stats = train_steps(
             model, lambda _s: enc.train_batch(source.batch(rng, bs)), cfg.train.steps_per_task,
@@ -102,25 +133,20 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
             desc=f"{method} task {t + 1}/{len(tasks)} {task}", progress=progress,
         )
         source.end_task(task, train[task])
-        detail = {i: score(i) for i in tasks}
-        rows_detail.append(detail)
-        acc.append([detail[i]["exact"] for i in tasks])
+        return {"task": task, "steps": stats.steps, "seconds": round(stats.seconds, 2),
+                "first_loss": round(stats.first_loss, 4), "last_loss": round(stats.last_loss, 4),
+                "note": f", {stats.seconds:.0f}s"}
+
+    def save(t: int, task: str) -> None:
         experts.save_expert(ADAPTER, out / "experts" / f"after-{t:02d}-{task}")
         experts.save_peft(ADAPTER, st.base_path, out / PEFT_DIR / f"after-{t:02d}-{task}")
-        train_log.append({"task": task, "steps": stats.steps, "seconds": round(stats.seconds, 2),
-                          "first_loss": round(stats.first_loss, 4),
-                          "last_loss": round(stats.last_loss, 4)})
-        log.info("after %s: %s", task, " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, acc[-1],
-                                                                                strict=True)))
-        if progress:
-            print(f"[{method}] after task {t + 1}/{len(tasks)} ({task}, {stats.seconds:.0f}s): "
-                  + " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, acc[-1], strict=True)),
-                  flush=True)
 
+    res = run_tasks(method, tasks, learn, lambda task, _seen: score(task), save, progress)
+    acc = res.acc
     extra = {
-        "task_scores": rows_detail[-1],
+        "task_scores": res.rows[-1],
         "zero_shot_scores": zero,
-        "train": train_log,
+        "train": [{k: v for k, v in e.items() if k != "note"} for e in res.logs],
         "trainable_params": n_trainable,
         "experts_per_modality": {m: len(v) for m, v in modules_by_modality(mmap).items()},
         "modality_arrivals": modality_arrivals(tasks, acc, {t: st.modalities(t) for t in tasks}),

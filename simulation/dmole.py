@@ -48,7 +48,7 @@ from protocol.config import RunConfig
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.base import base_summary
-from simulation.centralized import PEFT_DIR, Stream, prepare_stream
+from simulation.centralized import PEFT_DIR, Stream, prepare_stream, run_tasks
 from simulation.methods import BatchSource, make_source
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
@@ -162,33 +162,29 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
     source = make_source("replay-lora" if replay else "seq-lora", cfg)
     zero = {t: learner.evaluate(t, []) for t in tasks}  # no task seen: the base model answers
 
-    acc: list[list[float]] = []
-    rows: list[dict[str, dict[str, float]]] = []
-    per_task: list[dict] = []
     method = "dmole" + ("-replay" if replay else "")
-    for t, task in enumerate(tasks):
+
+    def learn(t: int, task: str) -> dict:
         planned = learner.plan_task(task, rng)
         t_router = time.perf_counter()
         partner = learner.fit_router(task)
         router_s = time.perf_counter() - t_router
         stats = learner.train_task(task, rng, source, progress,
                                    f"{method} task {t + 1}/{len(tasks)} {task}")
-        seen = tasks[: t + 1]
-        detail = {i: learner.evaluate(i, seen) for i in tasks}
-        rows.append(detail)
-        acc.append([detail[i]["exact"] for i in tasks])
+        return {"task": task, **planned, "partner": partner,
+                "router_fit_s": round(router_s, 3), "train_s": round(stats.seconds, 2),
+                "last_loss": round(stats.last_loss, 4),
+                "proxy_plan_over_train": round(
+                    (planned["proxy_s"] + planned["plan_s"]) / stats.seconds, 4),
+                "note": f", experts {planned['per_modality']}, partner {partner}"}
+
+    def save(t: int, task: str) -> None:
         learner.experts.save_expert(task, out / "experts")
         learner.experts.save_peft(task, stream.base_path, out / PEFT_DIR / task)
-        per_task.append({"task": task, **planned, "partner": partner,
-                         "router_fit_s": round(router_s, 3), "train_s": round(stats.seconds, 2),
-                         "last_loss": round(stats.last_loss, 4),
-                         "proxy_plan_over_train": round(
-                             (planned["proxy_s"] + planned["plan_s"]) / stats.seconds, 4)})
-        if progress:
-            print(f"[{method}] after task {t + 1}/{len(tasks)} ({task}, experts "
-                  f"{planned['per_modality']}, partner {partner}): "
-                  + " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, acc[-1], strict=True)),
-                  flush=True)
+
+    res = run_tasks(method, tasks, learn, learner.evaluate, save, progress)
+    acc, rows = res.acc, res.rows
+    per_task = [{k: v for k, v in e.items() if k != "note"} for e in res.logs]
 
     learner.plan.save(out / "plan.json")
     learner.router.save(out / "router")

@@ -52,6 +52,7 @@ from mole.backbone import (
     weights_digest,
 )
 from mole.batching import Encoder, SampleEncoder
+from mole.families import family_for, read_model_type
 from mole.model import MoleModel
 from mole.steps import TrainStats, cosine_schedule, evaluate, generate_answers, train_steps
 from mole.tokenizer import build_word_tokenizer
@@ -256,6 +257,7 @@ def check_towers(cfg: RunConfig, data_root: Path) -> None:
     family has a vision tower. A task's modalities come from its training records."""
     if cfg.model.base_path:
         base = Path(cfg.model.base_path)
+        family_for(read_model_type(base), base)  # an unsupported checkpoint is the first problem
         has_audio, where = (base / AUDIO_CONFIG).is_file(), f"base checkpoint {str(base)!r}"
     else:
         has_audio, where = cfg.model.audio_hidden > 0, "the base `model.audio-hidden = 0` builds"

@@ -30,7 +30,7 @@ from protocol.manifest import Sample
 from tests.vlm_fixtures import BUILDERS
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("llava-1.5", "qwen2-vl", "idefics3")
+FAMILIES = ("llava-1.5", "qwen2-vl", "qwen2.5-vl", "idefics3")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,11 @@ def test_llava15_gets_clip_normalisation_and_its_chat_template(checkpoints):
     assert ids.count(model.image_token_id) == 4 and text.endswith("ASSISTANT:")
 
 
-def test_qwen2vl_inputs_equal_the_qwen2vl_processor(checkpoints):
+@pytest.mark.parametrize("name", ("qwen2-vl", "qwen2.5-vl"))
+def test_qwen2vl_inputs_equal_the_qwen2vl_processor(checkpoints, name):
     from transformers import Qwen2VLProcessor
 
-    model, proc, enc = _loaded(checkpoints, "qwen2-vl")
+    model, proc, enc = _loaded(checkpoints, name)
     # Qwen2VLProcessor needs a video processor (torchvision, which does not import with this
     # torch) to be constructed; its __call__ for images does not touch it.
     real = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
@@ -141,12 +142,13 @@ def test_loss_is_on_the_assistant_turn_only(checkpoints, name):
 
 
 @pytest.mark.parametrize("name,vision,language", [
-    ("llava-1.5", 2 * 4, 2 * 4), ("qwen2-vl", 1 * 2, 2 * 4), ("idefics3", 2 * 4, 2 * 4)])
+    ("llava-1.5", 2 * 4, 2 * 4), ("qwen2-vl", 1 * 2, 2 * 4), ("qwen2.5-vl", 2 * 2, 2 * 4),
+    ("idefics3", 2 * 4, 2 * 4)])
 def test_modalities_find_the_family_modules(checkpoints, name, vision, language):
     model, _, _ = _loaded(checkpoints, name)
     mods = modules_by_modality(modality_map(model))
     assert len(mods["vision"]) == vision and len(mods["language"]) == language
-    if name == "qwen2-vl":  # the fused projection is a target of its own
+    if name.startswith("qwen2"):  # the fused projection is a target of its own
         assert any(m.endswith("attn.qkv") for m in mods["vision"])
 
 
@@ -167,7 +169,7 @@ def test_an_unsupported_model_type_names_the_known_ones(checkpoints, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_backbone(path)
     msg = str(e.value)
-    assert "'paligemma'" in msg and "idefics3, llava, qwen2_vl" in msg
+    assert "'paligemma'" in msg and "idefics3, llava, qwen2_5_vl, qwen2_vl" in msg
 
 
 def test_a_chat_template_without_its_processor_is_refused(checkpoints, tmp_path):

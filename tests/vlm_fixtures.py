@@ -10,6 +10,7 @@ random. Nothing is downloaded.
                       LlavaProcessor(CLIPImageProcessor) — USER/ASSISTANT template
     qwen2-vl:         Qwen2VLForConditionalGeneration, Qwen2VLProcessor (dynamic resolution,
                       ``image_grid_thw``, M-RoPE) — ChatML template
+    qwen2.5-vl:       Qwen2_5_VLForConditionalGeneration (windowed ViT), the same processor
     idefics3:         Idefics3ForConditionalGeneration, Idefics3Processor (image splitting,
                       pixel-shuffle connector) — ``User:/Assistant:`` template
 """
@@ -159,6 +160,43 @@ def build_qwen2vl(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_qwen25vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL: windowed-attention ViT (32-d, 14-px patches, 2×2 merge, gated MLP) → Qwen2
+    LM (64-d × 2) with M-RoPE; the same image processor and chat format as Qwen2-VL."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = bpe_tokenizer(special, cls=Qwen2TokenizerFast, eos_token="<|im_end|>",
+                        pad_token="<|endoftext|>", unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    cfg = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": 32, "out_hidden_size": 64,
+                       "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+                       "window_size": 56, "fullatt_block_indexes": [1]},
+        text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 1024,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    images.save_pretrained(path)
+    return path
+
+
 def build_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3 / SmolVLM: SigLIP-style tower (32 px, 8-px patches) → pixel-shuffle connector
     (scale 2) → Llama LM (64-d × 2); the processor splits large images into 32-px tiles."""
@@ -196,4 +234,5 @@ def build_idefics3(path: Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"llava-1.5": build_llava15, "qwen2-vl": build_qwen2vl, "idefics3": build_idefics3}
+BUILDERS = {"llava-1.5": build_llava15, "qwen2-vl": build_qwen2vl, "qwen2.5-vl": build_qwen25vl,
+            "idefics3": build_idefics3}

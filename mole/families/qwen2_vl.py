@@ -1,4 +1,5 @@
-"""The Qwen2-VL family (``qwen2_vl``): dynamic-resolution ViT → 2×2 patch merger → Qwen2 with M-RoPE.
+"""The Qwen2-VL families (``qwen2_vl``, ``qwen2_5_vl``): dynamic-resolution ViT → 2×2 patch
+merger → Qwen2 with M-RoPE.
 
 Images of any size are resized by the checkpoint's ``Qwen2VLImageProcessor`` to a multiple of
 ``patch_size × merge_size`` within [min_pixels, max_pixels] and flattened into patch rows
@@ -65,21 +66,28 @@ class Qwen2VLAdapter(VisionAdapter):
     def positions(self, hf: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   extras: dict[str, torch.Tensor]) -> torch.Tensor:
         pos, _ = hf.model.get_rope_index(  # type: ignore[operator,union-attr]
-            input_ids, extras.get("image_grid_thw"), None, attention_mask)
+            input_ids=input_ids, image_grid_thw=extras.get("image_grid_thw"),
+            attention_mask=attention_mask)
         return pos  # (3, B, T)
 
 
 class Qwen2VLFamily(Family):
-    name = "qwen2-vl"
-    model_types = ("qwen2_vl",)
+    """Qwen2-VL and Qwen2.5-VL: the same processor, prompt and M-RoPE; 2.5's ViT uses windowed
+    attention and a gated MLP, its attention is still one fused ``qkv`` + ``proj``."""
+
+    def __init__(self, name: str, model_type: str, cls_name: str):
+        self.name = name
+        self.model_types = (model_type,)
+        self.cls_name = cls_name
 
     @property
     def modalities(self) -> Sequence[ModalitySpec]:
         return (VISION, LANGUAGE)
 
     def hf_class(self) -> type[nn.Module]:
-        from transformers import Qwen2VLForConditionalGeneration
-        return Qwen2VLForConditionalGeneration
+        import transformers
+
+        return getattr(transformers, self.cls_name)  # type: ignore[no-any-return]
 
     def load(self, path: Path, device: torch.device) -> tuple[Any, Any]:
         from mole.model import MoleModel
@@ -143,4 +151,6 @@ class Qwen2VLInputs:
         return list(ids), media
 
 
-QWEN2_VL = register_family(Qwen2VLFamily())
+QWEN2_VL = register_family(Qwen2VLFamily("qwen2-vl", "qwen2_vl", "Qwen2VLForConditionalGeneration"))
+QWEN2_5_VL = register_family(
+    Qwen2VLFamily("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))

@@ -19,6 +19,7 @@ from typing import Any
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from torch import nn
 
 from mole.model import MoleModel
 from protocol.config import LoraConfig
@@ -56,8 +57,10 @@ class ExpertModel:
         """The modules expert ``name`` is attached to."""
         if self.peft is None or name not in self.experts:
             raise ValueError(f"no expert {name!r}; experts: {self.experts}")
-        cfg: Any = self.peft.peft_config[name]  # a LoraConfig; typed as the PeftConfig base
-        return set(cfg.target_modules or ())
+        # Read off the model, not the LoraConfig: PEFT rewrites a long target_modules list as
+        # the shortest suffixes that select the same modules ("q_proj", …).
+        return {n for n, m in self.model.named_modules()
+                if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and name in m.lora_A}
 
     def remove_expert(self, name: str) -> None:
         """Detach expert ``name`` (e.g. a stale adapter whose plan changed)."""

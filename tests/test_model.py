@@ -222,3 +222,27 @@ def test_corrupt_adapter_is_a_clear_error(tiny_model, tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="unreadable"):
         em.load_expert("t9", path)
     assert em.experts == ["t0"]  # nothing half-loaded
+
+
+def test_an_expert_on_many_modules_knows_them_and_exports_them(tiny_cfg, tmp_path):
+    # PEFT rewrites a target list of more than 20 modules as suffixes ("q_proj", …); the
+    # expert's modules must still be the full names, for the plan, the factors and the export.
+    import dataclasses
+
+    from mole.backbone import build_backbone
+    from mole.tokenizer import build_word_tokenizer
+    from tests.conftest import WORDS
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer([WORDS])
+    model = build_backbone(dataclasses.replace(tiny_cfg.model, text_layers=6), tok, 32)
+    save_backbone(model, tok, tmp_path / "base")
+    mods = list(modality_map(model))
+    assert len(mods) > 20
+    em = ExpertModel(model)
+    em.add_expert("all", mods, tiny_cfg.lora)
+    assert em.modules_of("all") == set(mods)
+    assert {k.rpartition(".")[0] for k in em.factors("all")} == set(mods)
+    folder = em.save_peft("all", tmp_path / "base", tmp_path / "peft")
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert (folder / "audio_tower" / "adapter_model.safetensors").is_file()

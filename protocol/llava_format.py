@@ -1,0 +1,223 @@
+"""The field's instruction-data format (LLaVA, CoIN, MCITlib, FCIT, D-MoLE): read and checked.
+
+A data file is a JSON list (``.json``) or one JSON object per line (``.jsonl``) of records::
+
+    {"id": "vqa-000123",
+     "image": "coco/val2014/COCO_val2014_000000000123.jpg",      # or a list of paths, or absent
+     "conversations": [
+        {"from": "human", "value": "<image>\\nWhat is on the table?"},
+        {"from": "gpt",   "value": "A plate of food."},
+        {"from": "human", "value": "What colour is the plate?"},   # multi-turn allowed
+        {"from": "gpt",   "value": "White."}],
+     "audio": "clips/000123.wav"}                                   # optional
+
+Image paths are relative to an image root (or absolute); PNG, JPEG and WebP are read (as RGB),
+WAV and FLAC for audio. Only the index is kept in memory: :func:`read_records` parses the text
+and checks every path exists, and :func:`load_image` decodes pixels when a sample is used, so a
+client with 100k records holds 100k short records, not their pixels.
+
+Checked, with the file, the record and what to do in every message: unreadable JSON (with the
+line for ``.jsonl``), a record that is not an object, a missing or duplicate id (``id``, or
+``question_id`` as some releases name it), turns that do not alternate human → gpt starting
+with human and ending with gpt, a turn without a string ``value``, an ``<image>`` marker count
+that differs from the number of images (a marker without an image, or an image without its
+marker), a missing or unsupported image or audio file. ``on_error = "fail"`` raises at the first
+bad record; ``"skip"`` drops it and reports why (the run's ``metrics.json`` counts them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_MARKER = "<image>"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+AUDIO_SUFFIXES = (".wav", ".flac")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ON_ERROR = ("fail", "skip")
+
+
+class DataError(ValueError):
+    """A data file or record is unusable; the message names the file, the record and the fix."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" | "assistant"
+    text: str  # the turn's text with the <image> markers removed
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation: its id, image and audio paths, and its turns (user first, alternating)."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    images: tuple[Path, ...] = ()
+    audio: Path | None = None
+    # Where each image's marker stood: the index of the user turn it belongs to (a chat template
+    # puts the image content part in that turn).
+    image_turns: tuple[int, ...] = ()
+    source: str = ""  # "file:line" or "file#index", for messages
+
+    @property
+    def instruction(self) -> str:
+        """The first user turn (single-turn tasks: the question)."""
+        return self.turns[0].text
+
+    @property
+    def answer(self) -> str:
+        """The last assistant turn (what generation is scored against)."""
+        return self.turns[-1].text
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    skipped: list[str] = field(default_factory=list)  # one message per dropped record
+
+
+def _entries(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed record) for every record of a .json list or .jsonl file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read data file {str(path)!r}: {e}") from e
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e}); fix the line or remove "
+                                "it") from e
+        return
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"data file {str(path)!r} is not valid JSON ({e}); a .json data file "
+                        "is one list of records (use .jsonl for one record per line)") from e
+    if not isinstance(data, list):
+        raise DataError(f"data file {str(path)!r} holds a {type(data).__name__}, not a list of "
+                        "records")
+    for i, d in enumerate(data):
+        yield f"{path}#{i}", d
+
+
+def _record(d: Any, where: str, image_root: Path) -> Record:
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(d).__name__}")
+    rid = d.get("id", d.get("question_id"))
+    if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, bool | dict | list):
+        raise DataError(f"{where}: the record has no `id` (or `question_id`); give every record "
+                        "a unique id")
+    rid = str(rid)
+    at = f"{where} (id {rid!r})"
+    raw = d.get("image")
+    paths = [] if raw is None else [raw] if isinstance(raw, str) else raw
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"{at}: `image` must be a path, a list of paths or absent, got {raw!r}")
+    images = tuple(_file(image_root, p, IMAGE_SUFFIXES, "image", at) for p in paths)
+    audio = d.get("audio")
+    if audio is not None and not (isinstance(audio, str) and audio):
+        raise DataError(f"{at}: `audio` must be a path or absent, got {audio!r}")
+    audio_path = None if audio is None else _file(image_root, audio, AUDIO_SUFFIXES, "audio", at)
+    conv = d.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2:
+        raise DataError(f"{at}: `conversations` must be a list of at least one human and one gpt "
+                        f"turn, got {conv!r:.80}")
+    turns: list[Turn] = []
+    image_turns: list[int] = []
+    for k, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise DataError(f"{at}: turn {k} must be {{\"from\": ..., \"value\": \"text\"}}, "
+                            f"got {t!r:.80}")
+        role = ROLES.get(str(t.get("from", "")).lower())
+        want = "user" if k % 2 == 0 else "assistant"
+        if role != want:
+            raise DataError(
+                f"{at}: turn {k} is from {t.get('from')!r}, expected "
+                f"{'human' if want == 'user' else 'gpt'}: turns alternate human, gpt, … starting "
+                "with human")
+        value: str = t["value"]
+        if role == "assistant" and IMAGE_MARKER in value:
+            raise DataError(f"{at}: turn {k} (gpt) holds an {IMAGE_MARKER} marker; images belong "
+                            "to human turns")
+        n_markers = value.count(IMAGE_MARKER)
+        image_turns.extend([len(turns)] * n_markers)
+        text = " ".join(value.replace(IMAGE_MARKER, " ").split())
+        if not text and role == "assistant":
+            raise DataError(f"{at}: turn {k} (gpt) is empty; nothing to learn or score")
+        turns.append(Turn(role, text))
+    if turns[-1].role != "assistant":
+        raise DataError(f"{at}: the last turn is from human; a conversation ends with gpt's answer")
+    if len(image_turns) != len(images):
+        what = ("an <image> marker without an image" if len(image_turns) > len(images)
+                else "an image without its <image> marker")
+        raise DataError(f"{at}: {len(image_turns)} {IMAGE_MARKER} markers for {len(images)} "
+                        f"images ({what}); put one marker per image in the human turn it "
+                        "belongs to")
+    return Record(rid, tuple(turns), images, audio_path, tuple(image_turns), where)
+
+
+def _file(root: Path, rel: str, suffixes: Sequence[str], kind: str, at: str) -> Path:
+    p = Path(rel) if Path(rel).is_absolute() else root / rel
+    if p.suffix.lower() not in suffixes:
+        raise DataError(f"{at}: {kind} {rel!r} is not one of {', '.join(suffixes)}; convert it")
+    if not p.is_file():
+        raise DataError(f"{at}: {kind} file {str(p)!r} does not exist; check the path and the "
+                        "stream's image root")
+    return p
+
+
+def read_records(path: str | Path, image_root: str | Path | None = None,
+                 on_error: str = "fail") -> ReadResult:
+    """Index a data file: every record parsed and checked, no pixels read.
+
+    ``image_root`` defaults to the data file's folder. ``on_error``: ``fail`` raises
+    :class:`DataError` at the first bad record, ``skip`` drops it and lists why."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"data file {str(path)!r} must be .json (a list) or .jsonl (a record "
+                        "per line)")
+    out = ReadResult([])
+    seen: dict[str, str] = {}
+    for where, d in _entries(path):
+        try:
+            rec = _record(d, where, root)
+            if rec.id in seen:
+                raise DataError(f"{where}: id {rec.id!r} is used again (first at {seen[rec.id]}); "
+                                "ids must be unique in a file")
+        except DataError as e:
+            if on_error == "fail":
+                raise
+            out.skipped.append(str(e))
+            continue
+        seen[rec.id] = where
+        out.records.append(rec)
+    if not out.records:
+        raise DataError(f"data file {str(path)!r} holds no usable record"
+                        + (f" ({len(out.skipped)} skipped; first: {out.skipped[0]})"
+                           if out.skipped else ""))
+    return out
+
+
+def load_image(path: Path, where: str = "") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file (decoded on demand)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{where or path}: image {str(path)!r} cannot be decoded ({e}); replace "
+                        "the file") from e

@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 import torch
 
-from cloud.state import GlobalState, load_checkpoint
+from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
 from edge.onnx_graph import ExportGraph, GraphSpec
 from edge.runtime import EdgeModel
 from mole.families.base import CheckpointError, require_edge_bundle
@@ -103,7 +103,10 @@ def _run_config(run_dir: Path, base_path: Path | None) -> tuple[RunConfig, Path]
         raise ExportError(f"{str(mfile)!r} has no readable config ({e})") from e
     if base_path is not None:
         flat = {**flat, "model.base-path": str(base_path)}
-    base = Path(str(flat.get("model.base-path") or ""))
+    if not flat.get("model.base-path"):
+        raise ExportError(f"the config of {str(run_dir)!r} names no base (`model.base-path` is "
+                          "empty); pass --base PATH to the base checkpoint folder it used")
+    base = Path(str(flat["model.base-path"]))
     if not (base / "config.json").is_file():
         raise ExportError(f"the run's base {str(base)!r} is missing; pass --base PATH to the base "
                           "checkpoint folder it was trained from")
@@ -117,6 +120,10 @@ def export_peft(run_dir: Path, out: Path, base_path: Path | None = None) -> list
     from mole.peft_export import PeftExportError, write_plan_experts
 
     run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / "metrics.json").is_file():
+        where = (f"its experts are already PEFT adapters in {str(run_dir / 'peft')!r}"
+                 if (run_dir / "peft").is_dir() else "pass the --out folder of `fedmole simulate`")
+        raise ExportError(f"{str(run_dir)!r} has no {CHECKPOINT}: not a federated run; {where}")
     cfg, base = _run_config(run_dir, base_path)
     state = load_checkpoint(run_dir)
     if not state.experts:

@@ -347,3 +347,12 @@ def test_an_audio_task_on_a_base_without_audio_is_a_config_error_before_any_work
         assert "tasks ['pitch'] carry audio" in proc.stderr and "no audio tower" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / command / "metrics.json").exists()
+
+
+def test_export_peft_of_a_centralized_run_points_at_its_adapters(tmp_path):
+    run = tmp_path / "run"
+    (run / "peft" / "color").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"config": {"model.base-path": ""}}))
+    proc = _cli("export", "--run", str(run), "--out", str(tmp_path / "out"), "--peft")
+    assert proc.returncode == 3, proc.stderr
+    assert "not a federated run" in proc.stderr and "already PEFT adapters" in proc.stderr

@@ -1,0 +1,158 @@
+"""Task streams: the ordered tasks of a continual run, each a train and a test file in the
+field's instruction format (protocol/llava_format.py), with its metrics and generation length.
+
+A stream file (TOML)::
+
+    name = "my-stream"
+    root = "/data/my-stream"      # optional: the folder paths below are relative to
+                                  # (default: the stream file's folder; relative: to it)
+    image-root = "images"         # optional default image root of every task (relative to root)
+    max-new-tokens = 16           # optional default generation length
+
+    [[tasks]]
+    name = "scienceqa"            # lower-case letters, digits, '-' and '_'
+    train = "ScienceQA/train.json"
+    test = "ScienceQA/test.json"
+    metrics = ["mc"]              # the first is the task's primary metric (the accuracy matrix)
+    max-new-tokens = 8            # optional
+    image-root = "ScienceQA/images"   # optional
+    modalities = ["image", "text"]    # optional: what the task's samples carry
+
+Parsed once into frozen dataclasses; any unknown key, bad value, unknown metric, repeated task
+name or missing file is a :class:`~protocol.config.ConfigError` that names the stream file, the
+key and the value. This module only parses: the metric names it accepts are given by the caller
+(the registry of ``mole.scoring``), so the contract layer imports nothing of the model side.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.config import ConfigError
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MODALITIES = ("image", "text", "audio")
+_TOP = {"name", "root", "image-root", "max-new-tokens", "tasks"}
+_TASK = {"name", "train", "test", "metrics", "max-new-tokens", "image-root", "modalities"}
+
+
+@dataclass(frozen=True)
+class StreamTask:
+    name: str
+    train: Path
+    test: Path
+    image_root: Path
+    metrics: tuple[str, ...]  # metrics[0] is the primary one
+    max_new_tokens: int
+    modalities: tuple[str, ...] | None = None  # None: read off the samples
+
+
+@dataclass(frozen=True)
+class TaskStream:
+    name: str
+    source: Path  # the stream file
+    tasks: tuple[StreamTask, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def select(self, names: Sequence[str]) -> TaskStream:
+        """The tasks ``names`` (``data.tasks``), in the stream's order."""
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise ConfigError(f"`data.tasks` names {unknown}, which stream {str(self.source)!r} "
+                              f"does not have; its tasks: {', '.join(self.names)}")
+        return TaskStream(self.name, self.source, tuple(t for t in self.tasks if t.name in names))
+
+
+def _fail(src: Path, key: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"stream {str(src)!r}: `{key}` must be {rule}, got {value!r}")
+
+
+def _int(src: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(src, key, "an integer >= 1", value)
+    return value
+
+
+def _path(src: Path, key: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _fail(src, key, "a path", value)
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def load_stream(path: str | Path, known_metrics: Sequence[str], check_files: bool = True
+                ) -> TaskStream:
+    """Parse and check a stream file (see the module docstring)."""
+    src = Path(path)
+    try:
+        raw = tomllib.loads(src.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read stream file {str(src)!r}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"stream file {str(src)!r} is not valid TOML: {e}") from e
+    extra = sorted(set(raw) - _TOP)
+    if extra:
+        raise ConfigError(f"stream {str(src)!r}: unknown keys {extra}; known: {sorted(_TOP)}")
+    name = raw.get("name", src.stem)
+    if not isinstance(name, str) or not name:
+        raise _fail(src, "name", "a string", name)
+    root = _path(src, "root", raw["root"], src.parent) if "root" in raw else src.parent
+    image_root = _path(src, "image-root", raw["image-root"], root) if "image-root" in raw else root
+    default_tokens = _int(src, "max-new-tokens", raw.get("max-new-tokens", 16))
+    entries = raw.get("tasks")
+    if not isinstance(entries, list) or not entries:
+        raise _fail(src, "tasks", "a non-empty list of [[tasks]] tables", entries)
+    tasks: list[StreamTask] = []
+    for i, t in enumerate(entries):
+        at = f"tasks[{i}]"
+        if not isinstance(t, dict):
+            raise _fail(src, at, "a table", t)
+        extra = sorted(set(t) - _TASK)
+        if extra:
+            raise ConfigError(f"stream {str(src)!r}: {at} has unknown keys {extra}; known: "
+                              f"{sorted(_TASK)}")
+        for key in ("name", "train", "test", "metrics"):
+            if key not in t:
+                raise ConfigError(f"stream {str(src)!r}: {at} has no `{key}`")
+        tname = t["name"]
+        if not isinstance(tname, str) or not NAME.match(tname):
+            raise _fail(src, f"{at}.name", "lower-case letters, digits, '-' and '_'", tname)
+        if tname in [x.name for x in tasks]:
+            raise ConfigError(f"stream {str(src)!r}: task {tname!r} appears twice")
+        metrics = t["metrics"]
+        if (not isinstance(metrics, list) or not metrics
+                or not all(isinstance(m, str) for m in metrics)):
+            raise _fail(src, f"{at}.metrics", "a non-empty list of metric names", metrics)
+        unknown = [m for m in metrics if m not in known_metrics]
+        if unknown:
+            raise ConfigError(f"stream {str(src)!r}: {at}.metrics names {unknown}; known "
+                              f"metrics: {', '.join(sorted(known_metrics))}")
+        mods = t.get("modalities")
+        if mods is not None and (not isinstance(mods, list) or not mods
+                                 or not set(mods) <= set(MODALITIES)):
+            raise _fail(src, f"{at}.modalities", f"a list of {', '.join(MODALITIES)}", mods)
+        task = StreamTask(
+            name=tname,
+            train=_path(src, f"{at}.train", t["train"], root),
+            test=_path(src, f"{at}.test", t["test"], root),
+            image_root=(_path(src, f"{at}.image-root", t["image-root"], root)
+                        if "image-root" in t else image_root),
+            metrics=tuple(metrics),
+            max_new_tokens=_int(src, f"{at}.max-new-tokens",
+                                t.get("max-new-tokens", default_tokens)),
+            modalities=None if mods is None else tuple(mods))
+        if check_files:
+            for key, p in (("train", task.train), ("test", task.test)):
+                if not p.is_file():
+                    raise ConfigError(f"stream {str(src)!r}: {at}.{key} {str(p)!r} does not "
+                                      "exist; place the data there or fix the path")
+        tasks.append(task)
+    return TaskStream(name, src, tuple(tasks))

@@ -122,25 +122,21 @@ def build_llava15(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_qwen2vl(path: Path, seed: int = 0) -> Path:
-    """Qwen2-VL: ViT (32-d, 14-px patches, 2×2 merge) → Qwen2 LM (64-d × 2) with M-RoPE."""
-    from transformers import (
-        Qwen2TokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-    )
+def _qwen_tokenizer() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """The ChatML BPE both Qwen-VL fixtures use, and its special tokens' ids."""
+    from transformers import Qwen2TokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = bpe_tokenizer(special, cls=Qwen2TokenizerFast, eos_token="<|im_end|>",
                         pad_token="<|endoftext|>", unk_token=None)
     tok.chat_template = CHATML_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
-    cfg = Qwen2VLConfig(
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2,
-                       "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "in_channels": 3},
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in special}
+
+
+def _qwen_lm(tok: PreTrainedTokenizerFast, ids: dict[str, int]) -> dict:
+    """The Qwen2 LM (64-d × 2, M-RoPE) and token ids of both Qwen-VL configs."""
+    return dict(
         text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "max_position_embeddings": 1024,
@@ -148,6 +144,22 @@ def build_qwen2vl(path: Path, seed: int = 0) -> Path:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+
+
+def build_qwen2vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2-VL: ViT (32-d, 14-px patches, 2×2 merge) → Qwen2 LM (64-d × 2) with M-RoPE."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    tok, ids = _qwen_tokenizer()
+    cfg = Qwen2VLConfig(
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2,
+                       "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "in_channels": 3},
+        **_qwen_lm(tok, ids))
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg)
     images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
@@ -166,28 +178,16 @@ def build_qwen25vl(path: Path, seed: int = 0) -> Path:
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
-        Qwen2TokenizerFast,
         Qwen2VLImageProcessor,
     )
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = bpe_tokenizer(special, cls=Qwen2TokenizerFast, eos_token="<|im_end|>",
-                        pad_token="<|endoftext|>", unk_token=None)
-    tok.chat_template = CHATML_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    tok, ids = _qwen_tokenizer()
     cfg = Qwen2_5_VLConfig(
         vision_config={"depth": 2, "hidden_size": 32, "out_hidden_size": 64,
                        "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
                        "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
                        "window_size": 56, "fullatt_block_indexes": [1]},
-        text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "max_position_embeddings": 1024,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        **_qwen_lm(tok, ids))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)

@@ -179,6 +179,12 @@ def check_tokens(path: Path, tok: Any, hf: Any, needed: dict[str, int]) -> None:
                 f"expects {want} (vocabulary {vocab}): tokenizer and weights do not belong together")
 
 
+def starts_with_bos(tok: Any, text: str) -> bool:
+    """A rendered chat that already begins with the BOS must not get a second one (the rule the
+    families' processors apply when they tokenise a template's output)."""
+    return tok.bos_token is not None and text.startswith(tok.bos_token)
+
+
 def chat_template_of(path: Path, tok: Any, proc: Any = None) -> None:
     """Make sure the tokenizer carries the checkpoint's chat template (a processor may hold it)."""
     if not getattr(tok, "chat_template", None) and proc is not None:

@@ -28,6 +28,7 @@ from mole.families.base import (
     context_length,
     load_checked,
     register_family,
+    starts_with_bos,
 )
 from mole.modality import ModalitySpec
 
@@ -105,9 +106,8 @@ class Idefics3Family(Family):
         glob = vocab.get("<global-img>")
 
         def process(text: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
-            bos = processor.tokenizer.bos_token
             out = processor(text=text, images=[images] if images else None, return_tensors="pt",
-                            add_special_tokens=not (bos and text.startswith(bos)))
+                            add_special_tokens=not starts_with_bos(processor.tokenizer, text))
             ids = out["input_ids"][0].tolist()
             if not images:
                 return ids, {}

@@ -32,9 +32,11 @@ from mole.families.base import (
     CheckpointError,
     Family,
     VisionAdapter,
-    check_loading_report,
+    check_tokens,
     context_length,
+    load_checked,
     register_family,
+    starts_with_bos,
 )
 from mole.modality import ModalitySpec
 from mole.tokenizer import AUDIO, IMAGE, SEP
@@ -93,17 +95,6 @@ class LlavaFamily(Family):
     def hf_class(self) -> type[nn.Module]:
         return LlavaForConditionalGeneration
 
-    def _load_hf(self, p: Path) -> LlavaForConditionalGeneration:
-        try:
-            hf, report = LlavaForConditionalGeneration.from_pretrained(
-                p, local_files_only=True, output_loading_info=True)
-        except Exception as e:  # safetensors, json and torch each raise their own types
-            raise CheckpointError(
-                f"cannot load base checkpoint {str(p)!r}: {e}; delete it to rebuild the cached "
-                "base, or point `model.base-path` at an intact LLaVA checkpoint") from e
-        check_loading_report(p, "LlavaForConditionalGeneration", report)
-        return hf
-
     def load(self, path: Path, device: torch.device) -> tuple[Any, Any]:
         from mole.model import MoleModel
 
@@ -121,7 +112,7 @@ class LlavaFamily(Family):
                     "be preprocessed the way it was trained; save the checkpoint with its "
                     "processor (processor.save_pretrained)")
             return self._load_chat(path, device)
-        hf = self._load_hf(path)
+        hf = load_checked(LlavaForConditionalGeneration, path)
         _check_fedmole_layout(path, tok, hf)
         audio = load_audio_extras(path, tok)
         model = MoleModel(hf, LlavaAdapter(hf, [audio["audio_token_id"]] if audio else []), self,
@@ -142,7 +133,7 @@ class LlavaFamily(Family):
         tok = proc.tokenizer
         if not getattr(tok, "chat_template", None):
             tok.chat_template = proc.chat_template  # saved beside the processor, not in it
-        hf = self._load_hf(path)
+        hf = load_checked(LlavaForConditionalGeneration, path)
         _check_vocab(path, tok, hf, int(hf.config.image_token_index))
         if proc.image_token_id != hf.config.image_token_index:
             raise CheckpointError(
@@ -165,16 +156,11 @@ class LlavaFamily(Family):
 
         def process(text: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
             out = processor(text=text, images=images or None, return_tensors="pt",
-                            add_special_tokens=not _starts_with_bos(processor.tokenizer, text))
+                            add_special_tokens=not starts_with_bos(processor.tokenizer, text))
             media = {"pixel_values": out["pixel_values"]} if images else {}
             return out["input_ids"][0].tolist(), media
 
         return ChatEncoder(processor.tokenizer, process, context_length(model))
-
-
-def _starts_with_bos(tok: Any, text: str) -> bool:
-    """A template that writes the BOS itself must not get a second one (as processors do)."""
-    return tok.bos_token is not None and text.startswith(tok.bos_token)
 
 
 def fixed_image_geometry(hf: Any) -> dict[str, Any]:
@@ -187,14 +173,8 @@ def fixed_image_geometry(hf: Any) -> dict[str, Any]:
 
 
 def _check_vocab(p: Path, tok: Any, hf: Any, image_token: int) -> None:
-    if tok.eos_token is None:
-        raise CheckpointError(f"tokenizer of {str(p)!r} has no eos token; answers could not end")
+    check_tokens(p, tok, hf, {})  # an eos, and no token beyond the embedding
     vocab = hf.get_input_embeddings().weight.shape[0]
-    if len(tok) > vocab:
-        raise CheckpointError(
-            f"tokenizer of {str(p)!r} has {len(tok)} tokens but the model's embedding has "
-            f"{vocab} rows: the extra tokens would get untrained rows; save the tokenizer that "
-            "belongs to these weights")
     if image_token >= vocab:
         raise CheckpointError(f"image token id {image_token} is outside the vocabulary ({vocab}) "
                               f"of {str(p)!r}")

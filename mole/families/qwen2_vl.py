@@ -34,6 +34,7 @@ from mole.families.base import (
     context_length,
     load_checked,
     register_family,
+    starts_with_bos,
 )
 from mole.modality import ModalitySpec
 
@@ -146,8 +147,8 @@ class Qwen2VLInputs:
             text = parts[0] + "".join(IMAGE_PAD * (int(g.prod()) // merge) + rest
                                       for g, rest in zip(grid, parts[1:], strict=True))
             media = {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
-        bos = self.tokenizer.bos_token
-        ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=not starts_with_bos(self.tokenizer, text))[
+            "input_ids"]
         return list(ids), media
 
 

@@ -21,6 +21,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML fil
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set train.steps-per-task=100")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+StreamOpt = Annotated[Path | None, typer.Option(
+    "--stream", help="A task stream file (conf/streams/*.toml; = --set data.stream=FILE): "
+                     "your tasks in the field's LLaVA-style format instead of the embedded "
+                     "benchmark")]
 
 EXIT_USAGE, EXIT_DATA = 2, 3
 
@@ -30,23 +34,25 @@ def _fail(code: int, msg: str) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _config(config: Path | None, overrides: list[str] | None):
+def _config(config: Path | None, overrides: list[str] | None, stream: Path | None = None):
     from protocol.config import load_config, parse_overrides
 
-    return load_config(config, parse_overrides(overrides or []))
+    flat: dict[str, str] = {"data.stream": str(stream)} if stream is not None else {}
+    return load_config(config, {**flat, **parse_overrides(overrides or [])})
 
 
 def _guard(fn):
     """Map the error families to the documented exit codes."""
     from mole.backbone import CheckpointError
     from protocol.config import ConfigError
+    from protocol.llava_format import DataError
     from protocol.manifest import ManifestError
 
     try:
         return fn()
     except ConfigError as e:
         raise _fail(EXIT_USAGE, str(e)) from None
-    except (ManifestError, CheckpointError, FileNotFoundError) as e:
+    except (ManifestError, DataError, CheckpointError, FileNotFoundError) as e:
         raise _fail(EXIT_DATA, str(e)) from None
 
 
@@ -55,6 +61,7 @@ def train(
     method: Annotated[str, typer.Option(help="seq-lora | replay-lora | joint | dmole")] = "seq-lora",
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("runs/train"),
     replay: Annotated[bool, typer.Option("--replay", help="dmole: add the replay buffer")] = False,
+    stream: StreamOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -70,7 +77,7 @@ def train(
         raise _fail(EXIT_USAGE, f"unknown --method {method!r}; known: {', '.join(known)}")
     if replay and method != "dmole":
         raise _fail(EXIT_USAGE, "--replay goes with --method dmole (use --method replay-lora)")
-    cfg = _guard(lambda: _config(config, set_))
+    cfg = _guard(lambda: _config(config, set_, stream))
     if method == "dmole":
         m = _guard(lambda: run_dmole(cfg, out, replay=replay, progress=not quiet))
     else:
@@ -121,6 +128,7 @@ def simulate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint")] = False,
+    stream: StreamOpt = None,
     registry_dir: Annotated[Path | None, typer.Option(
         help="Publish a signed inference bundle here after each task")] = None,
     signing_key: Annotated[Path, typer.Option(help="Private key for those bundles")] = Path(
@@ -134,7 +142,7 @@ def simulate(
     overrides = list(set_ or [])
     if method is not None:
         overrides.append(f"federation.method={method}")
-    cfg = _guard(lambda: _config(config, overrides))
+    cfg = _guard(lambda: _config(config, overrides, stream))
     if registry_dir is not None and not signing_key.is_file():
         raise _fail(EXIT_USAGE, f"--signing-key {signing_key} does not exist; create one with "
                                 "`fedmole keys`")
@@ -182,10 +190,10 @@ def data(
 def pretrain(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Pretrain (or find in the cache) the base model and print its checkpoint folder."""
     from simulation.base import describe_base, ensure_base
-    from simulation.benchmark import ensure_benchmark
+    from simulation.data import open_tasks
 
     cfg = _guard(lambda: _config(config, set_))
-    path = _guard(lambda: ensure_base(cfg, ensure_benchmark(cfg.data), progress=not quiet))
+    path = _guard(lambda: ensure_base(cfg, open_tasks(cfg), progress=not quiet))
     typer.echo(describe_base(path), err=True)
     typer.echo(str(path))
 

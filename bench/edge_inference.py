@@ -49,7 +49,7 @@ from edge.export import (  # noqa: E402
     quantize_int8,
 )
 from edge.ort_runtime import OrtModel  # noqa: E402
-from protocol.manifest import Sample, load_samples  # noqa: E402
+from protocol.manifest import Sample  # noqa: E402
 
 
 def torch_answers(gm: GlobalModel, samples: list[Sample]) -> tuple[list[str], list[str | None]]:
@@ -97,10 +97,10 @@ def decision_margins(gm: GlobalModel, samples: list[Sample], answers: list[str],
 
 
 def test_set(gm: GlobalModel) -> list[Sample]:
-    from simulation.benchmark import ensure_benchmark
+    from simulation.data import open_tasks
 
-    root = ensure_benchmark(gm.cfg.data)
-    return [s for t in gm.tasks for s in load_samples(root / t, "test")]
+    data = open_tasks(gm.cfg)
+    return [s for t in gm.tasks for s in data[t].test]
 
 
 def ensure_run(run: Path) -> None:

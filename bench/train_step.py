@@ -30,8 +30,7 @@ from mole.experts import ExpertModel  # noqa: E402
 from mole.modality import modality_map  # noqa: E402
 from mole.tokenizer import build_word_tokenizer  # noqa: E402
 from protocol.config import RunConfig, load_config  # noqa: E402
-from protocol.manifest import load_samples  # noqa: E402
-from simulation.benchmark import ensure_benchmark  # noqa: E402
+from simulation.data import open_tasks  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -46,8 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg: RunConfig = load_config(args.config)
     device = pick_device(cfg.train.device)
-    root = ensure_benchmark(cfg.data)
-    samples = [s for t in cfg.data.tasks for s in load_samples(root / t, "train")]
+    data = open_tasks(cfg)
+    samples = [s for t in cfg.data.tasks for s in data[t].train]
     tok = build_word_tokenizer([w for s in samples for w in (s.instruction, s.answer)])
     torch.manual_seed(0)
     model = build_backbone(cfg.model, tok, cfg.data.image_size).to(device)

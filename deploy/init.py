@@ -28,7 +28,7 @@ def init(cfg: RunConfig, out: Path, nodes: int, pki: Path, data_root: Path,
          progress: bool = False) -> Path:
     from protocol.bundle import generate_keypair
     from simulation.base import ensure_base
-    from simulation.benchmark import ensure_benchmark
+    from simulation.data import open_tasks
     from simulation.scenario import materialize, split_stream
 
     if not (pki / "ca.crt").is_file():
@@ -39,10 +39,10 @@ def init(cfg: RunConfig, out: Path, nodes: int, pki: Path, data_root: Path,
     if not (pki / "bundle.key").is_file():
         generate_keypair(pki / "bundle.key", pki / "bundle.pub")
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, clients=nodes))
-    bench = ensure_benchmark(cfg.data)
-    base = ensure_base(cfg, bench, progress)
+    tasks = open_tasks(cfg)
+    base = ensure_base(cfg, tasks, progress)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base)))
-    materialize(split_stream(bench, list(cfg.data.tasks), cfg.federation), bench, data_root)
+    materialize(split_stream(tasks, cfg.federation), tasks, data_root)
     app = AppConfig(out_dir=str(compose.CLOUD_OUT), registry_dir=str(compose.REGISTRY),
                     signing_key=str(compose.SIGNING_KEY))
     flat = {**cfg.to_flat(), **app.to_flat()}

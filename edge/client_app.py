@@ -41,7 +41,7 @@ def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client
         raise ValueError(f"node config `attack` {attack!r}: use one of {local.ATTACKS} (fault "
                          "injection for tests; leave it unset on a real node)")
     em = edge_model(cfg, Path(cfg.model.base_path))
-    return local.Client(cfg, local_data(data_dir, cfg.data.tasks), state_dir, em, attack)
+    return local.Client(cfg, local_data(data_dir, cfg.data.tasks, cfg.data.on_error), state_dir, em, attack)
 
 
 def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:

@@ -45,6 +45,7 @@ from mole.router import (
     reconstruction_error,
 )
 from mole.scoring import score_answers
+from protocol.llava_format import references_of
 from mole.steps import cosine_schedule, train_steps
 from protocol.compression import compress
 from protocol.config import RunConfig
@@ -242,7 +243,9 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
             routes = sample_routes("none" if shared else cfg.dmole.router, task, seen,
                                    len(samples), lambda: [])
         preds = routed_answers(em.experts, em.enc, samples, routes, seen, ins.partners,
-                               cfg.train.eval_batch_size, cfg.train.max_new_tokens)
-        acc = score_answers(preds, [s.answer for s in samples], ("exact",))["exact"]
+                               cfg.train.eval_batch_size,
+                               c.data.tokens(task, cfg.train.max_new_tokens))
+        metric = c.data.primary(task)  # the accuracy matrix's metric of this task
+        acc = score_answers(preds, references_of(samples), (metric,))[metric]
         scores[task] = (acc, len(samples))
     return encode_eval(EvalReply(c.id, ins.global_round, scores, routed))

@@ -130,8 +130,8 @@ class BalancedReservoirBuffer(Generic[T]):
         """Offer ``items`` of ``task``; an empty offer does not register a new task."""
         if not isinstance(task, str) or not task:
             raise ValueError(f"replay task name must be a non-empty string, got {task!r}")
-        items = list(items)
-        if not items:
+        n = len(items)  # a lazy sequence (protocol.llava_format.TaskSamples) stays lazy:
+        if not n:       # only the items kept are taken from it
             return
         if task not in self._items:
             self._items[task] = []
@@ -141,18 +141,18 @@ class BalancedReservoirBuffer(Generic[T]):
         kept, seen = self._items[task], self._seen[task]
         # Fill phase: below quota nothing was ever dropped (quotas only shrink, and a shrink
         # leaves a task exactly at quota), so keeping everything here is Algorithm R.
-        n_fill = max(0, min(k - len(kept), len(items)))
-        kept.extend(items[:n_fill])
+        n_fill = max(0, min(k - len(kept), n))
+        kept.extend(items[i] for i in range(n_fill))
         seen += n_fill
-        rest = items[n_fill:]
-        if rest and k > 0:
+        n_rest = n - n_fill
+        if n_rest and k > 0:
             # The m-th later item is the (seen+m+1)-th ever offered: keep it with probability
             # k/(seen+m+1) by overwriting a uniform slot. One vectorised draw per call.
-            js = self._rng.integers(0, seen + 1 + np.arange(len(rest)))  # (len(rest),)
-            for x, j in zip(rest, js.tolist(), strict=True):
+            js = self._rng.integers(0, seen + 1 + np.arange(n_rest))  # (n_rest,)
+            for m, j in enumerate(js.tolist()):
                 if j < k:
-                    kept[j] = x
-        self._seen[task] = seen + len(rest)
+                    kept[j] = items[n_fill + m]
+        self._seen[task] = seen + n_rest
 
     def _shrink_to_quotas(self) -> None:
         """Evict uniformly at random down to each task's quota (a uniform subset stays uniform)."""

@@ -65,6 +65,7 @@ from protocol.manifest import (
 )
 
 # Loaders of one array file; shared with load_samples so both read files the same way.
+from protocol.llava_format import TaskSamples, ids_of
 from protocol.manifest import load_audio as _read_audio_file
 from protocol.manifest import load_image as _read_image_file
 
@@ -290,26 +291,32 @@ class ReplayStore:
 
         A sample is identified by (task, id): re-offering a kept id reuses its stored copy.
         """
-        samples = list(samples)
-        for s in samples:
-            if not isinstance(s, Sample) or s.task != task:
-                raise ValueError(f"replay store: every sample must be a protocol.manifest.Sample "
-                                 f"of task {task!r}, got {getattr(s, 'task', s)!r}")
-        if not samples:
+        if isinstance(samples, TaskSamples):  # lazy: ids off the index, only kept ones decoded
+            if samples.task != task:
+                raise ValueError(f"replay store: samples of task {samples.task!r} offered as "
+                                 f"{task!r}")
+        else:
+            for s in samples:
+                if not isinstance(s, Sample) or s.task != task:
+                    raise ValueError(f"replay store: every sample must be a "
+                                     f"protocol.manifest.Sample of task {task!r}, got "
+                                     f"{getattr(s, 'task', s)!r}")
+        ids = ids_of(samples)
+        if not ids:
             return
-        by_key: dict[str, Sample] = {}
-        for s in samples:
-            by_key.setdefault(sample_key(task, s.id), s)
+        at: dict[str, int] = {}  # key → position of its first offer
+        for i, sid in enumerate(ids):
+            at.setdefault(sample_key(task, sid), i)
         buf = BalancedReservoirBuffer.from_state_dict(self._buf.state_dict())  # a copy
-        buf.add(task, [sample_key(task, s.id) for s in samples])
+        buf.add(task, [sample_key(task, sid) for sid in ids])
         state = buf.state_dict()
-        fresh = [k for k in _keys_of(state) if k not in self._entries and k in by_key]
+        fresh = [k for k in _keys_of(state) if k not in self._entries and k in at]
         rng = np.random.default_rng()
         rng.bit_generator.state = self._evict_rng.bit_generator.state
         staged: dict[str, tuple[_Entry, list[tuple[Path, Path]]]] = {}
         try:
             for k in fresh:
-                staged[k] = self._stage(k, by_key[k])
+                staged[k] = self._stage(k, samples[at[k]])
             entries = {k: self._entries.get(k) or staged[k][0] for k in _keys_of(state)}
             self._fit_bytes(state, entries, rng)
             kept = set(_keys_of(state))
@@ -334,6 +341,12 @@ class ReplayStore:
 
     def _stage(self, key: str, s: Sample) -> tuple[_Entry, list[tuple[Path, Path]]]:
         """Write ``s``'s arrays to temp files; return its entry and (temp, final) pairs."""
+        if s.turns or s.more_images:
+            raise ValueError(
+                f"replay store: sample {s.id!r} has {len(s.conversation) // 2} turns and "
+                f"{len(s.images)} images; the on-disk replay buffer keeps single-turn samples "
+                "with at most one image: run multi-turn / multi-image data without replay "
+                "(`replay.buffer-size = 0` or a method without replay)")
         files: list[tuple[str, bytes | np.ndarray]] = []  # (relative path, bytes or audio)
         mods = {"text"}
         if s.image is not None:

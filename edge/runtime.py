@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +25,41 @@ from mole.experts import ExpertModel
 from mole.modality import modality_map, module_dims
 from mole.router import router_features
 from protocol.config import LoraConfig, RunConfig
-from protocol.manifest import MANIFEST_NAME, Sample, load_samples
+from protocol.llava_format import TaskSamples
+from protocol.manifest import Sample
+from protocol.stream import STREAM_NAME, StreamTask, load_stream, open_task
 from protocol.plan import ExpertPlan
 
 KINDS = ("lora_A", "lora_B")
+CLIENT_STREAM = STREAM_NAME  # a client folder's own stream file (simulation.scenario writes it)
 
 
 @dataclass
 class LocalData:
-    """A client's on-disk data (DESIGN §3): ``folder/<task>/manifest.jsonl`` per task it holds."""
+    """A client's on-disk data (DESIGN §3): a folder in the field's format with its own stream
+    file, ``folder/stream.toml`` listing the tasks it holds (``<task>/train.json``,
+    ``<task>/test.json``, each task's metrics and generation length) — the same reader as a
+    user's stream, so a deployed node's folder is a stream like any other."""
 
     client_id: str
     folder: Path
-    train: dict[str, list[Sample]]
-    test: dict[str, list[Sample]]
+    train: dict[str, TaskSamples]
+    test: dict[str, TaskSamples]
+    specs: dict[str, StreamTask] = field(default_factory=dict)
 
     @property
     def modalities(self) -> frozenset[str]:
         """The model modalities the client's data feeds (mole.modality names)."""
-        return sample_modalities([s for v in self.train.values() for s in v])
+        got = {m for v in self.train.values() for m in v.modalities()}
+        return frozenset(["language"] + ["vision"] * ("image" in got) + ["audio"] * ("audio" in got))
+
+    def primary(self, task: str) -> str:
+        spec = self.specs.get(task)
+        return spec.primary if spec else "exact"
+
+    def tokens(self, task: str, default: int) -> int:
+        spec = self.specs.get(task)
+        return (spec.max_new_tokens if spec and spec.max_new_tokens else None) or default
 
 
 def sample_modalities(samples: list[Sample]) -> frozenset[str]:
@@ -52,20 +68,30 @@ def sample_modalities(samples: list[Sample]) -> frozenset[str]:
                      + ["audio"] * any(s.audio is not None for s in samples))
 
 
-def load_local_data(folder: Path, tasks: list[str] | tuple[str, ...]) -> LocalData:
-    """Read the client's task folders (a missing folder: the client holds no data of it)."""
+def load_local_data(folder: Path, tasks: list[str] | tuple[str, ...],
+                    on_error: str = "fail") -> LocalData:
+    """Read the client's stream (a task it does not list: it holds no data of it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"client data folder {str(folder)!r} does not exist; materialize "
                                 "the scenario first (fedmole simulate does) or fix node config "
                                 "`data-dir`")
-    train: dict[str, list[Sample]] = {}
-    test: dict[str, list[Sample]] = {}
-    for t in tasks:
-        if (folder / t / MANIFEST_NAME).is_file():
-            train[t] = load_samples(folder / t, "train")
-            test[t] = load_samples(folder / t, "test")
-    return LocalData(folder.name, folder, train, test)
+    train: dict[str, TaskSamples] = {}
+    test: dict[str, TaskSamples] = {}
+    specs: dict[str, StreamTask] = {}
+    path = folder / CLIENT_STREAM
+    if not path.is_file():
+        if any(folder.iterdir()):
+            raise FileNotFoundError(
+                f"client data folder {str(folder)!r} has no {CLIENT_STREAM}: a node's folder is a "
+                "task stream in the field's format (stream.toml + <task>/train.json, test.json); "
+                "materialize it with `fedmole deploy init` or write the stream file")
+        return LocalData(folder.name, folder, train, test, specs)  # a client holding no task
+    for t in load_stream(path, None).tasks:
+        if t.name in tasks:
+            d = open_task(t, on_error)
+            train[t.name], test[t.name], specs[t.name] = d.train, d.test, t
+    return LocalData(folder.name, folder, train, test, specs)
 
 
 class EdgeModel:
@@ -145,9 +171,10 @@ def edge_model(cfg: RunConfig, base_path: Path) -> EdgeModel:
         return _MODELS[key]
 
 
-def local_data(folder: Path, tasks: list[str] | tuple[str, ...]) -> LocalData:
-    key = f"{Path(folder).resolve()}|{','.join(tasks)}"
+def local_data(folder: Path, tasks: list[str] | tuple[str, ...], on_error: str = "fail"
+               ) -> LocalData:
+    key = f"{Path(folder).resolve()}|{','.join(tasks)}|{on_error}"
     with _GUARD:
         if key not in _DATA:
-            _DATA[key] = load_local_data(folder, tasks)
+            _DATA[key] = load_local_data(folder, tasks, on_error)
         return _DATA[key]

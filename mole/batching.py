@@ -161,6 +161,12 @@ class Encoder:
     def prompt_ids(self, s: Sample) -> list[int]:
         if not s.instruction.strip():
             raise ValueError(f"sample {s.id!r} has an empty instruction")
+        if s.turns or s.more_images:
+            raise ValueError(
+                f"sample {s.id!r} has {len(s.conversation) // 2} turns and {len(s.images)} "
+                "images; the project's own base takes one question with at most one image: use "
+                "a Hugging Face VLM checkpoint (`model.base-path`) for multi-turn or multi-image "
+                "data")
         head = [self.image_id] * self.n_image_tokens if s.image is not None else []
         if s.audio is not None:
             if self.audio is None:

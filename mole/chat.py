@@ -1,8 +1,8 @@
 """Samples → tensors through a checkpoint's own chat template and processor.
 
 For Hugging Face VLM families (LLaVA-1.5, Qwen2-VL, Idefics3 / SmolVLM, …) a sample becomes a
-conversation — a user turn with its image(s) and instruction, an assistant turn with the
-answer — rendered by the tokenizer's ``chat_template`` and tokenised, with the images resized,
+conversation — its user turns with their images, its assistant turns (one for a single-turn
+sample, several for a multi-turn record) — rendered by the tokenizer's ``chat_template`` and tokenised, with the images resized,
 normalised and (where the family does it) tiled by the checkpoint's own image processor. The
 family supplies one function, ``process(text, images) → (ids, media)``, that calls its
 processor exactly as the processor's ``__call__`` would (placeholder expansion included).
@@ -46,14 +46,20 @@ class MediaLayout:
 
 
 def messages_of(s: Sample, with_answer: bool) -> list[dict[str, Any]]:
-    """A single-turn sample as the conversation format every HF chat template takes."""
+    """A sample as the conversation format every HF chat template takes: its turns in order,
+    each image as an image part at the head of the user turn its marker stood in. Without the
+    answer, the last assistant turn is left off (the prompt the model continues)."""
     if not s.instruction.strip():
         raise ValueError(f"sample {s.id!r} has an empty instruction")
-    content: list[dict[str, Any]] = [{"type": "image"}] if s.image is not None else []
-    content.append({"type": "text", "text": s.instruction})
-    msgs: list[dict[str, Any]] = [{"role": "user", "content": content}]
-    if with_answer:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": s.answer}]})
+    turns = s.conversation if with_answer else s.conversation[:-1]
+    # The user turn of every image: the first one unless the sample says otherwise.
+    where = s.image_turns or (0,) * len(s.images)
+    msgs: list[dict[str, Any]] = []
+    for k, (role, text) in enumerate(turns):
+        content: list[dict[str, Any]] = [{"type": "image"} for w in where if w == k]
+        if text or role == "assistant":
+            content.append({"type": "text", "text": text})
+        msgs.append({"role": role, "content": content})
     return msgs
 
 
@@ -92,7 +98,7 @@ class ChatEncoder:
     def _images(self, s: Sample) -> list[Image.Image]:
         if s.audio is not None:
             raise ValueError(f"sample {s.id!r} has audio, but this base has no audio tower")
-        return [] if s.image is None else [to_pil(s.image, s.id)]
+        return [to_pil(im, s.id) for im in s.images]
 
     def _check_len(self, n: int, s: Sample) -> None:
         if n > self.max_length:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mole.batching import Batch, SampleEncoder
 from mole.model import MoleModel
 from mole.scoring import score_answers
+from protocol.llava_format import references_of
 from protocol.manifest import Sample
 
 
@@ -108,4 +109,4 @@ def evaluate(model: MoleModel, enc: SampleEncoder, samples: Sequence[Sample], me
              batch_size: int, max_new_tokens: int) -> dict[str, float]:
     """Generate greedy answers and score them (percent per metric)."""
     preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)
-    return score_answers(preds, [s.answer for s in samples], metrics)
+    return score_answers(preds, references_of(samples), metrics)

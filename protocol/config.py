@@ -34,10 +34,21 @@ def _check(cond: bool, key: str, rule: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The embedded benchmark: a generated continual multimodal instruction stream."""
+    """The run's task stream: the embedded benchmark (generated) or a user's stream file."""
 
+    # A stream file (protocol/stream.py: the tasks in order, each a train and a test file in
+    # the field's LLaVA-style format, its metrics): "" → the embedded benchmark below.
+    stream: str = ""
+    # Where the stream's data lies: replaces the stream file's own `root` (the shipped
+    # conf/streams/*.toml name a layout, this names your copy of it). "" → the file's root.
+    stream_root: str = ""
+    # A bad record (missing image, broken turns, …): "fail" stops the run naming it; "skip"
+    # drops it, says why in the log and counts it in metrics.json (`data.skipped`).
+    on_error: str = "fail"
+    # The embedded benchmark's generation (ignored with a stream file, except `tasks`).
     seed: int = 0
     # The vision/text tasks, then the audio tasks: audio arrives mid-stream as a new modality.
+    # With a stream file: the tasks of it to run (not given → all of them, in its order).
     tasks: tuple[str, ...] = ("color", "count", "ground", "caption", "digits", "arith",
                               "pitch", "beats", "sweep")
     train_per_task: int = 600
@@ -50,6 +61,10 @@ class DataConfig:
     cache_dir: str = ""
 
     def validate(self) -> None:
+        _check(self.on_error in ("fail", "skip"), "data.on-error", '"fail" or "skip"',
+               self.on_error)
+        _check(not self.stream_root or bool(self.stream), "data.stream-root",
+               "empty unless `data.stream` names a stream file", self.stream_root)
         _check(self.seed >= 0, "data.seed", ">= 0", self.seed)
         _check(len(self.tasks) >= 1, "data.tasks", "a non-empty list of task names", self.tasks)
         _check(len(set(self.tasks)) == len(self.tasks), "data.tasks", "without repeats", self.tasks)
@@ -495,6 +510,11 @@ class RunConfig:
     def validate(self) -> None:
         for f in fields(self):
             getattr(self, f.name).validate()
+        if self.data.stream and not self.model.base_path:
+            raise ConfigError(
+                f"`data.stream` = {self.data.stream!r} needs `model.base-path`: the project's own "
+                "base is pretrained on the embedded benchmark's words only; point it at a "
+                "Hugging Face VLM checkpoint folder (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics3)")
 
     def to_flat(self) -> dict[str, Scalar | list[Scalar]]:
         """Dotted kebab-case keys → values; the inverse of :func:`parse_config`."""
@@ -599,6 +619,16 @@ def parse_config(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunC
             )
         typ = get_type_hints(sections[sec])[field_name]
         updates[sec][field_name] = _coerce(raw_key, value, typ)
+    stream = updates["data"].get("stream", base.data.stream)
+    if stream and "tasks" not in updates["data"] and (
+            "stream" in updates["data"] or base.data.tasks == DataConfig.tasks):
+        # A stream file without `data.tasks`: all its tasks (the default list names the
+        # embedded benchmark's). Read here so the frozen config holds the real list.
+        from protocol.stream import load_stream
+
+        updates["data"]["tasks"] = tuple(load_stream(
+            stream, None, check_files=False,
+            root=updates["data"].get("stream_root", base.data.stream_root) or None).names)
     cfg = RunConfig(
         **{
             name: dataclasses.replace(getattr(base, name), **updates[name])

@@ -28,12 +28,16 @@ bad record; ``"skip"`` drops it and reports why (the run's ``metrics.json`` coun
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+
+from protocol.manifest import ManifestError, Sample, load_audio
 
 IMAGE_MARKER = "<image>"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -64,6 +68,9 @@ class Record:
     # puts the image content part in that turn).
     image_turns: tuple[int, ...] = ()
     source: str = ""  # "file:line" or "file#index", for messages
+    # Several reference answers (the optional `answers` field: VQAv2's ten annotators); scored
+    # instead of the last gpt turn when present.
+    answers: tuple[str, ...] = ()
 
     @property
     def instruction(self) -> str:
@@ -163,7 +170,12 @@ def _record(d: Any, where: str, image_root: Path) -> Record:
         raise DataError(f"{at}: {len(image_turns)} {IMAGE_MARKER} markers for {len(images)} "
                         f"images ({what}); put one marker per image in the human turn it "
                         "belongs to")
-    return Record(rid, tuple(turns), images, audio_path, tuple(image_turns), where)
+    answers = d.get("answers", ())
+    if not isinstance(answers, list | tuple) or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{at}: `answers` must be a list of reference answer strings or absent, "
+                        f"got {answers!r:.80}")
+    return Record(rid, tuple(turns), images, audio_path, tuple(image_turns), where,
+                  tuple(answers))
 
 
 def _file(root: Path, rel: str, suffixes: Sequence[str], kind: str, at: str) -> Path:
@@ -221,3 +233,151 @@ def load_image(path: Path, where: str = "") -> np.ndarray:
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{where or path}: image {str(path)!r} cannot be decoded ({e}); replace "
                         "the file") from e
+
+
+def _load_audio(path: Path, where: str) -> tuple[np.ndarray, int | None]:
+    """(T,) float32 mono in [-1, 1] and its rate: WAV (16-bit PCM) or FLAC (any bit depth)."""
+    if path.suffix.lower() == ".flac":
+        try:
+            import soundfile
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise DataError(f"{where}: reading FLAC needs the `soundfile` package "
+                            "(`pip install soundfile`), or convert the file to WAV") from e
+        try:
+            audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
+            raise DataError(f"{where}: audio {str(path)!r} cannot be decoded ({e}); replace "
+                            "the file") from e
+        if audio.shape[1] != 1:
+            raise DataError(f"{where}: audio {str(path)!r} has {audio.shape[1]} channels; "
+                            "convert it to mono (e.g. `ffmpeg -i IN -ac 1 OUT.flac`)")
+        return np.ascontiguousarray(audio[:, 0]), int(rate)
+    try:
+        return load_audio(path, where)  # its messages name the record (``where``)
+    except ManifestError as e:
+        raise DataError(str(e)) from e
+
+
+def sample_of(rec: Record, task: str) -> Sample:
+    """Decode one record's files into a :class:`~protocol.manifest.Sample`."""
+    where = rec.source or rec.id
+    images = tuple(load_image(p, f"{where} (id {rec.id!r})") for p in rec.images)
+    audio, rate = (None, None) if rec.audio is None else _load_audio(rec.audio, where)
+    multi = len(rec.turns) > 2
+    return Sample(
+        id=rec.id, task=task, instruction=rec.instruction, answer=rec.answer,
+        image=images[0] if images else None, audio=audio, audio_rate=rate,
+        turns=tuple((t.role, t.text) for t in rec.turns) if multi else (),
+        more_images=images[1:],
+        image_turns=rec.image_turns if (multi or len(images) > 1) else (),
+        refs=rec.answers)
+
+
+class TaskSamples(Sequence[Sample]):
+    """One task's samples, read lazily: the records (text and paths) stay in memory, and an
+    item's image and audio are decoded each time it is taken. A client with 100k records holds
+    100k short records; what it keeps decoded is only what it keeps (a replay buffer, a cache).
+
+    ``skipped`` lists the records dropped under ``on_error = "skip"`` (file, id and reason)."""
+
+    def __init__(self, task: str, records: Sequence[Record], skipped: Sequence[str] = ()):
+        self.task = task
+        self.records = list(records)
+        self.skipped = list(skipped)
+
+    @classmethod
+    def read(cls, task: str, path: str | Path, image_root: str | Path | None = None,
+             on_error: str = "fail") -> TaskSamples:
+        res = read_records(path, image_root, on_error)
+        return cls(task, res.records, res.skipped)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        if isinstance(i, slice):
+            return [sample_of(r, self.task) for r in self.records[i]]
+        return sample_of(self.records[int(i)], self.task)
+
+    @property
+    def has_image(self) -> bool:
+        return any(r.images for r in self.records)
+
+    @property
+    def has_audio(self) -> bool:
+        return any(r.audio is not None for r in self.records)
+
+    def modalities(self) -> list[str]:
+        """The modalities this task's records carry, from the index (no file is decoded)."""
+        return ["image"] * self.has_image + ["audio"] * self.has_audio + ["text"]
+
+
+def ids_of(samples: Sequence[Sample]) -> list[str]:
+    """Every sample's id, off the index when ``samples`` is a :class:`TaskSamples`."""
+    if isinstance(samples, TaskSamples):
+        return [r.id for r in samples.records]
+    return [s.id for s in samples]
+
+
+def references_of(samples: Sequence[Sample]) -> list[str | tuple[str, ...]]:
+    """What each sample's answer is scored against; read off the index when ``samples`` is a
+    :class:`TaskSamples` (no image decoded just to learn the answers)."""
+    if isinstance(samples, TaskSamples):
+        return [r.answers or r.answer for r in samples.records]
+    return [s.references for s in samples]
+
+
+def record_json(rid: str, instruction: str, answer: str, image: str | None = None,
+                audio: str | None = None) -> dict[str, Any]:
+    """A single-turn record in the field's format (the image's marker leads the question)."""
+    d: dict[str, Any] = {"id": rid}
+    if image is not None:
+        d["image"] = image
+    if audio is not None:
+        d["audio"] = audio
+    value = f"{IMAGE_MARKER}\n{instruction}" if image is not None else instruction
+    d["conversations"] = [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
+    return d
+
+
+def record_to_json(rec: Record, images: Sequence[str], audio: str | None) -> dict[str, Any]:
+    """``rec`` in the field's format again, its files at ``images`` / ``audio`` (each image's
+    marker at the head of its user turn)."""
+    d: dict[str, Any] = {"id": rec.id}
+    if images:
+        d["image"] = images[0] if len(images) == 1 else list(images)
+    if audio is not None:
+        d["audio"] = audio
+    conv = []
+    for k, t in enumerate(rec.turns):
+        marks = f"{IMAGE_MARKER}\n" * rec.image_turns.count(k)
+        conv.append({"from": "human" if t.role == "user" else "gpt", "value": marks + t.text})
+    d["conversations"] = conv
+    if rec.answers:
+        d["answers"] = list(rec.answers)
+    return d
+
+
+def write_records(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write records as a ``.json`` list or ``.jsonl`` lines, atomically (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            if path.suffix == ".jsonl":
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                json.dump(list(records), f, ensure_ascii=False)
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

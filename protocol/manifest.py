@@ -173,6 +173,31 @@ class Sample:
     image: np.ndarray | None = None
     audio: np.ndarray | None = None
     audio_rate: int | None = None
+    # A multi-turn conversation (protocol.llava_format): every turn as (role, text), role
+    # "user" | "assistant", user first, ending with the assistant's ``answer``; () for a
+    # single-turn sample (``instruction`` → ``answer``).
+    turns: tuple[tuple[str, str], ...] = ()
+    # Images after the first, (H, W, 3) uint8 each, and for every image (``image`` first) the
+    # index in ``turns`` of the user turn it belongs to; () when a sample has at most one image
+    # in its first turn.
+    more_images: tuple[np.ndarray, ...] = ()
+    image_turns: tuple[int, ...] = ()
+    # Reference answers to score against when there are several (VQAv2's ten annotators);
+    # () means ``answer`` alone.
+    refs: tuple[str, ...] = ()
+
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        return () if self.image is None else (self.image, *self.more_images)
+
+    @property
+    def conversation(self) -> tuple[tuple[str, str], ...]:
+        """Every turn as (role, text), a single-turn sample included."""
+        return self.turns or (("user", self.instruction), ("assistant", self.answer))
+
+    @property
+    def references(self) -> str | tuple[str, ...]:
+        return self.refs or self.answer
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int) -> None:

@@ -57,9 +57,11 @@ from mole.model import MoleModel
 from mole.steps import TrainStats, cosine_schedule, evaluate, generate_answers, train_steps
 from mole.tokenizer import build_word_tokenizer
 from protocol.config import ConfigError, RunConfig
-from protocol.manifest import Sample, load_samples, read_manifest
-from simulation.benchmark import benchmark_key, cache_root
-from simulation.benchmark.generate import HELDOUT_FOLDER
+from protocol.llava_format import TaskSamples, read_records
+from protocol.manifest import Sample
+from protocol.stream import TaskData, load_stream
+from simulation.benchmark import benchmark_key, cache_root, ensure_benchmark
+from simulation.benchmark.generate import HELDOUT_FILE, PRETRAIN_FILE, STREAM_TOML
 from simulation.benchmark.tasks import PRETRAIN_TEMPLATES, pretrain_template, task_metrics
 
 BASE_VERSION = "3"  # 2: held-out bar, pretrain.seed; 3: SigLIP init of the vision tower
@@ -78,12 +80,14 @@ def base_key(cfg: RunConfig) -> str:
 
 
 def _vocabulary_texts(data_root: Path) -> list[str]:
-    """Every instruction and answer of the stream: the word-level vocabulary's source."""
-    stream = json.loads((data_root / "stream.json").read_text())
+    """Every instruction and answer of the benchmark (the pretraining split and every task):
+    the word-level vocabulary's source."""
+    stream = load_stream(data_root / STREAM_TOML, None)
+    files = [data_root / PRETRAIN_FILE] + [f for t in stream.tasks for f in (t.train, t.test)]
     texts: list[str] = []
-    for folder in ["pretrain", *stream["tasks"]]:
-        for r in read_manifest(data_root / folder):
-            texts += [r.instruction, r.answer]
+    for f in files:
+        for r in read_records(f).records:
+            texts += [t.text for t in r.turns]
     return texts
 
 
@@ -133,10 +137,13 @@ def heldout_accuracy(model: MoleModel, enc: SampleEncoder, samples: list[Sample]
 
 def zero_shot_row(model: MoleModel, enc: SampleEncoder, data_root: Path, cfg: RunConfig
                   ) -> dict[str, float]:
-    """The base's exact match (%) on the test split of every task of the stream."""
-    return {t: round(evaluate(model, enc, load_samples(data_root / t, "test"), task_metrics(t),
-                              cfg.train.eval_batch_size, cfg.train.max_new_tokens)["exact"], 1)
-            for t in cfg.data.tasks}
+    """The base's score (%, each task's primary metric) on the test split of every task."""
+    row = {}
+    for t in load_stream(data_root / STREAM_TOML, None).select(cfg.data.tasks).tasks:
+        test = TaskSamples.read(t.name, t.test, t.image_root)
+        row[t.name] = round(evaluate(model, enc, test, t.metrics, cfg.train.eval_batch_size,
+                                     t.max_new_tokens or cfg.train.max_new_tokens)[t.primary], 1)
+    return row
 
 
 def _mean(acc: dict[str, float]) -> float:
@@ -147,7 +154,7 @@ def _mean(acc: dict[str, float]) -> float:
 _AUX_TEMPLATES = ("shape", "digit-gt")
 
 
-def _vision_aux(model: MoleModel, samples: list, weight: float, last: list[int]):
+def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: list[int]):
     """Deep supervision of the vision tower: a linear head on its mean-pooled patch states
     predicts the answer of the image-only templates (shape, digit > 4), added to the LM loss
     with ``weight``; the head is dropped after pretraining.
@@ -159,22 +166,24 @@ def _vision_aux(model: MoleModel, samples: list, weight: float, last: list[int])
     if weight <= 0:
         return None, []
     tmpl = []
-    for s in samples:
+    records = samples.records  # the index: no image is decoded here
+    for r in records:
         try:
-            tmpl.append(pretrain_template(s.instruction) if s.image is not None else None)
+            tmpl.append(pretrain_template(r.instruction) if r.images else None)
         except ValueError:
             tmpl.append(None)
-    words = sorted({s.answer for s, t in zip(samples, tmpl, strict=True) if t in _AUX_TEMPLATES})
+    words = sorted({r.answer for r, t in zip(records, tmpl, strict=True) if t in _AUX_TEMPLATES})
     if not words:
         return None, []
-    label = [words.index(s.answer) if t in _AUX_TEMPLATES else -100
-             for s, t in zip(samples, tmpl, strict=True)]
+    label = [words.index(r.answer) if t in _AUX_TEMPLATES else -100
+             for r, t in zip(records, tmpl, strict=True)]
+    has_image = [bool(r.images) for r in records]
     tower = model.llava.model.vision_tower
     head = torch.nn.Linear(tower.config.hidden_size, len(words)).to(model.device)
 
     def loss(batch) -> torch.Tensor:
         # Labels of the batch's image rows, in pixel_values order: (N_img,)
-        y = torch.tensor([label[i] for i in last if samples[i].image is not None],
+        y = torch.tensor([label[i] for i in last if has_image[i]],
                          device=model.device)
         if batch.pixel_values is None or not (y >= 0).any():
             return torch.zeros((), device=model.device)
@@ -192,8 +201,8 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
     device = pick_device(cfg.train.device)
     model = build_backbone(cfg.model, tok, cfg.data.image_size, init_seed=pc.seed).to(device)
     enc = Encoder.for_model(tok, model, cfg.model.max_length)
-    samples = load_samples(data_root / "pretrain")
-    heldout = load_samples(data_root / HELDOUT_FOLDER)
+    samples = TaskSamples.read("pretrain", data_root / PRETRAIN_FILE)
+    heldout = TaskSamples.read("pretrain", data_root / HELDOUT_FILE)
     rng = np.random.default_rng(pc.seed)
     torch.manual_seed(pc.seed)
     for p in model.parameters():
@@ -249,12 +258,12 @@ def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
     return model, tok, info
 
 
-def check_towers(cfg: RunConfig, data_root: Path) -> None:
+def check_towers(cfg: RunConfig, tasks: dict[str, TaskData]) -> None:
     """Every task's modalities have a tower in the base, or the run stops before any work.
 
     The base's towers are known without loading it: an audio tower is ``audio_tower.json`` in a
     checkpoint folder, or ``model.audio-hidden`` > 0 for the base pretraining would build; every
-    family has a vision tower. A task's modalities come from its training records."""
+    family has a vision tower. A task's modalities come from its stream entry or its records."""
     if cfg.model.base_path:
         base = Path(cfg.model.base_path)
         family_for(read_model_type(base), base)  # an unsupported checkpoint is the first problem
@@ -263,8 +272,7 @@ def check_towers(cfg: RunConfig, data_root: Path) -> None:
         has_audio, where = cfg.model.audio_hidden > 0, "the base `model.audio-hidden = 0` builds"
     if has_audio:
         return
-    audio = [t for t in cfg.data.tasks if (data_root / t).is_dir()
-             and any(r.audio for r in read_manifest(data_root / t, "train"))]
+    audio = [t for t, d in tasks.items() if "audio" in d.modalities()]
     if audio:
         raise ConfigError(
             f"tasks {audio} carry audio, but {where} has no audio tower: remove them from "
@@ -272,11 +280,15 @@ def check_towers(cfg: RunConfig, data_root: Path) -> None:
             "`model.audio-hidden` > 0)")
 
 
-def ensure_base(cfg: RunConfig, data_root: Path, progress: bool = True) -> Path:
-    """Path of the base checkpoint: ``model.base-path`` if set, else the cached pretrained one."""
-    check_towers(cfg, data_root)
+def ensure_base(cfg: RunConfig, tasks: dict[str, TaskData] | None, progress: bool = True
+                ) -> Path:
+    """Path of the base checkpoint: ``model.base-path`` if set, else the cached one pretrained
+    on the embedded benchmark. ``tasks`` (the run's): checked against the base's towers first."""
+    if tasks is not None:
+        check_towers(cfg, tasks)
     if cfg.model.base_path:
         return Path(cfg.model.base_path)
+    data_root = ensure_benchmark(cfg.data)
     final = cache_root(cfg.data) / "bases" / base_key(cfg)
     if (final / "config.json").is_file():
         return final
@@ -296,8 +308,8 @@ def ensure_base(cfg: RunConfig, data_root: Path, progress: bool = True) -> Path:
     return final
 
 
-def load_base(cfg: RunConfig, data_root: Path, progress: bool = True):
-    path = ensure_base(cfg, data_root, progress)
+def load_base(cfg: RunConfig, tasks: dict[str, TaskData] | None, progress: bool = True):
+    path = ensure_base(cfg, tasks, progress)
     model, tok = load_backbone(path, pick_device(cfg.train.device))
     recorded = read_base_info(path).get("weights_sha256")
     if recorded and (got := weights_digest(model)) != recorded:

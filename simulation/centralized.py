@@ -24,9 +24,10 @@ from mole.modality import modality_map, modules_by_modality
 from mole.model import MoleModel
 from mole.steps import evaluate, train_steps
 from protocol.config import RunConfig
-from protocol.manifest import Sample, load_samples
+from protocol.llava_format import TaskSamples
+from protocol.stream import TaskData, TaskStream
 from simulation.base import base_summary, load_base
-from simulation.benchmark import ensure_benchmark, task_metrics
+from simulation.data import data_summary, open_stream, open_tasks
 from simulation.methods import make_source
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
@@ -44,34 +45,54 @@ class Stream:
     model: MoleModel
     enc: SampleEncoder
     base_path: Path
-    tasks: list[str]
-    train: dict[str, list[Sample]]
-    test: dict[str, list[Sample]]
-    metrics: dict[str, tuple[str, ...]]
+    stream: TaskStream
+    data: dict[str, TaskData]
+    max_new_tokens: int  # the run's default generation length (`train.max-new-tokens`)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.stream.names
+
+    @property
+    def train(self) -> dict[str, TaskSamples]:
+        return {t: d.train for t, d in self.data.items()}
+
+    @property
+    def test(self) -> dict[str, TaskSamples]:
+        return {t: d.test for t, d in self.data.items()}
+
+    @property
+    def metrics(self) -> dict[str, tuple[str, ...]]:
+        return {t: d.spec.metrics for t, d in self.data.items()}
+
+    def primary(self, task: str) -> str:
+        """The metric of ``task`` that the accuracy matrix holds (the stream's first)."""
+        return self.data[task].spec.primary
+
+    def tokens(self, task: str) -> int:
+        """Generation length of ``task``: the stream's, else `train.max-new-tokens`."""
+        return self.data[task].spec.max_new_tokens or self.max_new_tokens
 
     def modalities(self, task: str) -> list[str]:
-        """The modalities ``task``'s training samples carry (from the data, not the registry)."""
-        samples = self.train[task]
-        return (["image"] * any(s.image is not None for s in samples)
-                + ["audio"] * any(s.audio is not None for s in samples) + ["text"])
+        """The modalities ``task``'s samples carry (from the data, not the registry)."""
+        return self.data[task].modalities()
+
+    def data_summary(self) -> dict:
+        return data_summary(self.stream, self.data, self.max_new_tokens)
 
 
 def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
-    data_root = ensure_benchmark(cfg.data)
-    model, tok, base_path = load_base(cfg, data_root, progress)
+    stream = open_stream(cfg)
+    data = open_tasks(cfg, stream)
+    model, tok, base_path = load_base(cfg, data, progress)
     enc = Encoder.for_any(tok, model, cfg.model.max_length)
-    tasks = list(cfg.data.tasks)
-    return Stream(
-        model, enc, base_path, tasks,
-        train={t: load_samples(data_root / t, "train") for t in tasks},
-        test={t: load_samples(data_root / t, "test") for t in tasks},
-        metrics={t: task_metrics(t) for t in tasks},
-    )
+    return Stream(model, enc, base_path, stream, data, cfg.train.max_new_tokens)
 
 
 @dataclass
 class StreamResult:
-    """What the task loop measured: row t of ``acc`` after task t (exact match, every task)."""
+    """What the task loop measured: row t of ``acc`` after task t (every task's primary
+    metric), and every metric of every task in ``rows``."""
 
     acc: list[list[float]]
     rows: list[dict[str, dict[str, float]]]  # per row: task → every metric of that task
@@ -80,7 +101,8 @@ class StreamResult:
 
 def run_tasks(label: str, tasks: list[str], learn: Callable[[int, str], dict],
               score: Callable[[str, list[str]], dict[str, float]],
-              save: Callable[[int, str], None], progress: bool = True) -> StreamResult:
+              save: Callable[[int, str], None], primary: Callable[[str], str],
+              progress: bool = True) -> StreamResult:
     """The centralized task loop every centralized method shares (the baselines and D-MoLE;
     the cloud runs the same steps as Flower rounds): learn task t, score every task of the
     stream with the tasks seen so far (future ones too: forward transfer), save the experts."""
@@ -90,7 +112,7 @@ def run_tasks(label: str, tasks: list[str], learn: Callable[[int, str], dict],
         seen = tasks[: t + 1]
         detail = {i: score(i, seen) for i in tasks}
         res.rows.append(detail)
-        res.acc.append([detail[i]["exact"] for i in tasks])
+        res.acc.append([detail[i][primary(i)] for i in tasks])
         res.logs.append(entry)
         save(t, task)
         line = " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, res.acc[-1], strict=True))
@@ -112,11 +134,11 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
 
     def score(task: str) -> dict[str, float]:
         return evaluate(model, enc, test[task], metrics[task], cfg.train.eval_batch_size,
-                        cfg.train.max_new_tokens)
+                        st.tokens(task))
 
     experts = ExpertModel(model)
     zero = {t: score(t) for t in tasks}
-    log.info("zero-shot: %s", {t: round(v["exact"], 1) for t, v in zero.items()})
+    log.info("zero-shot: %s", {t: round(v[st.primary(t)], 1) for t, v in zero.items()})
 
     mmap = modality_map(model)
     experts.add_expert(ADAPTER, list(mmap), cfg.lora)
@@ -141,7 +163,8 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         experts.save_expert(ADAPTER, out / "experts" / f"after-{t:02d}-{task}")
         experts.save_peft(ADAPTER, st.base_path, out / PEFT_DIR / f"after-{t:02d}-{task}")
 
-    res = run_tasks(method, tasks, learn, lambda task, _seen: score(task), save, progress)
+    res = run_tasks(method, tasks, learn, lambda task, _seen: score(task), save, st.primary,
+                    progress)
     acc = res.acc
     extra = {
         "task_scores": res.rows[-1],
@@ -151,14 +174,16 @@ def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = Tru
         "experts_per_modality": {m: len(v) for m, v in modules_by_modality(mmap).items()},
         "modality_arrivals": modality_arrivals(tasks, acc, {t: st.modalities(t) for t in tasks}),
         "base": base_summary(st.base_path),
+        "data": st.data_summary(),
         "notes": [
             f"{method}: one LoRA adapter (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}) on all "
             f"{len(mmap)} attention projections; {n_trainable} trainable parameters.",
-            "Accuracy = exact match of the greedy answer, in percent; caption also reports token F1.",
+            "Accuracy = each task's primary metric (the stream's first) on the greedy answer, in "
+            "percent; every metric of every task is under task_scores.",
         ],
     }
     return write_run_outputs(
         out, method=method, tasks=tasks, acc_matrix=acc,
-        zero_shot=[zero[t]["exact"] for t in tasks], bytes_up=0, bytes_down=0,
+        zero_shot=[zero[t][st.primary(t)] for t in tasks], bytes_up=0, bytes_down=0,
         wall_s=time.perf_counter() - t_start, config=cfg.to_flat(), extra=extra,
     )

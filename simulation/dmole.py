@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from mole.modality import modality_map
 from mole.proxy import proxy_samples, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
+from protocol.llava_format import references_of
 from mole.steps import train_steps
 from protocol.config import RunConfig
 from protocol.manifest import Sample
@@ -74,7 +76,7 @@ class DmoleLearner:
             self.rank = equal_param_rank(cfg.lora.rank, budget, len(self.mmap))
         self.feat_cache: dict[str, torch.Tensor] = {}
 
-    def features(self, key: str, samples: list[Sample]) -> torch.Tensor:
+    def features(self, key: str, samples: Sequence[Sample]) -> torch.Tensor:
         """Base-model router features (N, D); the base is frozen, so they are cached by key."""
         if key not in self.feat_cache:
             self.feat_cache[key] = router_features(
@@ -146,8 +148,8 @@ class DmoleLearner:
         samples = self.s.test[task]
         preds = routed_answers(self.experts, self.s.enc, samples, self.routes(task, seen), seen,
                                self.partners, self.cfg.train.eval_batch_size,
-                               self.cfg.train.max_new_tokens)
-        return score_answers(preds, [s.answer for s in samples], self.s.metrics[task])
+                               self.s.tokens(task))
+        return score_answers(preds, references_of(samples), self.s.metrics[task])
 
 
 def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = True) -> dict:
@@ -182,13 +184,13 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
         learner.experts.save_expert(task, out / "experts")
         learner.experts.save_peft(task, stream.base_path, out / PEFT_DIR / task)
 
-    res = run_tasks(method, tasks, learn, learner.evaluate, save, progress)
+    res = run_tasks(method, tasks, learn, learner.evaluate, save, stream.primary, progress)
     acc, rows = res.acc, res.rows
     per_task = [{k: v for k, v in e.items() if k != "note"} for e in res.logs]
 
     learner.plan.save(out / "plan.json")
     learner.router.save(out / "router")
-    truth = [t for t in tasks for _ in stream.test[t]]
+    truth = [t for t in tasks for _ in range(len(stream.test[t]))]
     pred = [r for t in tasks for r in learner.routes(t, tasks)]
     router_acc = routing_accuracy(pred, truth) if cfg.dmole.router == "autoencoder" else None
     variant = [f"{k}={v}" for k, v, default in (
@@ -211,6 +213,7 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
         "trainable_params": sum(p.numel() for n, p in stream.model.named_parameters()
                                 if "lora_" in n),
         "base": base_summary(stream.base_path),
+        "data": stream.data_summary(),
         "notes": [
             f"{method}: {len(learner.mmap)} candidate modules, κ={cfg.dmole.budget_fraction}, "
             f"floor {cfg.dmole.modality_floor}, allocation {cfg.dmole.allocation}, "
@@ -220,6 +223,6 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
     }
     return write_run_outputs(
         out, method=method, tasks=tasks, acc_matrix=acc,
-        zero_shot=[zero[t]["exact"] for t in tasks], bytes_up=0, bytes_down=0,
+        zero_shot=[zero[t][stream.primary(t)] for t in tasks], bytes_up=0, bytes_down=0,
         wall_s=time.perf_counter() - t_start, config=cfg.to_flat(), extra=extra,
     )

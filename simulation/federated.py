@@ -29,7 +29,7 @@ from typing import Any
 from protocol.app_config import AppConfig
 from protocol.config import ConfigError, RunConfig
 from simulation.base import base_summary, ensure_base
-from simulation.benchmark import ensure_benchmark
+from simulation.data import data_summary, open_stream, open_tasks
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs
 from simulation.rounds_plot import plot_rounds
@@ -38,14 +38,17 @@ from simulation.scenario import materialize, split_stream
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[RunConfig, Any]:
-    """Benchmark, base and client folders; returns the config with ``model.base-path`` set."""
-    data_root = ensure_benchmark(cfg.data)
-    base = ensure_base(cfg, data_root, progress)
+def prepare(cfg: RunConfig, out: Path, progress: bool = True
+            ) -> tuple[RunConfig, Any, dict[str, Any]]:
+    """Stream (built-in or the user's), base and client folders; returns the config with
+    ``model.base-path`` set, the partition and the data summary for metrics.json."""
+    stream = open_stream(cfg)
+    tasks = open_tasks(cfg, stream)
+    base = ensure_base(cfg, tasks, progress)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base)))
-    partition = split_stream(data_root, list(cfg.data.tasks), cfg.federation)
-    materialize(partition, data_root, out / "clients")
-    return cfg, partition
+    partition = split_stream(tasks, cfg.federation)
+    materialize(partition, tasks, out / "clients")
+    return cfg, partition, data_summary(stream, tasks, cfg.train.max_new_tokens)
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -80,7 +83,7 @@ def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: boo
     if not resume:
         for stale in ("checkpoint.safetensors", RESULT):
             (out / stale).unlink(missing_ok=True)
-    cfg, partition = prepare(cfg, out, progress)
+    cfg, partition, data = prepare(cfg, out, progress)
     app = AppConfig(out_dir=str(out), clients_dir=str(out / "clients"), client_threads=1,
                     resume=resume, stop_after_round=stop_after_round,
                     registry_dir=str(Path(registry_dir).resolve()) if registry_dir else "",
@@ -100,10 +103,11 @@ def run_federated(cfg: RunConfig, out: Path, resume: bool = False, progress: boo
     if not result_path.is_file():
         raise RuntimeError(f"the simulation ended without {str(result_path)!r}; see the log above")
     return write_outputs(cfg, out, json.loads(result_path.read_text()), partition,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, data)
 
 
-def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_s: float) -> dict:
+def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_s: float,
+                  data: dict[str, Any] | None = None) -> dict:
     tasks = list(cfg.data.tasks)
     rows = result["acc_matrix"]
     acc = [[float("nan") if x is None else x for x in rows[str(t)]] for t in range(len(tasks))
@@ -134,6 +138,7 @@ def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_
                   "router_accuracy": router_acc.get(str(len(tasks) - 1))},
         "server_wall_s": result.get("server_wall_s"),
         "base": base_summary(Path(cfg.model.base_path)),
+        "data": data,
         "notes": [
             f"Federated {method}: {cfg.federation.clients} clients (fraction "
             f"{cfg.federation.fraction}), Dirichlet alpha {cfg.federation.dirichlet_alpha}, "

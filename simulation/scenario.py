@@ -1,4 +1,4 @@
-"""Splitting the benchmark's task stream across federated clients (non-IID, modality-skewed).
+"""Splitting the run's task stream (built-in or a user's) across federated clients (non-IID, modality-skewed).
 
 Two kinds of heterogeneity, both deterministic functions of ``federation.seed``:
 
@@ -19,12 +19,14 @@ Two kinds of heterogeneity, both deterministic functions of ``federation.seed``:
 
 The stream of task t is seeded with ``[seed, crc32(t), 0]`` and the modality draw with
 ``[seed, crc32(modality), 1]``, so a split never depends on which other tasks are listed.
-:func:`materialize` writes one folder per client in the on-disk format of DESIGN.md §3, which
-an edge client reads with ``protocol.manifest.load_samples(out_root/client-NN/<task>, "train")``.
+:func:`materialize` writes one folder per client in the field's data format with its own stream
+file (``client-NN/stream.toml``), which an edge client reads with
+``edge.runtime.load_local_data`` — the reader of every stream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,13 +41,10 @@ from typing import Any
 import numpy as np
 
 from protocol.federation import FederationConfig
-from protocol.manifest import (
-    MANIFEST_NAME,
-    MODALITIES,
-    SampleRecord,
-    read_manifest,
-    write_manifest,
-)
+from protocol.llava_format import ids_of, record_to_json, write_records
+from protocol.manifest import MODALITIES
+from protocol.stream import STREAM_NAME as CLIENT_STREAM
+from protocol.stream import StreamTask, TaskData, stream_text, write_stream
 from simulation.benchmark import stable_index
 
 PARTITION_FILE = "partition.json"
@@ -317,27 +316,27 @@ def _modalities(v: Any, field: str, bad: Any) -> frozenset[str]:
     return frozenset(v)
 
 
-def split_stream(data_root: Path, tasks: Sequence[str], cfg: FederationConfig) -> Partition:
-    """Split every task of ``data_root`` (a benchmark folder) across ``cfg.clients`` clients.
+def split_stream(tasks: Mapping[str, TaskData], cfg: FederationConfig) -> Partition:
+    """Split every task of the run (in order; built-in or a user's stream) across
+    ``cfg.clients`` clients.
 
-    A task's modalities are the union of its records' modalities; only clients holding all of
-    them are eligible. Train records are split by :func:`task_proportions`, test records with the
-    same proportions. Raises ValueError naming a task that has no eligible client or no training
-    records.
+    A task's modalities are those of its stream entry or its records; only clients holding all
+    of them are eligible. Train records are split by :func:`task_proportions`, test records with
+    the same proportions. Raises ValueError naming a task that has no eligible client or no
+    training records.
     """
     cfg.validate()
-    if len(set(tasks)) != len(tasks) or not tasks:
-        raise ValueError(f"tasks must be a non-empty list without repeats, got {list(tasks)}")
+    names = list(tasks)
+    if not names:
+        raise ValueError("tasks must be a non-empty mapping of the run's tasks")
     cmods = client_modalities(cfg)
     shards: list[dict[str, Shard]] = [{} for _ in range(cfg.clients)]
     task_mods: dict[str, frozenset[str]] = {}
-    for task in tasks:
-        folder = Path(data_root) / task
-        train, test = read_manifest(folder, "train"), read_manifest(folder, "test")
+    for task, data in tasks.items():
+        train, test = ids_of(data.train), ids_of(data.test)
         if not train:
-            raise ValueError(f"task {task!r}: no training records in {str(folder)!r}; "
-                             "regenerate the benchmark")
-        mods = frozenset(m for r in train + test for m in r.modalities)
+            raise ValueError(f"task {task!r}: no training records in {str(data.spec.train)!r}")
+        mods = frozenset(data.modalities())
         task_mods[task] = mods
         eligible = [c for c in range(cfg.clients) if mods <= cmods[c]]
         rng = _rng(cfg.seed, task, "task")
@@ -346,9 +345,9 @@ def split_stream(data_root: Path, tasks: Sequence[str], cfg: FederationConfig) -
         tr_idx = assign(len(train), p, rng)
         te_idx = assign(len(test), p, rng, every_holder=True)
         for c in np.flatnonzero(p > 0).tolist():
-            shards[c][task] = Shard(tuple(train[i].id for i in tr_idx[c].tolist()),
-                                    tuple(test[i].id for i in te_idx[c].tolist()))
-    return Partition(tuple(tasks), MappingProxyType(task_mods), tuple(cmods),
+            shards[c][task] = Shard(tuple(train[i] for i in tr_idx[c].tolist()),
+                                    tuple(test[i] for i in te_idx[c].tolist()))
+    return Partition(tuple(names), MappingProxyType(task_mods), tuple(cmods),
                      tuple(MappingProxyType(s) for s in shards))
 
 
@@ -428,44 +427,73 @@ def _check_out_root(partition: Partition, out_root: Path) -> None:
     _write_json_atomic(path, partition.to_json())
 
 
-def materialize(partition: Partition, data_root: Path, out_root: Path) -> list[Path]:
-    """Write ``out_root/client-NN/<task>/`` (manifest + arrays) for every client; return the
-    client folders (``client-00`` …, one per client, empty for a client holding no task).
+def _media_path(src: Path, image_root: Path, digest_dir: str = "files") -> str:
+    """Where a record's file goes inside the client's task folder: its path under the task's
+    image root (as the user laid it out), else ``files/<hash>-<name>`` (an absolute path)."""
+    try:
+        return src.relative_to(image_root).as_posix()
+    except ValueError:
+        h = hashlib.sha1(str(src).encode()).hexdigest()[:12]
+        return f"{digest_dir}/{h}-{src.name}"
 
-    Arrays are hard links into ``data_root`` (copies across filesystems), so clients must treat
+
+def materialize(partition: Partition, tasks: Mapping[str, TaskData], out_root: Path
+                ) -> list[Path]:
+    """Write ``out_root/client-NN/`` for every client: a stream file (``stream.toml``) of the
+    tasks it holds, and per task ``train.json`` / ``test.json`` in the field's format with the
+    record's images and audio beside them; return the client folders (``client-00`` …, one per
+    client, empty for a client holding no task).
+
+    Files are hard links to the originals (copies across filesystems), so clients must treat
     them as read-only. ``partition.json`` is written first; re-running with the same partition
     (e.g. after a crash) completes or re-checks the folders and changes nothing else, and a
     folder holding a different partition is refused with :class:`PartitionError`.
     """
-    data_root, out_root = Path(data_root), Path(out_root)
+    out_root = Path(out_root)
     _check_out_root(partition, out_root)
     dirs = [client_dir(out_root, c) for c in range(partition.n_clients)]
     for d in dirs:
         d.mkdir(exist_ok=True)
+    held: list[list[StreamTask]] = [[] for _ in dirs]
     for task in partition.tasks:
         holders = partition.clients_of(task)
         if not holders:
             continue
-        by_id = {r.id: r for r in read_manifest(data_root / task)}
+        data = tasks[task]
+        root = data.spec.image_root
+        by_id = {r.id: r for r in data.train.records + data.test.records}
         for c in holders:
             shard = partition.shards[c][task]
-            records: list[SampleRecord] = []
-            for rid in shard.train + shard.test:
-                if rid not in by_id:
-                    raise PartitionError(
-                        f"record {rid!r} of task {task!r} (client {c}) is not in "
-                        f"{str(data_root / task)!r}; the partition was made from other data: "
-                        "split this benchmark again")
-                rec = by_id[rid]
-                for rel in (rec.image, rec.audio):
-                    if rel is not None:
-                        _place(data_root / task / rel, dirs[c] / task / rel)
-                records.append(rec)
             folder = dirs[c] / task
-            new = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
-            manifest = folder / MANIFEST_NAME
-            if not (manifest.is_file() and manifest.read_text(encoding="utf-8") == new):
-                write_manifest(folder, records)
+            for split, ids in (("train", shard.train), ("test", shard.test)):
+                out: list[dict[str, Any]] = []
+                for rid in ids:
+                    if rid not in by_id:
+                        raise PartitionError(
+                            f"record {rid!r} of task {task!r} (client {c}) is not in "
+                            f"{str(data.spec.train)!r} or its test file; the partition was made "
+                            "from other data: split this stream again")
+                    rec = by_id[rid]
+                    images = [_media_path(p, root) for p in rec.images]
+                    audio = None if rec.audio is None else _media_path(rec.audio, root)
+                    for src, rel in zip([*rec.images, rec.audio], [*images, audio], strict=True):
+                        if src is not None and rel is not None:
+                            _place(src, folder / rel)
+                    out.append(record_to_json(rec, images, audio))
+                path = folder / f"{split}.json"
+                text = json.dumps(out, ensure_ascii=False) + "\n"
+                if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+                    write_records(path, out)
+            held[c].append(StreamTask(
+                name=task, train=folder / "train.json", test=folder / "test.json",
+                image_root=folder, metrics=data.spec.metrics,
+                max_new_tokens=data.spec.max_new_tokens, modalities=data.spec.modalities))
+    for d, specs in zip(dirs, held, strict=True):
+        if specs:
+            stream = d / CLIENT_STREAM
+            new_text = stream_text(d, d.name, specs)
+            if not (stream.is_file() and stream.read_text(encoding="utf-8") == new_text):
+                write_stream(stream, d.name, specs)
     _log.info("materialized %d clients × %d tasks under %s", partition.n_clients,
               len(partition.tasks), out_root)
     return dirs

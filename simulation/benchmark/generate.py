@@ -1,13 +1,17 @@
 """Writing the benchmark to disk, and the content-addressed cache that reuses it.
 
-Layout of one generated benchmark (DESIGN.md §3)::
+The benchmark is written in the field's own data format (protocol/llava_format.py) with a
+stream file (protocol/stream.py), and read back through the same code as a user's data — one
+data path. Layout of one generated benchmark (DESIGN.md §3)::
 
+    ROOT/stream.toml                  the task stream: every task's files, metrics, modalities
     ROOT/stream.json                  generator version, seed, image size, audio rate,
-                                      ordered tasks, info
-    ROOT/pretrain/manifest.jsonl      split "pretrain", task "pretrain"
-    ROOT/pretrain-heldout/            split "test", task "pretrain": the same templates,
-                                      balanced, never trained on (the base's held-out accuracy)
-    ROOT/<task>/manifest.jsonl        train records, then test records
+                                      ordered tasks, info (written last: "generation complete")
+    ROOT/pretrain/train.json          the base's pretraining samples
+    ROOT/pretrain-heldout/test.json   the same templates, balanced, never trained on (the
+                                      base's held-out accuracy)
+    ROOT/<task>/train.json, test.json LLaVA-style records: {"id", "image"|"audio",
+                                      "conversations": [human, gpt]}
     ROOT/<task>/images/<id>.png       image samples (S, S, 3)
     ROOT/<task>/audio/<id>.wav        audio samples: mono 16-bit PCM at AUDIO_RATE, ≤ MAX_SECONDS
 
@@ -33,16 +37,22 @@ import numpy as np
 from PIL import Image
 
 from protocol.config import DataConfig
-from protocol.manifest import SampleRecord, write_manifest, write_wav
+from protocol.llava_format import record_json, write_records
+from protocol.manifest import write_wav
+from protocol.stream import StreamTask, write_stream
 from simulation.benchmark.audio import AUDIO_RATE, MAX_SAMPLES, MAX_SECONDS
 from simulation.benchmark.tasks import PRETRAIN, PRETRAIN_HELDOUT, TASKS, TaskSpec, check_tasks
 
 # 2: audio tasks (pitch, beats, sweep) and audio in the pretraining mix; 3: hard negatives in
-# the "is there a …" pretraining template and the held-out pretraining folder.
-GENERATOR_VERSION = "3"
+# the "is there a …" pretraining template and the held-out pretraining folder; 4: the field's
+# instruction format (train.json / test.json) and stream.toml, same samples as 3.
+GENERATOR_VERSION = "4"
 HELDOUT_FOLDER = "pretrain-heldout"
 SPLIT_INDEX: dict[str, int] = {"train": 0, "test": 1, "pretrain": 2}
 STREAM_FILE = "stream.json"
+STREAM_TOML = "stream.toml"
+PRETRAIN_FILE = "pretrain/train.json"
+HELDOUT_FILE = f"{HELDOUT_FOLDER}/test.json"
 STALE_TMP_S = 3600.0  # a temp folder untouched this long belongs to a dead generation
 _log = logging.getLogger(__name__)
 
@@ -78,13 +88,13 @@ def _kind_of(array: np.ndarray, task: str, rid: str, image_size: int) -> str:
 
 
 def _write_split(folder: Path, spec: TaskSpec, split: str, n: int, cfg: DataConfig
-                 ) -> list[SampleRecord]:
+                 ) -> list[dict]:
     rng = stream_rng(cfg.seed, spec.name, split)
     records = []
     for i, (instruction, answer, array) in enumerate(spec.generate(rng, n, split,
                                                                    cfg.image_size)):
         rid = _record_id(spec.name, split, i)
-        kind = image = audio = None
+        image = audio = None
         if array is not None:
             kind = _kind_of(array, spec.name, rid, cfg.image_size)
             if kind not in spec.modalities:
@@ -97,25 +107,29 @@ def _write_split(folder: Path, spec: TaskSpec, split: str, n: int, cfg: DataConf
             else:
                 audio = f"audio/{rid}.wav"
                 write_wav(folder / audio, array, AUDIO_RATE)
-        records.append(SampleRecord(
-            id=rid, task=spec.name, modalities=(kind, "text") if kind else ("text",),
-            instruction=instruction, answer=answer, split=split, image=image, audio=audio,
-        ))
+        records.append(record_json(rid, instruction, answer, image=image, audio=audio))
     return records
 
 
-def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int]], cfg: DataConfig,
+def _write_task(root: Path, spec: TaskSpec, splits: list[tuple[str, int, str]], cfg: DataConfig,
                 folder_name: str | None = None) -> None:
+    """``splits``: (split, count, file name) — the records of each split go to their file."""
     folder = root / (folder_name or spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     if "image" in spec.modalities:
         (folder / "images").mkdir(exist_ok=True)
     if "audio" in spec.modalities:
         (folder / "audio").mkdir(exist_ok=True)
-    records: list[SampleRecord] = []
-    for split, n in splits:
-        records += _write_split(folder, spec, split, n, cfg)
-    write_manifest(folder, records)
+    for split, n, name in splits:
+        write_records(folder / name, _write_split(folder, spec, split, n, cfg))
+
+
+def builtin_stream_tasks(root: Path, tasks: tuple[str, ...] | list[str]) -> list[StreamTask]:
+    """The stream entries of the generated tasks (what ``ROOT/stream.toml`` lists)."""
+    return [StreamTask(name=t, train=root / t / "train.json", test=root / t / "test.json",
+                       image_root=root / t, metrics=tuple(TASKS[t].metrics),
+                       max_new_tokens=None, modalities=tuple(TASKS[t].modalities))
+            for t in tasks]
 
 
 def generate_benchmark(root: Path, cfg: DataConfig) -> Path:
@@ -124,11 +138,13 @@ def generate_benchmark(root: Path, cfg: DataConfig) -> Path:
     cfg.validate()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _write_task(root, PRETRAIN, [("pretrain", cfg.pretrain_size)], cfg)
-    _write_task(root, PRETRAIN_HELDOUT, [("test", cfg.pretrain_heldout)], cfg, HELDOUT_FOLDER)
+    _write_task(root, PRETRAIN, [("pretrain", cfg.pretrain_size, "train.json")], cfg)
+    _write_task(root, PRETRAIN_HELDOUT, [("test", cfg.pretrain_heldout, "test.json")], cfg,
+                HELDOUT_FOLDER)
     for name in cfg.tasks:
-        _write_task(root, TASKS[name], [("train", cfg.train_per_task),
-                                        ("test", cfg.test_per_task)], cfg)
+        _write_task(root, TASKS[name], [("train", cfg.train_per_task, "train.json"),
+                                        ("test", cfg.test_per_task, "test.json")], cfg)
+    write_stream(root / STREAM_TOML, "fedmole-builtin", builtin_stream_tasks(root, cfg.tasks))
     stream = {
         "generator_version": GENERATOR_VERSION,
         "seed": cfg.seed,

@@ -63,6 +63,10 @@ def messages_of(s: Sample, with_answer: bool) -> list[dict[str, Any]]:
     return msgs
 
 
+def _n_images(msgs: list[dict[str, Any]]) -> int:
+    return sum(part["type"] == "image" for m in msgs for part in m["content"])
+
+
 def to_pil(image: np.ndarray, sample_id: str) -> Image.Image:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image of sample {sample_id!r} has shape {image.shape} and dtype "
@@ -130,9 +134,10 @@ class ChatEncoder:
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            head, _ = self.process(self.render(msgs[:k], True), images)
-            end = ids if k == len(msgs) - 1 else self.process(self.render(msgs[:k + 1], False),
-                                                               images)[0]
+            # A prefix holds the images of its own turns only (a later turn may bring one).
+            head, _ = self.process(self.render(msgs[:k], True), images[:_n_images(msgs[:k])])
+            end = ids if k == len(msgs) - 1 else self.process(
+                self.render(msgs[:k + 1], False), images[:_n_images(msgs[:k + 1])])[0]
             if ids[:len(head)] != head or ids[:len(end)] != end or len(end) <= len(head):
                 raise ValueError(
                     f"the chat template does not render sample {s.id!r}'s turns as prefixes of "

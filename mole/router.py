@@ -32,6 +32,7 @@ k* = argmin {e_k(z) : e_k(z) < τ_k}, none → None (the base model answers).
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -50,16 +51,26 @@ from mole.experts import ExpertModel
 from mole.model import MoleModel
 from protocol.manifest import Sample
 
+log = logging.getLogger(__name__)
 FeatureBlock = Callable[[MoleModel, Batch], torch.Tensor]  # prompt batch → (B, d_k), un-normalised
 
 
 def vision_block(model: MoleModel, batch: Batch) -> torch.Tensor:
-    """(B, d): max over each image's P projected patch features; zeros where a row has no image."""
-    has_img = (batch.input_ids == model.image_token_id).any(dim=1)  # (B,)
+    """(B, d): max over the projected patch features of a row's images (a row with several
+    images pools them all); zeros where a row has no image."""
+    n_tok = (batch.input_ids == model.image_token_id).sum(dim=1).tolist()  # (B,) placeholders
     out = torch.zeros(batch.input_ids.shape[0], model.hidden_size, device=batch.input_ids.device)
     if batch.pixel_values is not None and batch.pixel_values.shape[0]:
         per_image = model.image_features(batch.pixel_values, batch.extras)  # [(P_i, d)]
-        out[has_img] = torch.stack([f.amax(dim=0) for f in per_image]).float()  # (N_img, d)
+        k = 0  # images are in row order; a row's placeholders = the P_i of its images
+        for row, want in enumerate(n_tok):
+            got: list[torch.Tensor] = []
+            while want > 0:
+                got.append(per_image[k])
+                want -= per_image[k].shape[0]
+                k += 1
+            if got:
+                out[row] = torch.cat(got).amax(dim=0).float()
     return out
 
 
@@ -469,8 +480,14 @@ class TaskRouter:
             raise ValueError(f"router quantile must be in (0, 1], got {q}")
         z = _check_features(features, self.feature_dim)
         ae = fit_autoencoder(z, hidden=self.hidden, **fit)
-        errors = (reconstruction_error(ae, z) if self.folds == 1
-                  else out_of_fold_errors(z, self.folds, self.hidden, **fit))
+        # Fewer than 2 samples a fold (a task of a few records): in-sample errors, said so.
+        folds = self.folds if z.shape[0] >= 2 * self.folds else 1
+        if folds != self.folds:
+            log.warning("task %r has %d router samples, too few for %d-fold thresholds: its "
+                        "threshold comes from in-sample errors (routes more samples to it)",
+                        task, z.shape[0], self.folds)
+        errors = (reconstruction_error(ae, z) if folds == 1
+                  else out_of_fold_errors(z, folds, self.hidden, **fit))
         return self.put(task, ae, threshold(errors, q), q)
 
     def put(self, task: str, ae: TaskAutoencoder, tau: float, quantile: float) -> RouteEntry:

@@ -652,7 +652,12 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
     merged = flatten(tree)
-    merged.update(flatten(overrides or {}))
+    extra = flatten(overrides or {})
+    if "data.stream" in extra and "data.tasks" not in extra:
+        # A stream named on the command line brings its own tasks: the file's `data.tasks`
+        # names the embedded benchmark's (conf/tiny.toml) unless the override says otherwise.
+        merged.pop("data.tasks", None)
+    merged.update(extra)
     return parse_config(merged)
 
 

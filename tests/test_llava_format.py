@@ -130,3 +130,53 @@ def test_the_index_holds_no_pixels(folder):
     assert len(res.records) == 2000
     # one decoded image is 0.9 MB; 2,000 of them would be 1.8 GB
     assert peak < 30 * 2**20, peak
+
+
+# -- samples: decoded on demand -------------------------------------------------------------
+
+
+def test_task_samples_decode_turns_images_refs_and_audio(folder):
+    import soundfile
+
+    from protocol.llava_format import TaskSamples, ids_of, record_to_json, references_of
+
+    tone = (0.5 * np.sin(np.arange(1600) / 5)).astype(np.float32)
+    soundfile.write(folder / "clip.flac", tone, 8000, subtype="PCM_16")
+    recs = [
+        {"id": "1", "image": "imgs/a.jpg", "answers": ["cat", "a cat", "cat"],
+         "conversations": _conv("<image>\nWhat is it?", "cat")},
+        {"id": "2", "image": ["imgs/b.png", "imgs/c.webp"],
+         "conversations": _conv("<image> <image> Which is brighter?", "The left one.",
+                                "And the colour?", "Blue.")},
+        {"id": "3", "audio": "clip.flac", "conversations": _conv("Which note?", "high")},
+    ]
+    ts = TaskSamples.read("t", _write(folder / "d.json", recs), folder)
+    assert len(ts) == 3 and ids_of(ts) == ["1", "2", "3"] and ts.modalities() == [
+        "image", "audio", "text"]
+    a, b, c = ts[0], ts[1], ts[2]
+    assert a.image.shape == (30, 40, 3) and a.turns == () and a.refs == ("cat", "a cat", "cat")
+    assert a.references == ("cat", "a cat", "cat") and references_of(ts)[1] == "Blue."
+    assert len(b.images) == 2 and b.image_turns == (0, 0) and b.answer == "Blue."
+    assert [r for r, _ in b.turns] == ["user", "assistant", "user", "assistant"]
+    assert b.instruction == "Which is brighter?"
+    assert c.audio_rate == 8000 and c.audio.dtype == np.float32
+    assert np.abs(c.audio - tone).max() < 1 / 2**14  # 16-bit FLAC: within a step
+    # written back in the format, a record reads as itself
+    again = record_to_json(ts.records[1], ["imgs/b.png", "imgs/c.webp"], None)
+    back = read_records(_write(folder / "again.json", [again]), folder).records[0]
+    assert back.turns == ts.records[1].turns and back.images == ts.records[1].images
+
+
+def test_iterating_a_large_task_does_not_hold_its_images(folder):
+    from protocol.llava_format import TaskSamples
+
+    _img(folder / "imgs" / "big.png", "PNG", size=(320, 240))  # 230 KB decoded
+    recs = [{"id": str(i), "image": "imgs/big.png", "conversations": _conv("<image> q", "a")}
+            for i in range(400)]
+    ts = TaskSamples.read("t", _write(folder / "many.json", recs), folder)
+    tracemalloc.start()
+    n = sum(int(s.image.shape[0] == 240) for s in ts)  # every image decoded once, then dropped
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 400
+    assert peak < 8 * 2**20, peak  # all 400 held at once would be 92 MB

@@ -27,6 +27,7 @@ bad record; ``"skip"`` drops it and reports why (the run's ``metrics.json`` coun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -87,6 +88,7 @@ class Record:
 class ReadResult:
     records: list[Record]
     skipped: list[str] = field(default_factory=list)  # one message per dropped record
+    renamed: int = 0  # records whose id repeated an earlier one's (kept as "id#k")
 
 
 def _entries(path: Path) -> Iterator[tuple[str, Any]]:
@@ -117,7 +119,95 @@ def _entries(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}#{i}", d
 
 
-def _record(d: Any, where: str, image_root: Path) -> Record:
+References = dict[str, list[str]]  # record id or image file name → reference answers
+
+
+def _as_answer(v: Any) -> str | None:
+    """A reference answer: a string, or a box/list written as its text ("[x1, y1, x2, y2]")."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return None
+
+
+def _question_turns(d: dict[str, Any], at: str, n_images: int, refs: References | None
+                    ) -> list[dict[str, Any]]:
+    """An evaluation question record (LLaVA's model_vqa format, CoIN and UCIT test files):
+    ``text`` is the prompt, its image implied (``<image>`` added when the text has none), the
+    reference from ``answer``, ``answers``, ``answer_bbox`` (grounding) or the task's
+    references file."""
+    text = d["text"]
+    if n_images and IMAGE_MARKER not in text:
+        text = f"{IMAGE_MARKER * n_images}\n{text}"
+    answer = None
+    for key in ("answer", "answer_bbox"):
+        if key in d:
+            answer = _as_answer(d[key])
+            if answer is None:
+                raise DataError(f"{at}: `{key}` must be a string (or a list of numbers for a "
+                                f"box), got {d[key]!r:.80}")
+            break
+    if answer is None and isinstance(d.get("answers"), list) and d["answers"]:
+        answer = _as_answer(d["answers"][0])
+    if answer is None and refs and (found := _lookup(refs, d)):
+        answer = found[0]
+    if answer is None:
+        raise DataError(f"{at}: a question record (`text`) needs its reference: `answer`, "
+                        "`answers`, `answer_bbox`, or a `references` file for the task in the "
+                        "stream (TextVQA's answers file, COCO caption annotations)")
+    return [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
+
+
+def _lookup(refs: References, d: dict[str, Any]) -> list[str] | None:
+    rid = str(d.get("id", d.get("question_id")))
+    if rid in refs:
+        return refs[rid]
+    image = d.get("image")
+    if isinstance(image, str):
+        return refs.get(f"file:{Path(image).name}")
+    return None
+
+
+def read_references(path: str | Path) -> References:
+    """Reference answers kept beside a test file, by record id or image file name:
+
+    * ``{"data": [{"question_id": …, "answers": [...]}]}`` — TextVQA's answers file;
+    * COCO caption annotations ``{"images": [{"id", "file_name"}], "annotations":
+      [{"image_id", "caption"}]}`` — UCIT's / COCO's ``val_coco_type_*.json`` (joined by the
+      record image's file name);
+    * a JSON object ``{id: answer | [answers]}``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"references file {str(path)!r} cannot be read as JSON ({e})") from e
+    out: References = {}
+    if isinstance(raw, dict) and isinstance(raw.get("data"), list):
+        for q in raw["data"]:
+            if isinstance(q, dict) and "question_id" in q and isinstance(q.get("answers"), list):
+                out[str(q["question_id"])] = [str(a) for a in q["answers"]]
+    elif isinstance(raw, dict) and isinstance(raw.get("images"), list) and isinstance(
+            raw.get("annotations"), list):
+        names = {im["id"]: Path(str(im["file_name"])).name for im in raw["images"]
+                 if isinstance(im, dict) and "id" in im and "file_name" in im}
+        for a in raw["annotations"]:
+            if isinstance(a, dict) and a.get("image_id") in names and isinstance(
+                    a.get("caption"), str):
+                out.setdefault(f"file:{names[a['image_id']]}", []).append(a["caption"])
+    elif isinstance(raw, dict):
+        for k, v in raw.items():
+            vals = [v] if isinstance(v, str) else v
+            if isinstance(vals, list) and all(isinstance(x, str) for x in vals):
+                out[str(k)] = list(vals)
+    if not out:
+        raise DataError(f"references file {str(path)!r} holds no references in a known layout "
+                        "(TextVQA's {\"data\": [{question_id, answers}]}, COCO captions "
+                        "{images, annotations}, or {id: answers})")
+    return out
+
+
+def _record(d: Any, where: str, image_root: Path, refs: References | None = None) -> Record:
     if not isinstance(d, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(d).__name__}")
     rid = d.get("id", d.get("question_id"))
@@ -136,6 +226,8 @@ def _record(d: Any, where: str, image_root: Path) -> Record:
         raise DataError(f"{at}: `audio` must be a path or absent, got {audio!r}")
     audio_path = None if audio is None else _file(image_root, audio, AUDIO_SUFFIXES, "audio", at)
     conv = d.get("conversations")
+    if conv is None and isinstance(d.get("text"), str):
+        conv = _question_turns(d, at, len(paths), refs)
     if not isinstance(conv, list) or len(conv) < 2:
         raise DataError(f"{at}: `conversations` must be a list of at least one human and one gpt "
                         f"turn, got {conv!r:.80}")
@@ -171,6 +263,8 @@ def _record(d: Any, where: str, image_root: Path) -> Record:
                         f"images ({what}); put one marker per image in the human turn it "
                         "belongs to")
     answers = d.get("answers", ())
+    if refs and (found := _lookup(refs, d)):
+        answers = found  # the references file is the scorer's source (TextVQA's 10 answers)
     if not isinstance(answers, list | tuple) or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{at}: `answers` must be a list of reference answer strings or absent, "
                         f"got {answers!r:.80}")
@@ -189,11 +283,15 @@ def _file(root: Path, rel: str, suffixes: Sequence[str], kind: str, at: str) -> 
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None,
-                 on_error: str = "fail") -> ReadResult:
+                 on_error: str = "fail", references: str | Path | None = None) -> ReadResult:
     """Index a data file: every record parsed and checked, no pixels read.
 
     ``image_root`` defaults to the data file's folder. ``on_error``: ``fail`` raises
-    :class:`DataError` at the first bad record, ``skip`` drops it and lists why."""
+    :class:`DataError` at the first bad record, ``skip`` drops it and lists why.
+    ``references``: a file of reference answers for question records without their own
+    (:func:`read_references`). An id used again in a file (UCIT's training files give one
+    image's several captions one question id) is kept as ``id#2``, ``id#3``, … and counted in
+    ``renamed``."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = Path(path)
@@ -201,20 +299,22 @@ def read_records(path: str | Path, image_root: str | Path | None = None,
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"data file {str(path)!r} must be .json (a list) or .jsonl (a record "
                         "per line)")
+    refs = read_references(references) if references is not None else None
     out = ReadResult([])
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}
     for where, d in _entries(path):
         try:
-            rec = _record(d, where, root)
-            if rec.id in seen:
-                raise DataError(f"{where}: id {rec.id!r} is used again (first at {seen[rec.id]}); "
-                                "ids must be unique in a file")
+            rec = _record(d, where, root, refs)
         except DataError as e:
             if on_error == "fail":
                 raise
             out.skipped.append(str(e))
             continue
-        seen[rec.id] = where
+        if rec.id in seen:
+            seen[rec.id] += 1
+            rec = dataclasses.replace(rec, id=f"{rec.id}#{seen[rec.id]}")
+            out.renamed += 1
+        seen.setdefault(rec.id, 1)
         out.records.append(rec)
     if not out.records:
         raise DataError(f"data file {str(path)!r} holds no usable record"
@@ -280,16 +380,18 @@ class TaskSamples(Sequence[Sample]):
 
     ``skipped`` lists the records dropped under ``on_error = "skip"`` (file, id and reason)."""
 
-    def __init__(self, task: str, records: Sequence[Record], skipped: Sequence[str] = ()):
+    def __init__(self, task: str, records: Sequence[Record], skipped: Sequence[str] = (),
+                 renamed: int = 0):
         self.task = task
         self.records = list(records)
         self.skipped = list(skipped)
+        self.renamed = renamed
 
     @classmethod
     def read(cls, task: str, path: str | Path, image_root: str | Path | None = None,
-             on_error: str = "fail") -> TaskSamples:
-        res = read_records(path, image_root, on_error)
-        return cls(task, res.records, res.skipped)
+             on_error: str = "fail", references: str | Path | None = None) -> TaskSamples:
+        res = read_records(path, image_root, on_error, references)
+        return cls(task, res.records, res.skipped, res.renamed)
 
     def __len__(self) -> int:
         return len(self.records)

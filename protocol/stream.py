@@ -19,6 +19,8 @@ A stream file (TOML)::
     max-new-tokens = 8            # optional
     image-root = "ScienceQA/images"   # optional
     modalities = ["image", "text"]    # optional: what the task's samples carry
+    references = "ScienceQA/answers.json"  # optional: reference answers kept apart from the
+                                  # test file (protocol.llava_format.read_references)
 
 Parsed once into frozen dataclasses; any unknown key, bad value, unknown metric, repeated task
 name or missing file is a :class:`~protocol.config.ConfigError` that names the stream file, the
@@ -42,7 +44,8 @@ STREAM_NAME = "stream.toml"  # the stream file inside a data folder (built-in, c
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 MODALITIES = ("image", "text", "audio")
 _TOP = {"name", "root", "image-root", "max-new-tokens", "tasks"}
-_TASK = {"name", "train", "test", "metrics", "max-new-tokens", "image-root", "modalities"}
+_TASK = {"name", "train", "test", "metrics", "max-new-tokens", "image-root", "modalities",
+         "references"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class StreamTask:
     metrics: tuple[str, ...]  # metrics[0] is the primary one
     max_new_tokens: int | None  # None: the run's `train.max-new-tokens`
     modalities: tuple[str, ...] | None = None  # None: read off the samples
+    # Reference answers kept apart from the test file (TextVQA's answers, COCO captions):
+    # protocol.llava_format.read_references
+    references: Path | None = None
 
     @property
     def primary(self) -> str:
@@ -165,9 +171,14 @@ def load_stream(path: str | Path, known_metrics: Sequence[str] | None, check_fil
             metrics=tuple(metrics),
             max_new_tokens=(_int(src, f"{at}.max-new-tokens", t["max-new-tokens"])
                             if "max-new-tokens" in t else default_tokens),
-            modalities=None if mods is None else tuple(mods))
+            modalities=None if mods is None else tuple(mods),
+            references=(_path(src, f"{at}.references", t["references"], root)
+                        if "references" in t else None))
         if check_files:
-            for key, p in (("train", task.train), ("test", task.test)):
+            for key, p in (("train", task.train), ("test", task.test),
+                           ("references", task.references)):
+                if p is None:
+                    continue
                 if not p.is_file():
                     raise ConfigError(f"stream {str(src)!r}: {at}.{key} {str(p)!r} does not "
                                       "exist; place the data there or fix the path")
@@ -205,7 +216,8 @@ def open_task(task: StreamTask, on_error: str = "fail") -> TaskData:
     A task whose records carry a modality its stream entry does not list is refused: the run
     would otherwise feed a tower the stream says this task never uses."""
     data = TaskData(task, TaskSamples.read(task.name, task.train, task.image_root, on_error),
-                    TaskSamples.read(task.name, task.test, task.image_root, on_error))
+                    TaskSamples.read(task.name, task.test, task.image_root, on_error,
+                                     task.references))
     if task.modalities is not None:
         got = set(data.train.modalities()) | set(data.test.modalities())
         extra = sorted(got - set(task.modalities))
@@ -235,6 +247,8 @@ def stream_text(folder: Path, name: str, tasks: Sequence[StreamTask]) -> str:
             lines.append(f"max-new-tokens = {t.max_new_tokens}")
         if t.modalities is not None:
             lines.append("modalities = [" + ", ".join(_toml_str(m) for m in t.modalities) + "]")
+        if t.references is not None:
+            lines.append(f"references = {_toml_str(rel(t.references))}")
         lines.append("")
     return "\n".join(lines)
 

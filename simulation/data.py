@@ -47,8 +47,12 @@ def open_tasks(cfg: RunConfig, stream: TaskStream | None = None) -> dict[str, Ta
             raise DataError(f"{e} (set `data.on-error = \"skip\"` to drop bad records and count "
                             "them in metrics.json)" if cfg.data.on_error == "fail" else str(e)
                             ) from e
-        for msg in out[t.name].train.skipped + out[t.name].test.skipped:
+        d = out[t.name]
+        for msg in d.train.skipped + d.test.skipped:
             log.warning("skipped a bad record: %s", msg)
+        if d.train.renamed + d.test.renamed:
+            log.warning("task %r: %d records reuse an earlier record's id in their file; kept "
+                        "as id#2, id#3, …", t.name, d.train.renamed + d.test.renamed)
     return out
 
 
@@ -60,7 +64,9 @@ def data_summary(stream: TaskStream, data: dict[str, TaskData], default_tokens: 
         "tasks": {t: {"train": len(d.train), "test": len(d.test),
                       "metrics": list(d.spec.metrics), "primary": d.spec.primary,
                       "max_new_tokens": d.spec.max_new_tokens or default_tokens,
-                      "modalities": d.modalities(), "skipped": d.skipped}
+                      "modalities": d.modalities(), "skipped": d.skipped,
+                      # ids used again in a file, kept as "id#k"
+                      "renamed_ids": d.train.renamed + d.test.renamed}
                   for t, d in data.items()},
         "skipped": sum(d.skipped for d in data.values()),
         # The first reasons, for the report (the log has them all).

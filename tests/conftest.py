@@ -99,7 +99,7 @@ def build_tiny_run(root: Path, tiny_cfg) -> Path:
                         "federation.dirichlet-alpha": 100.0, "federation.min-samples": 1,
                         "federation.no-audio-fraction": 0.0}, base=tiny_cfg)
     run = root / "run"
-    cfg, _ = prepare(cfg, run, progress=False)
+    cfg, _, _ = prepare(cfg, run, progress=False)
     em = EdgeModel(cfg, Path(cfg.model.base_path))
     data = load_local_data(run / "clients" / "client-00", cfg.data.tasks)
     rng = np.random.default_rng(0)

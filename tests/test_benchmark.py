@@ -1,4 +1,9 @@
-"""The embedded benchmark and the manifest contract: determinism, format, answers, cache."""
+"""The embedded benchmark and the manifest contract: determinism, format, answers, cache.
+
+The benchmark is written in the field's LLaVA format (``stream.toml`` + ``<task>/train.json``,
+``test.json``) and read back here through the same reader as a user's data
+(:mod:`protocol.llava_format`, :mod:`protocol.stream`).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,16 @@ import pytest
 from PIL import Image
 
 from protocol.config import DataConfig
+from protocol.llava_format import IMAGE_MARKER, Record, TaskSamples, read_records
 from protocol.manifest import (
     ManifestError,
+    Sample,
     SampleRecord,
     load_samples,
     read_manifest,
     write_manifest,
 )
+from protocol.stream import load_stream, open_task
 from simulation.benchmark import (
     COLORS,
     TASKS,
@@ -33,6 +41,7 @@ from simulation.benchmark import (
     task_metrics,
 )
 from simulation.benchmark import generate as gen_mod
+from simulation.benchmark.generate import HELDOUT_FILE, PRETRAIN_FILE, STREAM_TOML
 from simulation.benchmark.shapes import BACKGROUND, GRID
 from simulation.benchmark.tasks import digits_data
 
@@ -44,6 +53,42 @@ def tiny(tmp_path: Path, **kw: object) -> DataConfig:
     base = DataConfig(train_per_task=20, test_per_task=10, pretrain_size=30,
                       cache_dir=str(tmp_path / "cache"))
     return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def data_file(root: Path, folder: str, split: str) -> Path:
+    """The data file of ``folder``'s ``split``: pretrain/train.json, <task>/train.json, …"""
+    if folder == "pretrain":
+        assert split == "pretrain"
+        return root / PRETRAIN_FILE
+    if folder == gen_mod.HELDOUT_FOLDER:
+        assert split == "test"
+        return root / HELDOUT_FILE
+    assert split in ("train", "test")
+    return root / folder / f"{split}.json"
+
+
+def splits_of(folder: str) -> tuple[str, ...]:
+    return (("pretrain",) if folder == "pretrain" else ("test",)
+            if folder == gen_mod.HELDOUT_FOLDER else ("train", "test"))
+
+
+def task_records(root: Path, folder: str, split: str | None = None) -> list[Record]:
+    """The parsed records of ``folder`` (every split, train first, when ``split`` is None)."""
+    return [r for sp in ((split,) if split else splits_of(folder))
+            for r in read_records(data_file(root, folder, sp), root / folder).records]
+
+
+def task_samples(root: Path, folder: str, split: str | None = None) -> list[Sample]:
+    """The decoded samples of ``folder`` (every split, train first, when ``split`` is None)."""
+    return [s for sp in ((split,) if split else splits_of(folder))
+            for s in TaskSamples.read(folder if folder != gen_mod.HELDOUT_FOLDER else "pretrain",
+                                      data_file(root, folder, sp), root / folder)]
+
+
+def raw_records(root: Path, folder: str, split: str) -> list[dict[str, object]]:
+    data = json.loads(data_file(root, folder, split).read_text(encoding="utf-8"))
+    assert isinstance(data, list)
+    return data
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -66,9 +111,10 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path, bench: Path) -> None:
 
 def test_different_seed_gives_different_data(tmp_path: Path, bench: Path) -> None:
     other = generate_benchmark(tmp_path / "other", tiny(tmp_path, seed=1))
-    for folder in ["pretrain", *list_tasks()]:
-        a = (bench / folder / "manifest.jsonl").read_bytes()
-        assert a != (other / folder / "manifest.jsonl").read_bytes(), folder
+    for folder in ["pretrain", gen_mod.HELDOUT_FOLDER, *list_tasks()]:
+        for split in splits_of(folder):
+            a = data_file(bench, folder, split).read_bytes()
+            assert a != data_file(other, folder, split).read_bytes(), (folder, split)
     img = "color/images/color-train-00000.png"
     assert (bench / img).read_bytes() != (other / img).read_bytes()
 
@@ -100,56 +146,106 @@ def test_stream_json(bench: Path) -> None:
     assert stream["task_info"]["pitch"]["modalities"] == ["audio", "text"]
 
 
+def test_stream_toml_lists_every_task_with_its_files(bench: Path) -> None:
+    stream = load_stream(bench / STREAM_TOML, list({m for t in TASKS.values()
+                                                    for m in t.metrics}))
+    assert stream.names == list(DataConfig().tasks)
+    for t in stream.tasks:
+        assert t.train == bench / t.name / "train.json" and t.train.is_file()
+        assert t.test == bench / t.name / "test.json" and t.test.is_file()
+        assert t.image_root == bench / t.name
+        assert t.metrics == TASKS[t.name].metrics and t.primary == TASKS[t.name].metrics[0]
+        assert t.modalities == TASKS[t.name].modalities and t.max_new_tokens is None
+        data = open_task(t)
+        assert len(data.train) == 20 and len(data.test) == 10 and data.skipped == 0
+        assert set(data.modalities()) == set(TASKS[t.name].modalities)
+    assert (bench / "pretrain" / "train.json").is_file()
+    assert (bench / gen_mod.HELDOUT_FOLDER / "test.json").is_file()
+    assert not list(bench.rglob("manifest.jsonl"))  # the old format is gone
+    assert not list(bench.rglob(".*.tmp"))  # no temp file of an atomic write left
+
+
+def _modalities(r: Record) -> tuple[str, ...]:
+    return (("image",) * bool(r.images) + ("audio",) * (r.audio is not None) + ("text",))
+
+
 @pytest.mark.parametrize("folder", ["pretrain", *DataConfig().tasks])
 def test_every_record_parses_and_loads(bench: Path, folder: str) -> None:
-    records = read_manifest(bench / folder)
-    samples = load_samples(bench / folder)
-    splits = [r.split for r in records]
+    records = task_records(bench, folder)
+    samples = task_samples(bench, folder)
+    raws = [d for sp in splits_of(folder) for d in raw_records(bench, folder, sp)]
     if folder == "pretrain":
-        assert splits == ["pretrain"] * 30
-        assert {r.task for r in records} == {"pretrain"}
+        assert [r.id for r in records] == [f"pretrain-{i:05d}" for i in range(30)]
     else:
-        assert splits == ["train"] * 20 + ["test"] * 10
+        assert [r.id for r in records] == ([f"{folder}-train-{i:05d}" for i in range(20)]
+                                           + [f"{folder}-test-{i:05d}" for i in range(10)])
         assert records[12].id == f"{folder}-train-00012"
-        assert len(read_manifest(bench / folder, split="test")) == 10
-    for r, s in zip(records, samples, strict=True):
+        assert len(task_records(bench, folder, "test")) == 10
+        assert len(task_records(bench, folder, "train")) == 20
+    assert len(raws) == len(records) == len(samples)
+    for r, s, d in zip(records, samples, raws, strict=True):
+        assert s.id == r.id == d["id"]
         assert WORDS.match(r.instruction) and WORDS.match(r.answer), r
-        assert r.image is None or r.audio is None  # one array per sample
-        if r.image is not None:
-            assert r.modalities == ("image", "text") and r.image == f"images/{r.id}.png"
-            assert (bench / folder / r.image).is_file()
+        assert s.instruction == r.instruction and s.answer == r.answer
+        assert len(r.turns) == 2 and r.answers == () and s.turns == ()
+        assert len(r.images) <= 1 and not (r.images and r.audio)  # one array per sample
+        human = f"{IMAGE_MARKER}\n{r.instruction}" if r.images else r.instruction
+        assert d["conversations"] == [{"from": "human", "value": human},
+                                      {"from": "gpt", "value": r.answer}]
+        if r.images:
+            assert _modalities(r) == ("image", "text") and d["image"] == f"images/{r.id}.png"
+            assert "audio" not in d and r.images == (bench / folder / "images" / f"{r.id}.png",)
+            assert r.images[0].is_file() and r.image_turns == (0,)
             assert s.image is not None and s.image.shape == (32, 32, 3)
             assert s.image.dtype == np.uint8 and s.audio is None
         elif r.audio is not None:
-            assert r.modalities == ("audio", "text") and r.audio == f"audio/{r.id}.wav"
+            assert _modalities(r) == ("audio", "text") and d["audio"] == f"audio/{r.id}.wav"
+            assert "image" not in d and r.audio == bench / folder / "audio" / f"{r.id}.wav"
             assert s.audio is not None and s.audio.dtype == np.float32
             assert 0 < len(s.audio) <= 16000 and s.audio_rate == 16000 and s.image is None
         else:
-            assert r.modalities == ("text",) and s.image is None and s.audio is None
-    kinds = {m for r in records for m in r.modalities}
+            assert _modalities(r) == ("text",) and s.image is None and s.audio is None
+            assert "image" not in d and "audio" not in d
+    kinds = {m for r in records for m in _modalities(r)}
     if folder == "pretrain":
         assert kinds == {"image", "audio", "text"}
     else:
-        assert all(r.modalities == TASKS[folder].modalities for r in records)
+        assert all(_modalities(r) == TASKS[folder].modalities for r in records)
+
+
+def test_heldout_pretraining_records_parse_and_load(bench: Path) -> None:
+    records = task_records(bench, gen_mod.HELDOUT_FOLDER)
+    n = DataConfig().pretrain_heldout  # tiny() keeps the default
+    assert [r.id for r in records] == [f"pretrain-test-{i:05d}" for i in range(n)]
+    assert all(any(r.instruction.startswith(k) for k in PRETRAIN_KINDS) for r in records)
+    assert all(any(r.instruction.startswith(k) for r in records) for k in PRETRAIN_KINDS)
+    for s in task_samples(bench, gen_mod.HELDOUT_FOLDER)[:50]:
+        assert WORDS.match(s.instruction) and WORDS.match(s.answer), s.id
+        assert s.image is None or s.image.shape == (32, 32, 3)
+        assert s.audio is None or (s.audio.dtype == np.float32 and s.audio_rate == 16000)
 
 
 def test_image_size_64(tmp_path: Path) -> None:
     root = generate_benchmark(tmp_path, tiny(tmp_path, image_size=64, tasks=("count", "digits"),
                                              train_per_task=3, test_per_task=2))
     for folder in ("count", "digits", "pretrain"):
-        for s in load_samples(root / folder):
+        samples = task_samples(root, folder)
+        assert samples and any(s.image is not None for s in samples), folder
+        for s in samples:
             assert s.image is None or s.image.shape == (64, 64, 3)
 
 
+PRETRAIN_KINDS = ("what shape is this", "is there a", "repeat", "what number comes after",
+                  "is the digit greater than four", "is the tone high or low", "is there a sound",
+                  "are there more than three beeps")
+
+
 def test_pretrain_templates_differ_from_the_tasks(bench: Path) -> None:
-    pre = [r.instruction for r in read_manifest(bench / "pretrain")]
-    task_instr = {r.instruction for t in list_tasks() for r in read_manifest(bench / t)}
+    pre = [r.instruction for r in task_records(bench, "pretrain")]
+    task_instr = {r.instruction for t in list_tasks() for r in task_records(bench, t)}
     assert not set(pre) & task_instr
-    kinds = ("what shape is this", "is there a", "repeat", "what number comes after",
-             "is the digit greater than four", "is the tone high or low", "is there a sound",
-             "are there more than three beeps")
-    assert all(any(q.startswith(k) for k in kinds) for q in pre)
-    assert all(any(q.startswith(k) for q in pre) for k in kinds)  # 30 samples hold every kind
+    assert all(any(q.startswith(k) for k in PRETRAIN_KINDS) for q in pre)
+    assert all(any(q.startswith(k) for q in pre) for k in PRETRAIN_KINDS)  # 30 hold every kind
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -172,7 +268,7 @@ def nearest_color(rgb: np.ndarray) -> str:
 
 
 def test_arith_answers(bench: Path) -> None:
-    for r in read_manifest(bench / "arith"):
+    for r in task_records(bench, "arith"):
         a, op, b = r.instruction.split()[-3:]
         assert op in ("plus", "minus")
         expected = int(a) + int(b) if op == "plus" else int(a) - int(b)
@@ -180,20 +276,20 @@ def test_arith_answers(bench: Path) -> None:
 
 
 def test_count_answers_match_the_drawn_shapes(bench: Path) -> None:
-    for s in load_samples(bench / "count"):
+    for s in task_samples(bench, "count"):
         assert s.image is not None
         assert len(bright_cells(s.image)) == int(s.answer), s.id
 
 
 def test_color_answers_match_the_drawn_shape(bench: Path) -> None:
-    for s in load_samples(bench / "color"):
+    for s in task_samples(bench, "color"):
         assert s.image is not None
         cells = bright_cells(s.image)
         assert len(cells) == 1 and nearest_color(next(iter(cells.values()))) == s.answer, s.id
 
 
 def test_caption_answers_list_objects_in_reading_order(bench: Path) -> None:
-    for s in load_samples(bench / "caption"):
+    for s in task_samples(bench, "caption"):
         assert s.image is not None
         m = re.fullmatch(r"a (\w+) (\w+) and a (\w+) (\w+)", s.answer)
         assert m, s.answer
@@ -202,7 +298,7 @@ def test_caption_answers_list_objects_in_reading_order(bench: Path) -> None:
 
 
 def test_ground_answers_name_the_quadrant_of_the_object(bench: Path) -> None:
-    for s in load_samples(bench / "ground"):
+    for s in task_samples(bench, "ground"):
         assert s.image is not None
         color = s.instruction.split()[-2]
         cells = bright_cells(s.image)
@@ -240,11 +336,11 @@ def test_digits_come_from_the_pool_of_their_split(bench: Path) -> None:
     _, labels = digits_data()
     train, test = (set(p.tolist()) for p in digits_pools())
     for split, pool in (("train", train), ("test", test)):
-        for s in load_samples(bench / "digits", split=split):
+        for s in task_samples(bench, "digits", split):
             assert s.image is not None
             i = _match_digit(s.image)
             assert i in pool and str(labels[i]) == s.answer, s.id
-    for s in load_samples(bench / "pretrain"):
+    for s in task_samples(bench, "pretrain"):
         if s.instruction == "is the digit greater than four":
             assert s.image is not None
             i = _match_digit(s.image)
@@ -330,12 +426,14 @@ def test_leftover_temp_folders_are_ignored_then_cleaned(tmp_path: Path) -> None:
     fresh, stale = data / f".{key}.tmp-fresh", data / f".{key}.tmp-stale"
     for d in (fresh, stale):  # what a killed generation leaves: a partial folder
         (d / "arith").mkdir(parents=True)
-        (d / "arith" / "manifest.jsonl").write_text("garbage\n")
+        (d / "arith" / "train.json").write_text("garbage\n")
+        (d / STREAM_TOML).write_text("garbage\n")
     old = os.stat(stale).st_mtime - 2 * gen_mod.STALE_TMP_S
     os.utime(stale, (old, old))
     path = ensure_benchmark(cfg)
     assert path == data / key
-    assert len(read_manifest(path / "arith")) == 30  # the real data, not the leftover
+    assert len(task_records(path, "arith")) == 30  # the real data, not the leftover
+    assert load_stream(path / STREAM_TOML, None).names == ["arith"]
     assert fresh.exists()  # may belong to a live concurrent generation
     assert not stale.exists()
 

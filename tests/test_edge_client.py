@@ -28,7 +28,7 @@ def setup(tmp_path_factory, tiny_cfg):
                         "federation.no-audio-fraction": 0.0, "federation.local-steps": 3,
                         "federation.router-local-epochs": 2, "federation.rounds-per-task": 2,
                         "federation.method": "dmole-replay"}, base=tiny_cfg)
-    cfg, partition = prepare(cfg, root / "run", progress=False)
+    cfg, partition, _ = prepare(cfg, root / "run", progress=False)
     em = EdgeModel(cfg, Path(cfg.model.base_path))
     clients = [local.Client(cfg, load_local_data(root / "run" / "clients" / f"client-{c:02d}",
                                                  cfg.data.tasks), root / f"state-{c}", em)

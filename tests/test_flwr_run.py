@@ -50,7 +50,7 @@ def test_flwr_run_dot_runs_the_apps_in_a_local_simulation(tmp_path, tiny_cfg):
                         "federation.no-audio-fraction": 0.34, "federation.router-local-epochs": 3,
                         "data.tasks": "color,pitch"}, base=tiny_cfg)
     out = tmp_path / "run"
-    cfg, _ = prepare(cfg, out, progress=False)
+    cfg, _, _ = prepare(cfg, out, progress=False)
     app = AppConfig(out_dir=str(out), clients_dir=str(out / "clients"))
     flat = {**cfg.to_flat(), **app.to_flat()}
     overrides = tmp_path / "run-config.toml"

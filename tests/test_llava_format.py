@@ -100,8 +100,8 @@ def test_bad_records_are_named_with_the_file_and_id(folder, record, message):
 
 def test_duplicate_ids_unreadable_files_and_empty_files(folder):
     rec = {"id": "same", "conversations": _conv("q", "a")}
-    with pytest.raises(DataError, match="'same' is used again"):
-        read_records(_write(folder / "dup.json", [rec, rec]))
+    res = read_records(_write(folder / "dup.json", [rec, rec, rec]))  # UCIT: captions share ids
+    assert [r.id for r in res.records] == ["same", "same#2", "same#3"] and res.renamed == 2
     (folder / "x.json").write_text("{not json")
     with pytest.raises(DataError, match="is not valid JSON"):
         read_records(folder / "x.json")
@@ -180,3 +180,35 @@ def test_iterating_a_large_task_does_not_hold_its_images(folder):
     tracemalloc.stop()
     assert n == 400
     assert peak < 8 * 2**20, peak  # all 400 held at once would be 92 MB
+
+
+def test_question_records_and_references_kept_apart(folder):
+    from protocol.llava_format import read_references
+
+    qs = [{"question_id": 7, "image": "imgs/a.jpg", "text": "What is written?\nAnswer briefly.",
+           "answer": "stop"},
+          {"question_id": 8, "text": "Which option? A. cat B. dog", "answer": "B"},
+          {"question_id": 9, "image": "imgs/b.png", "text": "Where is the dog?",
+           "answer_bbox": [0.1, 0.2, 0.5, 0.9]},
+          {"question_id": 10, "image": "imgs/c.webp", "text": "Describe the image."}]
+    path = _write(folder / "q.json", qs)
+    with pytest.raises(DataError, match=r"q.json#3 \(id '10'\).*needs its reference"):
+        read_records(path, folder)
+    (folder / "ans.json").write_text(json.dumps({"data": [
+        {"question_id": 7, "answers": ["stop"] * 9 + ["stop sign"]}]}))
+    (folder / "caps.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "c.webp"}],
+        "annotations": [{"image_id": 1, "id": 1, "caption": "a picture"},
+                        {"image_id": 1, "id": 2, "caption": "colour noise"}]}))
+    coco = read_references(folder / "caps.json")
+    assert coco == {"file:c.webp": ["a picture", "colour noise"]}
+    a, b, c = read_records(path, folder, on_error="skip", references=folder / "ans.json").records
+    assert a.images == (folder / "imgs" / "a.jpg",) and a.image_turns == (0,)
+    assert a.instruction == "What is written? Answer briefly." and len(a.answers) == 10
+    assert b.images == () and b.answer == "B" and b.answers == ()
+    assert c.answer == "[0.1, 0.2, 0.5, 0.9]"  # a box is scored as its text (metric iou)
+    d = read_records(path, folder, references=folder / "caps.json").records[3]
+    assert d.answer == "a picture" and d.answers == ("a picture", "colour noise")
+    (folder / "junk.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="no references in a known layout"):
+        read_references(folder / "junk.json")

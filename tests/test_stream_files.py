@@ -83,17 +83,24 @@ def test_test_files_match_the_benchmark_format(name, built):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_test_files_read(name, built):
-    """read_records on the real test format: until protocol/llava_format.py accepts LLaVA eval
-    question files (question_id / image / text / answer, see docs/streams.md), this xfails."""
+    """The real test formats read as they are: LLaVA eval question records (question_id /
+    image / text / answer), grounding boxes (answer_bbox), and references kept apart (TextVQA's
+    ten answers, COCO caption annotations) joined by id or image file name."""
     stream = load_stream(STREAMS / f"{name}.toml", known_metrics(), root=built[name])
     for t in stream.tasks:
-        try:
-            res = read_records(t.test, t.image_root)
-        except DataError as e:
-            if "conversations" in str(e):
-                pytest.xfail(f"reader does not accept eval question files yet: {e}")
-            raise
+        res = read_records(t.test, t.image_root, references=t.references)
         assert len(res.records) == 2 and not res.skipped, t.name
+        for r in res.records:
+            assert r.turns[0].role == "user" and r.answer, (t.name, r.id)
+            assert len(r.images) == r.image_turns.count(0)  # the implied image is in turn 0
+            if t.references is not None:
+                assert len(r.answers) >= 2 and r.answer == r.answers[0] or r.answer, t.name
+            if t.metrics[0] == "iou":
+                assert r.answer.startswith("[") and r.answer.count(",") == 3
+        if name == "coin" and t.name == "textvqa":
+            assert all(len(r.answers) == 10 for r in res.records)
+        if t.name in ("vizwiz-caption", "flickr30k"):
+            assert all(len(r.answers) >= 2 for r in res.records)
 
 
 def test_stream_root_override_is_what_resolves(built):

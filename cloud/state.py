@@ -47,6 +47,8 @@ class GlobalState:
     partners: dict[str, list[str]] = field(default_factory=dict)  # task → co-activated tasks
     acc_matrix: dict[int, list[float]] = field(default_factory=dict)  # row t; NaN: not measured
     router_acc: dict[int, float] = field(default_factory=dict)  # task index → % routed right
+    # row t → task → every metric of it (test-count-weighted over the clients that hold it)
+    task_scores: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     rejected: Counter[str] = field(default_factory=Counter)  # reason → count
     # Flower node id → reason → count: which node sent what was rejected or repaired
     rejected_by_node: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -59,6 +61,7 @@ class GlobalState:
                 "partners": self.partners,
                 "acc_matrix": {str(k): v for k, v in self.acc_matrix.items()},
                 "router_acc": {str(k): v for k, v in self.router_acc.items()},
+                "task_scores": {str(k): v for k, v in self.task_scores.items()},
                 "rejected": dict(self.rejected),
                 "rejected_by_node": self.rejected_by_node, "comm": self.comm, "rounds": self.rounds}
 
@@ -124,6 +127,9 @@ def load_checkpoint(folder: Path) -> GlobalState:
             acc_matrix={int(k): [float("nan") if x is None else float(x) for x in v]
                         for k, v in meta["acc_matrix"].items()},
             router_acc={int(k): float(v) for k, v in meta.get("router_acc", {}).items()},
+            task_scores={int(k): {str(t): {str(m): float(x) for m, x in d.items()}
+                                  for t, d in v.items()}
+                         for k, v in meta.get("task_scores", {}).items()},
             rejected=Counter(meta["rejected"]),
             rejected_by_node={str(k): {str(r): int(n) for r, n in v.items()}
                               for k, v in meta.get("rejected_by_node", {}).items()},

@@ -542,6 +542,8 @@ class FedMoleStrategy(FedAvg):
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         routed_ok = routed_n = 0
+        detail: dict[tuple[str, str], float] = {}
+        detail_n: dict[tuple[str, str], int] = {}
         for node, c in self._received_from(replies, rp):
             try:
                 e = decode_eval(c)
@@ -555,10 +557,18 @@ class FedMoleStrategy(FedAvg):
             for task, (acc, n) in e.scores.items():
                 sums[task] = sums.get(task, 0.0) + acc * n
                 counts[task] = counts.get(task, 0) + n
+                for m, v in e.details.get(task, {}).items():  # every metric, same weights
+                    key = (task, m)
+                    detail[key] = detail.get(key, 0.0) + v * n
+                    detail_n[key] = detail_n.get(key, 0) + n
             routed_ok += sum(e.routed.values())
             routed_n += sum(n for t, (_, n) in e.scores.items() if t in e.routed)
         row = [sums[t] / counts[t] if t in counts else float("nan") for t in self.tasks]
         self.state.acc_matrix[rp.task_index] = row
+        scores: dict[str, dict[str, float]] = {}
+        for (task, m), v in detail.items():
+            scores.setdefault(task, {})[m] = v / detail_n[(task, m)]
+        self.state.task_scores[rp.task_index] = scores
         if routed_n:
             self.state.router_acc[rp.task_index] = 100.0 * routed_ok / routed_n
         if self.state.rounds and self.state.rounds[-1]["round"] == rp.server_round:

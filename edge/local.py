@@ -229,6 +229,7 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
         cfg, routers, dict(ins.thresholds), list(ins.seen))
     scores: dict[str, tuple[float, int]] = {}
     routed: dict[str, int] = {}
+    details: dict[str, dict[str, float]] = {}
     # Seen tasks, and the next one (forward transfer): what AVG/Last/BWT/FWT read.
     stream = list(cfg.data.tasks)
     wanted = set(stream[: len(ins.seen) + 1])
@@ -245,7 +246,8 @@ def evaluate(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarra
         preds = routed_answers(em.experts, em.enc, samples, routes, seen, ins.partners,
                                cfg.train.eval_batch_size,
                                c.data.tokens(task, cfg.train.max_new_tokens))
-        metric = c.data.primary(task)  # the accuracy matrix's metric of this task
-        acc = score_answers(preds, references_of(samples), (metric,))[metric]
-        scores[task] = (acc, len(samples))
-    return encode_eval(EvalReply(c.id, ins.global_round, scores, routed))
+        # Every metric of the task; the primary one is the accuracy matrix's.
+        got = score_answers(preds, references_of(samples), c.data.metrics(task))
+        scores[task] = (got[c.data.primary(task)], len(samples))
+        details[task] = got
+    return encode_eval(EvalReply(c.id, ins.global_round, scores, routed, details))

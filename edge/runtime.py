@@ -54,8 +54,12 @@ class LocalData:
         return frozenset(["language"] + ["vision"] * ("image" in got) + ["audio"] * ("audio" in got))
 
     def primary(self, task: str) -> str:
+        return self.metrics(task)[0]
+
+    def metrics(self, task: str) -> tuple[str, ...]:
+        """``task``'s metrics from the folder's stream file (the first is the primary one)."""
         spec = self.specs.get(task)
-        return spec.primary if spec else "exact"
+        return spec.metrics if spec else ("exact",)
 
     def tokens(self, task: str, default: int) -> int:
         spec = self.specs.get(task)

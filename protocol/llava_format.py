@@ -353,16 +353,19 @@ def _load_audio(path: Path, where: str) -> tuple[np.ndarray, int | None]:
                             "convert it to mono (e.g. `ffmpeg -i IN -ac 1 OUT.flac`)")
         return np.ascontiguousarray(audio[:, 0]), int(rate)
     try:
-        return load_audio(path, where)  # its messages name the record (``where``)
+        return load_audio(path, where)
     except ManifestError as e:
-        raise DataError(str(e)) from e
+        why = str(e).split(": ", 1)[-1].split("; ", 1)[0]  # the reason, without its advice
+        raise DataError(f"{where}: {why}; convert it to mono 16-bit PCM WAV (e.g. `ffmpeg -i IN "
+                        "-ac 1 -c:a pcm_s16le OUT.wav`) or FLAC") from e
 
 
 def sample_of(rec: Record, task: str) -> Sample:
     """Decode one record's files into a :class:`~protocol.manifest.Sample`."""
     where = rec.source or rec.id
     images = tuple(load_image(p, f"{where} (id {rec.id!r})") for p in rec.images)
-    audio, rate = (None, None) if rec.audio is None else _load_audio(rec.audio, where)
+    audio, rate = ((None, None) if rec.audio is None
+                   else _load_audio(rec.audio, f"{where} (id {rec.id!r})"))
     multi = len(rec.turns) > 2
     return Sample(
         id=rec.id, task=task, instruction=rec.instruction, answer=rec.answer,

@@ -180,6 +180,7 @@ def decode_probe(content: RecordDict) -> ProbeReply:
 # --- the evaluation round: a client's exact-match accuracy on its local test data per task ---
 
 EVAL_KEY = "eval"
+DETAIL_KEY = "eval-detail"  # task/metric → value: every metric of the task, not just the primary
 ROUTING_KEY = "routing"
 
 
@@ -187,17 +188,21 @@ ROUTING_KEY = "routing"
 class EvalReply:
     client_id: str
     global_round: int
-    scores: Mapping[str, tuple[float, int]]  # task → (accuracy in percent, test samples)
+    scores: Mapping[str, tuple[float, int]]  # task → (primary metric in percent, test samples)
     # Seen task → how many of its test samples the router sent to its own experts.
     routed: Mapping[str, int] = field(default_factory=dict)
+    # Task → every metric of it (the stream's list, primary included), on the same samples.
+    details: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 def encode_eval(e: EvalReply) -> RecordDict:
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     for task, (acc, n) in e.scores.items():
         metrics[f"acc/{task}"], metrics[f"n/{task}"] = float(acc), int(n)
+    detail = {f"{task}/{m}": float(v) for task, d in e.details.items() for m, v in d.items()}
     return RecordDict({EVAL_KEY: MetricRecord(metrics),
                        ROUTING_KEY: MetricRecord({t: int(v) for t, v in e.routed.items()}),
+                       DETAIL_KEY: MetricRecord(detail),
                        META_KEY: ConfigRecord({"client-id": e.client_id, "round": e.global_round})})
 
 
@@ -224,7 +229,16 @@ def decode_eval(content: RecordDict) -> EvalReply:
             raise MessageError(f"routing count of {t!r} must be an int in [0, test count] of a "
                                f"scored task, got {v!r}")
         routed[t] = v
-    return EvalReply(client, rnd, scores, routed)
+    raw = content.get(DETAIL_KEY, MetricRecord())
+    details: dict[str, dict[str, float]] = {}
+    for k, v in (raw.items() if isinstance(raw, MetricRecord) else [("?", raw)]):
+        t, _, m = str(k).rpartition("/")
+        # CIDEr-D in percent may pass 100; every metric is finite and >= 0
+        if t not in scores or not m or not finite_number(v) or not 0 <= v < 1e6:
+            raise MessageError(f"metric {k!r} must be TASK/METRIC of a scored task with a finite "
+                               f"value >= 0, got {v!r}")
+        details.setdefault(t, {})[m] = float(v)
+    return EvalReply(client, rnd, scores, routed, details)
 
 
 # --- a task's router part of a reply: the client's autoencoder weights and/or error histogram ---

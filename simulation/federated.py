@@ -137,6 +137,9 @@ def write_outputs(cfg: RunConfig, out: Path, result: dict, partition: Any, wall_
                   "partners": result["partners"], "thresholds": result["thresholds"],
                   "router_accuracy": router_acc.get(str(len(tasks) - 1))},
         "server_wall_s": result.get("server_wall_s"),
+        # Every metric of every task after the last task (row t of acc_matrix holds the primary)
+        "task_scores": result.get("task_scores", {}).get(str(len(tasks) - 1), {}),
+        "task_scores_by_row": result.get("task_scores", {}),
         "base": base_summary(Path(cfg.model.base_path)),
         "data": data,
         "notes": [

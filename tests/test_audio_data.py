@@ -19,7 +19,16 @@ import numpy as np
 import pytest
 
 from protocol.config import DataConfig
-from protocol.manifest import ManifestError, SampleRecord, load_samples, write_manifest, write_wav
+from protocol.llava_format import DataError, TaskSamples, record_json, write_records
+from protocol.manifest import (
+    ManifestError,
+    Sample,
+    SampleRecord,
+    load_samples,
+    write_manifest,
+    write_wav,
+)
+from protocol.stream import load_stream, open_task
 from simulation.benchmark import (
     AUDIO_RATE,
     AUDIO_TEXT,
@@ -32,6 +41,7 @@ from simulation.benchmark import (
     generate_benchmark,
 )
 from simulation.benchmark.audio import NOTES, PEAK, note_freq, spaced_onsets
+from simulation.benchmark.generate import PRETRAIN_FILE, STREAM_TOML
 
 N = 400  # samples per task for the distribution and physics checks
 MAX_T = int(AUDIO_RATE * MAX_SECONDS)
@@ -179,6 +189,35 @@ def test_missing_wav_names_the_file(tmp_path: Path) -> None:
         load_samples(tmp_path)
 
 
+# --- .wav in the field's format (what the benchmark writes) ----------------------------------
+
+def test_wav_round_trip_through_the_llava_reader(tmp_path: Path) -> None:
+    audio = np.random.default_rng(1).uniform(-1, 1, size=777).astype(np.float32)
+    (tmp_path / "audio").mkdir()
+    write_wav(tmp_path / "audio" / "a.wav", audio, 8000)
+    write_records(tmp_path / "train.json", [record_json("a", "q", "x", audio="audio/a.wav")])
+    ts = TaskSamples.read("t", tmp_path / "train.json", tmp_path)
+    assert ts.modalities() == ["audio", "text"] and ts.records[0].audio == tmp_path / "audio/a.wav"
+    (a,) = list(ts)
+    assert a.audio is not None and a.audio.dtype == np.float32 and a.audio.shape == (777,)
+    assert np.max(np.abs(a.audio - audio)) <= 1 / 32768 and a.audio_rate == 8000
+    assert a.image is None and a.task == "t" and (a.instruction, a.answer) == ("q", "x")
+
+
+def test_bad_or_missing_wav_in_the_llava_format_names_the_record(tmp_path: Path) -> None:
+    _raw_wav(tmp_path / "x.wav", 2, 2)
+    write_records(tmp_path / "train.json", [record_json("rec-7", "q", "a", audio="x.wav")])
+    ts = TaskSamples.read("t", tmp_path / "train.json", tmp_path)  # the index reads no audio
+    with pytest.raises(DataError, match=r"mono 16-bit PCM, found 2 channel\(s\)") as e:
+        ts[0]
+    msg = str(e.value)  # where the record is (file#index), which file, and the fix
+    assert f"{tmp_path / 'train.json'}#0" in msg and str(tmp_path / "x.wav") in msg
+    assert "ffmpeg" in msg
+    write_records(tmp_path / "test.json", [record_json("r", "q", "a", audio="audio/gone.wav")])
+    with pytest.raises(DataError, match=r"'r'.*audio file.*gone\.wav.*does not exist"):
+        TaskSamples.read("t", tmp_path / "test.json", tmp_path)
+
+
 # --- the audio tasks: answer sets, balance, determinism --------------------------------------
 
 ANSWERS = {
@@ -305,18 +344,25 @@ def tiny(tmp_path: Path, **kw: object) -> DataConfig:
 def test_generated_benchmark_writes_wav_files(tmp_path: Path) -> None:
     root = ensure_benchmark(tiny(tmp_path))
     stream = json.loads((root / "stream.json").read_text())
-    assert stream["generator_version"] == GENERATOR_VERSION == "3"
+    assert stream["generator_version"] == GENERATOR_VERSION == "4"
     assert stream["audio_rate"] == AUDIO_RATE
     assert stream["task_info"]["pitch"]["modalities"] == ["audio", "text"]
+    (spec,) = load_stream(root / STREAM_TOML, None).tasks
+    assert spec.name == "pitch" and spec.modalities == ("audio", "text")
     wavs = sorted((root / "pitch" / "audio").glob("*.wav"))
     assert [p.name for p in wavs][:2] == ["pitch-test-00000.wav", "pitch-test-00001.wav"]
     assert len(wavs) == 12 and not (root / "pitch" / "images").exists()
-    for s in load_samples(root / "pitch"):
+    data = open_task(spec)
+    assert set(data.modalities()) == {"audio", "text"} and data.skipped == 0
+    assert (len(data.train), len(data.test)) == (8, 4)
+    samples: list[Sample] = [*data.train, *data.test]
+    assert sorted({r.audio for r in data.train.records + data.test.records}) == wavs
+    for s in samples:
         assert s.image is None and s.audio is not None and s.audio_rate == AUDIO_RATE
         assert s.audio.dtype == np.float32 and 0 < len(s.audio) <= MAX_T
         assert s.answer in NOTES
     kinds = Counter("audio" if s.audio is not None else "image" if s.image is not None else "text"
-                    for s in load_samples(root / "pretrain"))
+                    for s in TaskSamples.read("pretrain", root / PRETRAIN_FILE))
     assert set(kinds) == {"audio", "image", "text"}, kinds
     assert (root / "pretrain" / "audio").is_dir() and (root / "pretrain" / "images").is_dir()
 

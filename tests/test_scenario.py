@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from protocol.config import DataConfig
 from protocol.federation import ConfigError, FederationConfig
-from protocol.manifest import SampleRecord, load_samples, read_manifest, write_manifest
+from protocol.llava_format import DataError, TaskSamples, record_json, write_records
+from protocol.manifest import Sample, write_wav
+from protocol.stream import STREAM_NAME, StreamTask, TaskData, load_stream, open_task
 from simulation.benchmark import generate_benchmark
+from simulation.benchmark.generate import STREAM_TOML
 from simulation.scenario import (
     PARTITION_FILE,
     Partition,
@@ -157,27 +162,45 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                pretrain_size=8))
 
 
+@pytest.fixture(scope="module")
+def tasks(data_root: Path) -> dict[str, TaskData]:
+    """The benchmark's tasks, opened as a run opens any stream."""
+    return {t.name: open_task(t) for t in load_stream(data_root / STREAM_TOML, None).tasks}
+
+
+def task_samples(root: Path, task: str, split: str) -> list[Sample]:
+    """The decoded samples of ``root/<task>/<split>.json`` (a benchmark or a client folder)."""
+    return list(TaskSamples.read(task, root / task / f"{split}.json", root / task))
+
+
+def task_ids(root: Path, task: str, split: str) -> list[str]:
+    return [r.id for r in TaskSamples.read(task, root / task / f"{split}.json",
+                                           root / task).records]
+
+
 CFG = FederationConfig(clients=5, no_audio_fraction=0.4, dirichlet_alpha=0.5, min_samples=4,
                        seed=3)
 
 
-def test_split_stream_covers_every_record(data_root: Path) -> None:
-    part = split_stream(data_root, TASKS, CFG)
+def test_split_stream_covers_every_record(data_root: Path, tasks: dict[str, TaskData]) -> None:
+    assert list(tasks) == list(TASKS)
+    part = split_stream(tasks, CFG)
+    assert part.tasks == TASKS
     assert part.task_counts() == {t: (40, 10) for t in TASKS}
     for t in TASKS:
         train = [i for c in part.clients_of(t) for i in part.shards[c][t].train]
         test = [i for c in part.clients_of(t) for i in part.shards[c][t].test]
-        assert sorted(train) == sorted(r.id for r in read_manifest(data_root / t, "train"))
-        assert sorted(test) == sorted(r.id for r in read_manifest(data_root / t, "test"))
+        assert sorted(train) == sorted(task_ids(data_root, t, "train"))
+        assert sorted(test) == sorted(task_ids(data_root, t, "test"))
         for c in part.clients_of(t):  # holders train and are evaluated on the task
             assert len(part.shards[c][t].train) >= CFG.min_samples
             assert len(part.shards[c][t].test) >= 1
     assert part.task_modalities == {"color": {"image", "text"}, "pitch": {"audio", "text"}}
-    assert split_stream(data_root, TASKS, CFG) == part  # deterministic
+    assert split_stream(tasks, CFG) == part  # deterministic
 
 
-def test_clients_without_audio_get_no_audio_task(data_root: Path) -> None:
-    part = split_stream(data_root, TASKS, CFG)
+def test_clients_without_audio_get_no_audio_task(tasks: dict[str, TaskData]) -> None:
+    part = split_stream(tasks, CFG)
     no_audio = [c for c, m in enumerate(part.client_modalities) if "audio" not in m]
     assert len(no_audio) == 2
     assert all("pitch" not in part.shards[c] for c in no_audio)
@@ -185,20 +208,36 @@ def test_clients_without_audio_get_no_audio_task(data_root: Path) -> None:
 
 def test_task_with_no_eligible_client_raises(tmp_path: Path) -> None:
     # An audio-visual task, and two clients that each miss one of its modalities.
-    recs = [SampleRecord(id=f"av-{split}-{i}", task="av", modalities=("image", "text", "audio"),
-                         instruction="what do you see and hear", answer="a", split=split,
-                         image=f"images/{i}.png", audio=f"audio/{i}.wav")
-            for split in ("train", "test") for i in range(4)]
-    write_manifest(tmp_path / "av", recs)
-    cfg = next(c for c in (FederationConfig(clients=2, min_clients=1, no_image_fraction=0.5,
-                                            no_audio_fraction=0.5, seed=s) for s in range(50))
-               if not any({"image", "audio"} <= m for m in client_modalities(c)))
-    with pytest.raises(ValueError, match=r"task 'av': no client is eligible"):
-        split_stream(tmp_path, ["av"], cfg)
+    folder = tmp_path / "av"
+    (folder / "images").mkdir(parents=True)
+    (folder / "audio").mkdir()
+    for split in ("train", "test"):
+        recs = []
+        for i in range(4):
+            rid = f"av-{split}-{i}"
+            Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(folder / "images" / f"{rid}.png")
+            write_wav(folder / "audio" / f"{rid}.wav", np.zeros(160, np.float32), 16000)
+            recs.append(record_json(rid, "what do you see and hear", "a",
+                                    image=f"images/{rid}.png", audio=f"audio/{rid}.wav"))
+        write_records(folder / f"{split}.json", recs)
+    spec = StreamTask(name="av", train=folder / "train.json", test=folder / "test.json",
+                      image_root=folder, metrics=("exact",), max_new_tokens=None,
+                      modalities=("image", "audio", "text"))
+    data = open_task(spec)
+    assert set(data.modalities()) == {"image", "audio", "text"}
+    assert data.train[0].image is not None and data.train[0].audio is not None  # real files
+    for modalities in (("image", "audio", "text"), None):  # declared, or read off the records
+        task = open_task(dataclasses.replace(spec, modalities=modalities))
+        assert set(task.modalities()) == {"image", "audio", "text"}
+        cfg = next(c for c in (FederationConfig(clients=2, min_clients=1, no_image_fraction=0.5,
+                                                no_audio_fraction=0.5, seed=s) for s in range(50))
+                   if not any({"image", "audio"} <= m for m in client_modalities(c)))
+        with pytest.raises(ValueError, match=r"task 'av': no client is eligible"):
+            split_stream({"av": task}, cfg)
 
 
-def test_partition_json_round_trip(data_root: Path) -> None:
-    part = split_stream(data_root, TASKS, CFG)
+def test_partition_json_round_trip(tasks: dict[str, TaskData]) -> None:
+    part = split_stream(tasks, CFG)
     again = Partition.from_json(json.loads(json.dumps(part.to_json())))
     assert again == part
     assert "client-04" in part.summary() and "total" in part.summary()
@@ -211,45 +250,117 @@ def _snapshot(root: Path) -> dict[str, tuple[int, float]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_materialize_loads_and_is_idempotent(data_root: Path, tmp_path: Path) -> None:
-    part = split_stream(data_root, TASKS, CFG)
+def _check_client(d: Path, c: int, part: Partition, data_root: Path) -> None:
+    """Client folder ``d`` holds exactly client ``c``'s shards, readable as a stream."""
+    from edge.runtime import load_local_data  # the edge reader (imports the model side)
+
+    held = part.client_tasks(c)
+    names = sorted(p.name for p in d.iterdir())
+    assert names == (sorted([*held, STREAM_NAME]) if held else [])
+    if held:
+        stream = load_stream(d / STREAM_NAME, None)
+        assert stream.names == held
+        for spec in stream.tasks:
+            assert spec.train == d / spec.name / "train.json"
+            assert spec.test == d / spec.name / "test.json"
+            assert spec.image_root == d / spec.name
+    local = load_local_data(d, list(TASKS))
+    assert sorted(local.train) == sorted(local.test) == sorted(held)
+    for t in held:
+        assert {p.name for p in (d / t).iterdir()} == (
+            {"train.json", "test.json", "images" if t == "color" else "audio"})
+        train, test = task_samples(d, t, "train"), task_samples(d, t, "test")
+        assert [s.id for s in train] == list(part.shards[c][t].train)
+        assert [s.id for s in test] == list(part.shards[c][t].test)
+        assert [r.id for r in local.train[t].records] == list(part.shards[c][t].train)
+        assert [r.id for r in local.test[t].records] == list(part.shards[c][t].test)
+        assert all((s.image is not None) == (t == "color") for s in train + test)
+        assert all((s.audio is not None) == (t == "pitch") for s in train + test)
+        # The same content as the benchmark's records, media at the same relative paths.
+        orig = {s.id: s for sp in ("train", "test") for s in task_samples(data_root, t, sp)}
+        for s in train + test:
+            o = orig[s.id]
+            assert (s.instruction, s.answer) == (o.instruction, o.answer)
+            if t == "color":
+                assert s.image is not None and o.image is not None
+                assert np.array_equal(s.image, o.image)
+                media = f"images/{s.id}.png"
+            else:
+                assert s.audio is not None and o.audio is not None
+                assert np.array_equal(s.audio, o.audio) and s.audio_rate == o.audio_rate
+                media = f"audio/{s.id}.wav"
+            assert os.path.samefile(d / t / media, data_root / t / media)  # a hard link
+        n_media = len(list((d / t / ("images" if t == "color" else "audio")).iterdir()))
+        assert n_media == len(train) + len(test)  # only this client's files
+
+
+def test_materialize_loads_and_is_idempotent(data_root: Path, tasks: dict[str, TaskData],
+                                             tmp_path: Path) -> None:
+    part = split_stream(tasks, CFG)
     out = tmp_path / "clients"
-    dirs = materialize(part, data_root, out)
+    dirs = materialize(part, tasks, out)
     assert [d.name for d in dirs] == [f"client-{c:02d}" for c in range(CFG.clients)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([PARTITION_FILE, *(d.name
+                                                                              for d in dirs)])
     for c, d in enumerate(dirs):
-        assert sorted(p.name for p in d.iterdir()) == sorted(part.client_tasks(c))
-        for t in part.client_tasks(c):
-            train, test = load_samples(d / t, "train"), load_samples(d / t, "test")
-            assert [s.id for s in train] == list(part.shards[c][t].train)
-            assert [s.id for s in test] == list(part.shards[c][t].test)
-            assert all((s.image is not None) == (t == "color") for s in train + test)
-            assert all((s.audio is not None) == (t == "pitch") for s in train + test)
+        _check_client(d, c, part, data_root)
     assert load_partition(out) == part
     before = _snapshot(out)
-    assert materialize(part, data_root, out) == dirs
+    assert materialize(part, tasks, out) == dirs
     assert _snapshot(out) == before  # nothing rewritten
 
-    # A crash halfway: a lost array file and manifest are put back by a re-run.
+    # A crash halfway: a lost image and train.json are put back by a re-run.
     c = part.clients_of("color")[0]
     victim = next((dirs[c] / "color" / "images").iterdir())
     victim.unlink()
-    (dirs[c] / "color" / "manifest.jsonl").unlink()
-    materialize(part, data_root, out)
-    assert len(load_samples(dirs[c] / "color")) == len(part.shards[c]["color"].train) + len(
+    (dirs[c] / "color" / "train.json").unlink()
+    with pytest.raises(DataError, match=r"cannot read data file .*train\.json"):
+        TaskSamples.read("color", dirs[c] / "color" / "train.json", dirs[c] / "color")
+    materialize(part, tasks, out)
+    assert victim.is_file()
+    _check_client(dirs[c], c, part, data_root)
+    assert len(task_samples(dirs[c], "color", "train")) + len(
+        task_samples(dirs[c], "color", "test")) == len(part.shards[c]["color"].train) + len(
         part.shards[c]["color"].test)
+    after = _snapshot(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed <= {str((dirs[c] / "color" / "train.json").relative_to(out)),
+                       str(victim.relative_to(out))}  # only the lost files were written
+    assert set(after) == set(before)
 
 
-def test_materialize_refuses_a_different_partition(data_root: Path, tmp_path: Path) -> None:
+def test_clients_without_a_task_get_an_empty_folder(tasks: dict[str, TaskData],
+                                                   tmp_path: Path) -> None:
+    # Eight clients, two of them without images and without audio: they hold no task.
+    cfg = FederationConfig(clients=8, no_audio_fraction=0.25, no_image_fraction=0.25,
+                           dirichlet_alpha=0.5, min_samples=4, seed=0)
+    part = next(p for p in (split_stream(tasks, dataclasses.replace(cfg, seed=s))
+                            for s in range(50)) if any(not p.client_tasks(c)
+                                                       for c in range(p.n_clients)))
+    from edge.runtime import load_local_data
+
+    dirs = materialize(part, tasks, tmp_path / "clients")
+    empty = [c for c in range(part.n_clients) if not part.client_tasks(c)]
+    for c in empty:
+        assert list(dirs[c].iterdir()) == []  # no stream.toml for a client holding no task
+        local = load_local_data(dirs[c], list(TASKS))
+        assert local.train == {} and local.test == {}
+
+
+def test_materialize_refuses_a_different_partition(tasks: dict[str, TaskData],
+                                                   tmp_path: Path) -> None:
     out = tmp_path / "clients"
-    materialize(split_stream(data_root, TASKS, CFG), data_root, out)
-    other = split_stream(data_root, TASKS, dataclasses.replace(CFG, seed=4))
+    materialize(split_stream(tasks, CFG), tasks, out)
+    other = split_stream(tasks, dataclasses.replace(CFG, seed=4))
+    assert other != split_stream(tasks, CFG)
     before = _snapshot(out)
     with pytest.raises(PartitionError, match=r"already holds a different partition"):
-        materialize(other, data_root, out)
+        materialize(other, tasks, out)
     assert _snapshot(out) == before
 
 
-def test_materialize_refuses_a_foreign_folder(data_root: Path, tmp_path: Path) -> None:
+def test_materialize_refuses_a_foreign_folder(tasks: dict[str, TaskData], tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PartitionError, match=rf"holds no {PARTITION_FILE}"):
-        materialize(split_stream(data_root, TASKS, CFG), data_root, tmp_path)
+        materialize(split_stream(tasks, CFG), tasks, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -154,11 +154,11 @@ def test_fedmole_train_and_simulate_run_a_user_stream(tmp_path, qwen):
         assert m["data"]["tasks"]["chat"]["primary"] == "f1"
         assert sorted(p.name for p in (tmp_path / run / "peft").iterdir()) == ["chat",
                                                                               "colour-vqa"]
-    m = json.loads((tmp_path / "train" / "metrics.json").read_text())
-    assert set(m["task_scores"]["colour-vqa"]) == {"vqa", "exact"}
-    assert set(m["task_scores"]["chat"]) == {"f1", "exact", "rougeL"}
-    # the accuracy matrix holds each task's primary metric
-    assert m["acc_matrix"][-1][1] == pytest.approx(m["task_scores"]["chat"]["f1"], abs=0.051)
+    for run in ("train", "sim"):  # every metric of every task; the matrix holds the primary
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert set(m["task_scores"]["colour-vqa"]) == {"vqa", "exact"}, run
+        assert set(m["task_scores"]["chat"]) == {"f1", "exact", "rougeL"}, run
+        assert m["acc_matrix"][-1][1] == pytest.approx(m["task_scores"]["chat"]["f1"], abs=0.051)
     # each client's folder is a stream in the same format: its tasks, its records, the metrics
     client = next(p for p in sorted((tmp_path / "sim" / "clients").iterdir())
                   if (p / "stream.toml").is_file())

@@ -9,7 +9,7 @@ sample keys, plus a copy of every kept sample in its folder::
     FOLDER/manifest.jsonl       a view of the kept samples in the format of protocol.manifest
                                 (one SampleRecord line each, plus `key`, `nbytes`, `sha256`),
                                 rewritten from the state; not read back
-    FOLDER/images/<key>.png     (H, W, 3) uint8
+    FOLDER/images/<key>.png     (H, W, 3) uint8 (a multi-image sample's others: <key>.<k>.png)
     FOLDER/audio/<key>.wav      mono 16-bit PCM (samples that came with a rate), or
     FOLDER/audio/<key>.npy      float32 (T,) (samples without one: already at the model's rate)
 
@@ -103,7 +103,8 @@ class _Entry:
     sha256: Mapping[str, str]  # relative path → hex digest
 
     def files(self) -> list[str]:
-        return [p for p in (self.record.image, self.record.audio) if p is not None]
+        return [p for p in (self.record.image, *self.record.more_images, self.record.audio)
+                if p is not None]
 
     def to_json(self) -> dict[str, Any]:
         return {**self.record.to_json(), "key": self.key, "nbytes": self.nbytes,
@@ -121,7 +122,7 @@ class _Entry:
                                    f"{sample_key(record.task, record.id)!r}, got {key!r}")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise ReplayStoreError(f"{where}: `nbytes` must be an integer >= 0, got {nbytes!r}")
-        files = [p for p in (record.image, record.audio) if p is not None]
+        files = [p for p in (record.image, *record.more_images, record.audio) if p is not None]
         if not isinstance(sha, dict) or set(sha) != set(files) or not all(
                 isinstance(v, str) for v in sha.values()):
             raise ReplayStoreError(f"{where}: `sha256` must map each array file {files} to its "
@@ -275,6 +276,7 @@ class ReplayStore:
         try:
             if r.image is not None:
                 image = _read_image_file(self.folder / r.image, r.id)
+            more = tuple(_read_image_file(self.folder / p, r.id) for p in r.more_images)
             if r.audio is not None:
                 audio, rate = _read_audio_file(self.folder / r.audio, r.id)
         except (OSError, ValueError) as err:
@@ -283,7 +285,8 @@ class ReplayStore:
                 f"({type(err).__name__}: {err}); reopen the store with repair=True to drop "
                 "it") from err
         return Sample(id=r.id, task=r.task, instruction=r.instruction, answer=r.answer,
-                      image=image, audio=audio, audio_rate=rate)
+                      image=image, audio=audio, audio_rate=rate, turns=r.turns,
+                      more_images=more, image_turns=r.image_turns)
 
     # -- adding --------------------------------------------------------------------------
     def add(self, task: str, samples: Sequence[Sample]) -> None:
@@ -341,16 +344,10 @@ class ReplayStore:
 
     def _stage(self, key: str, s: Sample) -> tuple[_Entry, list[tuple[Path, Path]]]:
         """Write ``s``'s arrays to temp files; return its entry and (temp, final) pairs."""
-        if s.turns or s.more_images:
-            raise ValueError(
-                f"replay store: sample {s.id!r} has {len(s.conversation) // 2} turns and "
-                f"{len(s.images)} images; the on-disk replay buffer keeps single-turn samples "
-                "with at most one image: run multi-turn / multi-image data without replay "
-                "(`replay.buffer-size = 0` or a method without replay)")
         files: list[tuple[str, bytes | np.ndarray]] = []  # (relative path, bytes or audio)
         mods = {"text"}
-        if s.image is not None:
-            img = np.asarray(s.image)
+        for k, im in enumerate(s.images):  # the first, then a multi-image sample's others
+            img = np.asarray(im)
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                 raise ValueError(f"replay store: sample {s.id!r} image must be (H, W, 3) uint8, "
                                  f"got {img.shape} {img.dtype}")
@@ -358,7 +355,8 @@ class ReplayStore:
 
             out = io.BytesIO()
             Image.fromarray(img).save(out, format="PNG")
-            files.append((f"images/{key}.png", out.getvalue()))
+            files.append((f"images/{key}.png" if k == 0 else f"images/{key}.{k}.png",
+                          out.getvalue()))
             mods.add("image")
         if s.audio is not None:
             aud = np.asarray(s.audio)
@@ -374,7 +372,8 @@ class ReplayStore:
             mods.add("audio")
         moves: list[tuple[Path, Path]] = []  # (temp, final)
         sha: dict[str, str] = {}
-        size = len(s.instruction.encode()) + len(s.answer.encode())
+        size = len(s.instruction.encode()) + len(s.answer.encode()) + sum(
+            len(t.encode()) for _, t in s.turns)
         try:
             for rel, payload in files:
                 final = self.folder / rel
@@ -407,7 +406,9 @@ class ReplayStore:
             id=s.id, task=s.task, modalities=tuple(m for m in MODALITIES if m in mods),
             instruction=s.instruction, answer=s.answer, split="train",
             image=next((r for r, _ in files if r.startswith("images/")), None),
-            audio=next((r for r, _ in files if r.startswith("audio/")), None))
+            audio=next((r for r, _ in files if r.startswith("audio/")), None),
+            turns=s.turns, more_images=tuple(r for r, _ in files if r.startswith("images/"))[1:],
+            image_turns=s.image_turns)
         return _Entry(key, record, size, sha), moves
 
     def _fit_bytes(self, state: dict[str, Any], entries: Mapping[str, _Entry],

@@ -72,13 +72,25 @@ class SampleRecord:
     split: str
     image: str | None = None
     audio: str | None = None
+    # Multi-turn / multi-image samples (see Sample): written only when present, so a
+    # single-turn line is what it always was.
+    turns: tuple[tuple[str, str], ...] = ()
+    more_images: tuple[str, ...] = ()
+    image_turns: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "id": self.id, "task": self.task, "modalities": list(self.modalities),
             "instruction": self.instruction, "answer": self.answer, "split": self.split,
             "image": self.image, "audio": self.audio,
         }
+        if self.turns:
+            d["turns"] = [list(t) for t in self.turns]
+        if self.more_images:
+            d["more_images"] = list(self.more_images)
+        if self.image_turns:
+            d["image_turns"] = list(self.image_turns)
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> SampleRecord:
@@ -106,7 +118,26 @@ class SampleRecord:
             if (name in mods) != (path is not None):
                 raise _bad(where, name, f"a path exactly when `modalities` lists {name!r} "
                            f"(modalities={mods})", path)
-        return cls(modalities=tuple(mods), image=image, audio=audio, **strings)
+        turns = d.get("turns", [])
+        if not isinstance(turns, list) or not all(
+                isinstance(t, list) and len(t) == 2 and t[0] in ("user", "assistant")
+                and isinstance(t[1], str) for t in turns):
+            raise _bad(where, "turns", 'absent or a list of ["user"|"assistant", text] pairs',
+                       turns)
+        more = d.get("more_images", [])
+        if not isinstance(more, list):
+            raise _bad(where, "more_images", "absent or a list of relative paths", more)
+        more_paths = [_rel_path({"more_images": m}, "more_images", where) for m in more]
+        if image is None and more_paths:
+            raise _bad(where, "more_images", "absent when `image` is null", more)
+        at = d.get("image_turns", [])
+        if not isinstance(at, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                               and 0 <= i < max(1, len(turns)) for i in at):
+            raise _bad(where, "image_turns", "absent or a list of turn indices", at)
+        return cls(modalities=tuple(mods), image=image, audio=audio,
+                   turns=tuple((str(r), str(t)) for r, t in turns),
+                   more_images=tuple(p for p in more_paths if p is not None),
+                   image_turns=tuple(at), **strings)
 
 
 def write_manifest(folder: Path, records: Iterable[SampleRecord]) -> Path:

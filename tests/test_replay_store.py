@@ -327,3 +327,23 @@ def test_refuses_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
     with pytest.raises(ReplayStoreError, match=rf"no {STATE_NAME}, so it is not a replay store"):
         ReplayStore(tmp_path, 6, None, 0)
     assert (tmp_path / "images" / "x.png").exists()
+
+
+def test_multi_turn_and_multi_image_samples_round_trip(tmp_path):
+    """A user's multi-turn record with two images is kept whole, across a reopen."""
+    import numpy as np
+
+    from edge.replay_store import ReplayStore
+    from protocol.manifest import Sample
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (6, 9, 3), dtype=np.uint8) for _ in range(2))
+    s = Sample(id="m1", task="chat", instruction="look", answer="blue",
+               image=a, more_images=(b,), image_turns=(0, 2),
+               turns=(("user", "look"), ("assistant", "ok"), ("user", "and this?"),
+                      ("assistant", "blue")))
+    store = ReplayStore(tmp_path / "r", 4, None, 0)
+    store.add("chat", [s])
+    got = ReplayStore(tmp_path / "r", 4, None, 0).sample(1, np.random.default_rng(1))[0]
+    assert got.turns == s.turns and got.image_turns == (0, 2)
+    assert np.array_equal(got.image, a) and np.array_equal(got.more_images[0], b)

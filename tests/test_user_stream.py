@@ -28,17 +28,17 @@ image-root = "media"
 max-new-tokens = 6
 
 [[tasks]]
-name = "colour-vqa"
-train = "vqa/train.json"
-test = "vqa/test.json"
-metrics = ["vqa", "exact"]
-
-[[tasks]]
 name = "chat"
 train = "chat/train.jsonl"
 test = "chat/test.jsonl"
 metrics = ["f1", "exact", "rougeL"]
 max-new-tokens = 4
+
+[[tasks]]
+name = "colour-vqa"
+train = "vqa/train.json"
+test = "vqa/test.json"
+metrics = ["vqa", "exact"]
 """
 
 
@@ -95,10 +95,10 @@ def test_a_stream_file_sets_the_tasks_and_needs_a_checkpoint(tmp_path, qwen):
         load_config(None, {"data.stream": str(stream)})
     cfg = load_config(ROOT / "conf" / "tiny.toml", {"data.stream": str(stream),
                                                     "model.base-path": str(qwen)})
-    assert cfg.data.tasks == ("colour-vqa", "chat")  # tiny.toml's built-in list is not used
+    assert cfg.data.tasks == ("chat", "colour-vqa")  # tiny.toml's built-in list is not used
     with pytest.raises(ConfigError, match="must follow the stream's order"):
         open_stream(load_config(None, {"data.stream": str(stream), "model.base-path": str(qwen),
-                                       "data.tasks": "chat,colour-vqa"}))
+                                       "data.tasks": "colour-vqa,chat"}))
     from protocol.llava_format import DataError
 
     with pytest.raises(DataError, match=r"nowhere.jpg.*does not exist.*data.on-error"):
@@ -149,7 +149,8 @@ def test_fedmole_train_and_simulate_run_a_user_stream(tmp_path, qwen):
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
     for run in ("train", "sim"):
         m = json.loads((tmp_path / run / "metrics.json").read_text())
-        assert m["tasks"] == ["colour-vqa", "chat"] and len(m["acc_matrix"]) == 2
+        # chat (multi-turn, two-image records) first: the replay buffer keeps them whole
+        assert m["tasks"] == ["chat", "colour-vqa"] and len(m["acc_matrix"]) == 2
         assert m["data"]["skipped"] == 1 and "nowhere.jpg" in m["data"]["skipped_records"][0]
         assert m["data"]["tasks"]["chat"]["primary"] == "f1"
         assert sorted(p.name for p in (tmp_path / run / "peft").iterdir()) == ["chat",
@@ -158,11 +159,11 @@ def test_fedmole_train_and_simulate_run_a_user_stream(tmp_path, qwen):
         m = json.loads((tmp_path / run / "metrics.json").read_text())
         assert set(m["task_scores"]["colour-vqa"]) == {"vqa", "exact"}, run
         assert set(m["task_scores"]["chat"]) == {"f1", "exact", "rougeL"}, run
-        assert m["acc_matrix"][-1][1] == pytest.approx(m["task_scores"]["chat"]["f1"], abs=0.051)
+        assert m["acc_matrix"][-1][0] == pytest.approx(m["task_scores"]["chat"]["f1"], abs=0.051)
     # each client's folder is a stream in the same format: its tasks, its records, the metrics
     client = next(p for p in sorted((tmp_path / "sim" / "clients").iterdir())
                   if (p / "stream.toml").is_file())
     from edge.runtime import load_local_data
 
-    local = load_local_data(client, ["colour-vqa", "chat"])
+    local = load_local_data(client, ["chat", "colour-vqa"])
     assert local.train and all(local.primary(t) in ("vqa", "f1") for t in local.train)

@@ -182,7 +182,7 @@ def prepare(out: Path, nodes: int, cfg: RunConfig, progress: bool = False) -> tu
     if not (pki / "bundle.key").is_file():
         generate_keypair(pki / "bundle.key", pki / "bundle.pub")
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, clients=nodes))
-    cfg, _ = prepare_data(cfg, out / "run", progress)
+    cfg, _, _ = prepare_data(cfg, out / "run", progress)
     ports = {"fleet": free_port(), "control": free_port(), "health": free_port(), "registry": free_port(),
              "serve": [free_port() for _ in range(nodes)],
              "clientapp": [free_port() for _ in range(nodes)]}

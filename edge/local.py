@@ -45,11 +45,11 @@ from mole.router import (
     reconstruction_error,
 )
 from mole.scoring import score_answers
-from protocol.llava_format import references_of
 from mole.steps import cosine_schedule, train_steps
 from protocol.compression import compress
 from protocol.config import RunConfig
 from protocol.instructions import SHARED, Instruction, is_shared
+from protocol.llava_format import references_of
 from protocol.updates import (
     ClientUpdate,
     EvalReply,

@@ -55,6 +55,9 @@ from typing import Any
 import numpy as np
 
 from edge.replay import BalancedReservoirBuffer, task_quotas
+
+# Loaders of one array file; shared with load_samples so both read files the same way.
+from protocol.llava_format import TaskSamples, ids_of
 from protocol.manifest import (
     MANIFEST_NAME,
     MODALITIES,
@@ -63,9 +66,6 @@ from protocol.manifest import (
     SampleRecord,
     write_wav,
 )
-
-# Loaders of one array file; shared with load_samples so both read files the same way.
-from protocol.llava_format import TaskSamples, ids_of
 from protocol.manifest import load_audio as _read_audio_file
 from protocol.manifest import load_image as _read_image_file
 

@@ -27,8 +27,8 @@ from mole.router import router_features
 from protocol.config import LoraConfig, RunConfig
 from protocol.llava_format import TaskSamples
 from protocol.manifest import Sample
-from protocol.stream import STREAM_NAME, StreamTask, load_stream, open_task
 from protocol.plan import ExpertPlan
+from protocol.stream import STREAM_NAME, StreamTask, load_stream, open_task
 
 KINDS = ("lora_A", "lora_B")
 CLIENT_STREAM = STREAM_NAME  # a client folder's own stream file (simulation.scenario writes it)

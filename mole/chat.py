@@ -2,10 +2,11 @@
 
 For Hugging Face VLM families (LLaVA-1.5, Qwen2-VL, Idefics3 / SmolVLM, …) a sample becomes a
 conversation — its user turns with their images, its assistant turns (one for a single-turn
-sample, several for a multi-turn record) — rendered by the tokenizer's ``chat_template`` and tokenised, with the images resized,
-normalised and (where the family does it) tiled by the checkpoint's own image processor. The
-family supplies one function, ``process(text, images) → (ids, media)``, that calls its
-processor exactly as the processor's ``__call__`` would (placeholder expansion included).
+sample, several for a multi-turn record) — rendered by the tokenizer's ``chat_template`` and
+tokenised, with the images resized, normalised and (where the family does it) tiled by the
+checkpoint's own image processor. The family supplies one function,
+``process(text, images) → (ids, media)``, that calls its processor exactly as the processor's
+``__call__`` would (placeholder expansion included).
 
 Loss on assistant turns only: for every assistant turn k, the tokens between the rendered
 prefix ``messages[:k]`` + generation prompt and the rendered ``messages[:k+1]`` carry labels

@@ -155,7 +155,7 @@ def load_stream(path: str | Path, known_metrics: Sequence[str] | None, check_fil
                 or not all(isinstance(m, str) for m in metrics)):
             raise _fail(src, f"{at}.metrics", "a non-empty list of metric names", metrics)
         unknown = [] if known_metrics is None else [m for m in metrics if m not in known_metrics]
-        if unknown:
+        if unknown and known_metrics is not None:
             raise ConfigError(f"stream {str(src)!r}: {at}.metrics names {unknown}; known "
                               f"metrics: {', '.join(sorted(known_metrics))}")
         mods = t.get("modalities")

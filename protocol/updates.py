@@ -199,7 +199,8 @@ def encode_eval(e: EvalReply) -> RecordDict:
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     for task, (acc, n) in e.scores.items():
         metrics[f"acc/{task}"], metrics[f"n/{task}"] = float(acc), int(n)
-    detail = {f"{task}/{m}": float(v) for task, d in e.details.items() for m, v in d.items()}
+    detail: dict[str, int | float | list[int] | list[float]] = {
+        f"{task}/{m}": float(v) for task, d in e.details.items() for m, v in d.items()}
     return RecordDict({EVAL_KEY: MetricRecord(metrics),
                        ROUTING_KEY: MetricRecord({t: int(v) for t, v in e.routed.items()}),
                        DETAIL_KEY: MetricRecord(detail),
@@ -234,7 +235,8 @@ def decode_eval(content: RecordDict) -> EvalReply:
     for k, v in (raw.items() if isinstance(raw, MetricRecord) else [("?", raw)]):
         t, _, m = str(k).rpartition("/")
         # CIDEr-D in percent may pass 100; every metric is finite and >= 0
-        if t not in scores or not m or not finite_number(v) or not 0 <= v < 1e6:
+        if (t not in scores or not m or not isinstance(v, int | float) or isinstance(v, bool)
+                or not finite_number(v) or not 0 <= v < 1e6):
             raise MessageError(f"metric {k!r} must be TASK/METRIC of a scored task with a finite "
                                f"value >= 0, got {v!r}")
         details.setdefault(t, {})[m] = float(v)

@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ from protocol.manifest import Sample
 from protocol.stream import TaskData, load_stream
 from simulation.benchmark import benchmark_key, cache_root, ensure_benchmark
 from simulation.benchmark.generate import HELDOUT_FILE, PRETRAIN_FILE, STREAM_TOML
-from simulation.benchmark.tasks import PRETRAIN_TEMPLATES, pretrain_template, task_metrics
+from simulation.benchmark.tasks import PRETRAIN_TEMPLATES, pretrain_template
 
 BASE_VERSION = "3"  # 2: held-out bar, pretrain.seed; 3: SigLIP init of the vision tower
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def machine_info() -> dict:
     }
 
 
-def heldout_accuracy(model: MoleModel, enc: SampleEncoder, samples: list[Sample], batch_size: int,
+def heldout_accuracy(model: MoleModel, enc: SampleEncoder, samples: Sequence[Sample], batch_size: int,
                      max_new_tokens: int) -> dict[str, float]:
     """Exact match (%) per pretraining template on the held-out pretraining samples."""
     preds = generate_answers(model, enc, samples, batch_size, max_new_tokens)

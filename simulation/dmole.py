@@ -44,9 +44,9 @@ from mole.modality import modality_map
 from mole.proxy import proxy_samples, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
-from protocol.llava_format import references_of
 from mole.steps import train_steps
 from protocol.config import RunConfig
+from protocol.llava_format import references_of
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.base import base_summary

@@ -11,7 +11,7 @@ only in the data of each batch:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -22,26 +22,26 @@ from protocol.manifest import Sample
 
 
 class BatchSource(Protocol):
-    def start_task(self, task: str, train: list[Sample]) -> None: ...
+    def start_task(self, task: str, train: Sequence[Sample]) -> None: ...
     def batch(self, rng: np.random.Generator, batch_size: int) -> list[Sample]: ...
-    def end_task(self, task: str, train: list[Sample]) -> None: ...
+    def end_task(self, task: str, train: Sequence[Sample]) -> None: ...
 
 
-def _draw(pool: list[Sample], n: int, rng: np.random.Generator) -> list[Sample]:
+def _draw(pool: Sequence[Sample], n: int, rng: np.random.Generator) -> list[Sample]:
     return [pool[i] for i in rng.integers(0, len(pool), n)]
 
 
 class SequentialSource:
     def __init__(self, cfg: RunConfig):
-        self.current: list[Sample] = []
+        self.current: Sequence[Sample] = []
 
-    def start_task(self, task: str, train: list[Sample]) -> None:
+    def start_task(self, task: str, train: Sequence[Sample]) -> None:
         self.current = train
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> list[Sample]:
         return _draw(self.current, batch_size, rng)
 
-    def end_task(self, task: str, train: list[Sample]) -> None:
+    def end_task(self, task: str, train: Sequence[Sample]) -> None:
         pass
 
 
@@ -56,22 +56,22 @@ class ReplaySource(SequentialSource):
         old = self.buffer.sample(n_old, rng) if n_old else []
         return _draw(self.current, n_cur, rng) + old
 
-    def end_task(self, task: str, train: list[Sample]) -> None:
+    def end_task(self, task: str, train: Sequence[Sample]) -> None:
         self.buffer.add(task, train)
 
 
 class JointSource:
     def __init__(self, cfg: RunConfig):
-        self.seen: list[list[Sample]] = []
+        self.seen: list[Sequence[Sample]] = []
 
-    def start_task(self, task: str, train: list[Sample]) -> None:
+    def start_task(self, task: str, train: Sequence[Sample]) -> None:
         self.seen.append(train)
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> list[Sample]:
         which = rng.integers(0, len(self.seen), batch_size)
         return [self.seen[k][int(rng.integers(0, len(self.seen[k])))] for k in which]
 
-    def end_task(self, task: str, train: list[Sample]) -> None:
+    def end_task(self, task: str, train: Sequence[Sample]) -> None:
         pass
 
 

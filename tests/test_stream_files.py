@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mole.scoring import known_metrics
-from protocol.llava_format import DataError, read_records
+from protocol.llava_format import read_records
 from protocol.stream import load_stream
 from tests.stream_fixtures import build_coin_fixture, build_ucit_fixture
 

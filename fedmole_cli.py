@@ -178,7 +178,7 @@ def data(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Generate the embedded benchmark (DESIGN §3 on-disk format) and print its folder."""
+    """Generate the embedded benchmark (docs/design.md §3 on-disk format) and print its folder."""
     from simulation.benchmark import ensure_benchmark, generate_benchmark
 
     cfg = _guard(lambda: _config(config, set_))

@@ -1,6 +1,7 @@
 """D-MoLE's expert allocation for one task, as a pure function of the zero-cost proxy's scores.
 
-Math (dmole.md (b)–(c), generalised to k modalities). Over the candidate modules M, task t's
+Math (D-MoLE's layer-wise budget and inter-modal curriculum, docs/design.md §2 step 2,
+generalised to k modalities). Over the candidate modules M, task t's
 budget is B = round(κ·|M|) new experts. Modality k's share of the gradient mass is
 π_k = S_k / Σ_j S_j with S_k = Σ_{m ∈ k} s_t(m) (all scores zero → π_k = 1/k). Each modality
 gets n_k = max(⌊floor·B⌋, round(B·π_k)) experts, capped at its number of candidates c_k, and

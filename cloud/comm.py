@@ -59,7 +59,7 @@ def add(comm: dict[str, Any], direction: str, parts: Mapping[str, int]) -> None:
 
 
 def summary(comm: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``comm`` block of metrics.json (DESIGN §3 + the federated issue)."""
+    """The ``comm`` block of metrics.json (docs/design.md §3 + the federated issue)."""
     per = comm["bytes_up"] / comm["client_rounds"] if comm["client_rounds"] else 0.0
     full = comm["full_model_bytes_fp32"]
     return {"bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],

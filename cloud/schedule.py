@@ -1,4 +1,4 @@
-"""Which task and phase a Flower server round belongs to (DESIGN §2 on Flower's round loop).
+"""Which task and phase a Flower server round belongs to (docs/design.md §2 on Flower's round loop).
 
 Flower's ``Strategy.start`` runs numbered server rounds (train → evaluate each round). FedMoLE
 lays the continual task loop onto them without re-implementing that loop: task t (0-based) owns

@@ -1,4 +1,4 @@
-"""FedMoLE's Flower strategy: the D-MoLE task loop on Flower's own round loop (DESIGN §2).
+"""FedMoLE's Flower strategy: the D-MoLE task loop on Flower's own round loop (docs/design.md §2).
 
 It subclasses Flower's ``FedAvg`` and keeps its node sampling, message construction and round
 loop (``Strategy.start``); only what a round *means* changes, by :mod:`cloud.schedule`:

@@ -5,7 +5,7 @@ OUT/logs/<name>.log:
 
 1. OUT/pki — a CA, the SuperLink's TLS certificate, one EC identity per SuperNode
    (deploy/pki.py), and the Ed25519 key pair that signs inference bundles;
-2. OUT/run/clients/client-NN — each node's data folder (the scenario's split, DESIGN §3);
+2. OUT/run/clients/client-NN — each node's data folder (the scenario's split, docs/design.md §3);
 3. the SuperLink (TLS, SuperNode auth, subprocess isolation), then registers every node's
    public key with ``flwr supernode register``, then N SuperNodes, the bundle registry and one
    inference service per node (deploy/topology.py has the command lines);

@@ -1,4 +1,4 @@
-"""One client's work in each round (DESIGN §2), as plain functions of (client, instruction, arrays).
+"""One client's work in each round (docs/design.md §2), as plain functions of (client, instruction, arrays).
 
 The ClientApp (:mod:`edge.client_app`) only decodes the message and calls these; they use the
 same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.steps.train_steps``,

@@ -36,7 +36,7 @@ CLIENT_STREAM = STREAM_NAME  # a client folder's own stream file (simulation.sce
 
 @dataclass
 class LocalData:
-    """A client's on-disk data (DESIGN §3): a folder in the field's format with its own stream
+    """A client's on-disk data (docs/design.md §3): a folder in the field's format with its own stream
     file, ``folder/stream.toml`` listing the tasks it holds (``<task>/train.json``,
     ``<task>/test.json``, each task's metrics and generation length) — the same reader as a
     user's stream, so a deployed node's folder is a stream like any other."""

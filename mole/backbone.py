@@ -9,7 +9,7 @@ encoder with its own projector (mole.audio). Nothing is downloaded: configs come
 tower, when present, sits beside it as ``audio_tower.json`` + ``audio_tower.safetensors`` and
 the Whisper feature extractor's ``preprocessor_config.json``.
 
-Pitfalls handled here (shared/versions.md): SigLIP has no CLS token, so the feature strategy is
+Pitfalls handled here: SigLIP has no CLS token, so the feature strategy is
 "full" with exactly one <image> token per patch; ``vision_feature_layer=-1`` for a tiny tower;
 ``vision_use_head=False``; the image token id must lie inside the text vocabulary.
 """

@@ -14,7 +14,7 @@ model on the instruction. Measured on the default stream (mixed test set, 1,800 
 the image in the LM's context the <sep> state is dominated by the picture and tasks that share
 one image distribution (count vs caption) get confused — 91.1% routing accuracy; text alone
 removes those confusions (93.6% with in-sample thresholds, 97.3% with out-of-fold ones, below).
-Mean- or max-pooled instruction states routed worse (84–92%), as dmole.md's trial found.
+Mean- or max-pooled instruction states routed worse (84–92%), as an earlier trial of D-MoLE's router found.
 
 Thresholds: τ_k is a quantile (default 0.95) of task k's training reconstruction errors, each
 measured **out of fold** (``folds`` = 5: five autoencoders fitted on 4/5 of the training

@@ -1,6 +1,6 @@
 """The signed bundle format: the contract between the cloud's registry and the edges.
 
-A bundle is a folder the cloud exports after a round (DESIGN.md §2 step 6) and an edge runs::
+A bundle is a folder the cloud exports after a round (docs/design.md §2 step 6) and an edge runs::
 
     <bundle_id>/
       model.onnx  model_int8.onnx  tokenizer/...  (any files, any sub-folders)

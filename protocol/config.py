@@ -274,7 +274,7 @@ DMOLE_ROUTERS = ("autoencoder", "oracle", "none")
 
 @dataclass(frozen=True)
 class DmoleConfig:
-    """D-MoLE (shared/dmole.md): proxy → budgeted allocation → curriculum → router."""
+    """D-MoLE (docs/design.md §2): proxy → budgeted allocation → curriculum → router."""
 
     # κ: new experts per task = round(κ · |candidate modules|).
     budget_fraction: float = 0.5

@@ -1,6 +1,6 @@
 """The on-disk sample contract: a task folder with ``manifest.jsonl`` and its array files.
 
-One JSON object per line (DESIGN.md §3)::
+One JSON object per line (docs/design.md §3)::
 
     {"id": "color-train-00012", "task": "color", "modalities": ["image", "text"],
      "instruction": "what color is the shape", "answer": "red", "split": "train",

@@ -3,7 +3,7 @@
 For each task t of the stream: draw batches from the method's source, train the shared adapter
 for ``train.steps-per-task`` steps, then evaluate on the test split of *every* task (future
 ones too, for forward transfer) → row t of the accuracy matrix. The zero-shot row (base model,
-no adapter) comes first. Outputs follow DESIGN §3 (metrics.json, accuracy_matrix.png,
+no adapter) comes first. Outputs follow docs/design.md §3 (metrics.json, accuracy_matrix.png,
 report.md) plus one PEFT adapter folder per task under ``experts/``.
 """
 

@@ -1,4 +1,4 @@
-"""Centralized D-MoLE over the task stream (shared/dmole.md), with its ablations.
+"""Centralized D-MoLE over the task stream (docs/design.md §2), with its ablations.
 
 For each task t:
  (a) proxy  — accumulated-gradient norms of every candidate module's base weights on ~1% of

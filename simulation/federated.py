@@ -2,7 +2,7 @@
 
 1. The cloud's side of set-up: the benchmark and the pretrained base (cached), then the scenario —
    the Dirichlet/modality split of ``federation.*`` materialized as one data folder per client
-   under ``OUT/clients/client-NN`` (the edge's on-disk format, DESIGN §3).
+   under ``OUT/clients/client-NN`` (the edge's on-disk format, docs/design.md §3).
 2. ``flwr.simulation.run_simulation`` with the real ServerApp (:mod:`cloud.server_app`) and
    ClientApp (:mod:`edge.client_app`): ``federation.clients`` virtual SuperNodes on the Ray
    backend, one CPU per ClientApp actor and ``app.client-threads`` torch threads each. The apps

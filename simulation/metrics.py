@@ -12,7 +12,7 @@ FWT reads them. With ``L = T - 1`` the last row:
     FWT        = (1/(T-1)) Σ_{i≥1}      (a[i-1][i] - z[i])
 
 where ``z[i]`` is the zero-shot (untrained base) score on task ``i``. These are the definitions
-of ``DESIGN.md`` §3 and ``dmole.md`` ("Metrics"), which count tasks from 1; the formulas above
+of ``docs/design.md`` §3, written there with the last row as a[T]; the formulas above
 are the same in 0-based indices. With ``T = 1``, BWT and forgetting are 0.0 (nothing to forget)
 and FWT is NaN (no task is seen before it is trained). FWT is NaN when no zero-shot scores are
 given or when any entry it needs (``a[i-1][i]`` or ``z[i]``) is missing: a mean over a subset of

@@ -1,4 +1,4 @@
-"""Run outputs: ``metrics.json``, ``accuracy_matrix.png`` and ``report.md`` (DESIGN.md §3).
+"""Run outputs: ``metrics.json``, ``accuracy_matrix.png`` and ``report.md`` (docs/design.md §3).
 
 Every run writes the three files into its output folder through :func:`write_run_outputs`;
 the CLI reads them back with :func:`load_metrics` and prints :func:`comparison_table`.
@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.json"
 MATRIX_PNG = "accuracy_matrix.png"
 REPORT_MD = "report.md"
 
-# Keys every metrics.json has (DESIGN.md §3), plus the ones this module adds beside them.
+# Keys every metrics.json has (docs/design.md §3), plus the ones this module adds beside them.
 CONTRACT_KEYS: tuple[str, ...] = (
     "method",
     "tasks",

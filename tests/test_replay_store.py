@@ -111,7 +111,7 @@ def test_round_trip_across_reopen(tmp_path: Path) -> None:
 
 
 def test_replay_survives_loss_of_the_original_data(tmp_path: Path) -> None:
-    # A task folder as an edge client holds it (DESIGN.md §3), loaded with load_samples.
+    # A task folder as an edge client holds it (docs/design.md §3), loaded with load_samples.
     from PIL import Image
 
     task_dir = tmp_path / "pitch"

@@ -1,7 +1,7 @@
 """Regenerate the committed gRPC stubs: ``python -m protocol.proto.generate [--out DIR]``.
 
 The stubs are generated with the grpcio-tools pinned in pyproject.toml (newer ones need
-protobuf 7, which flwr refuses; shared/versions.md) and committed, so a deployment needs no
+protobuf 7, which flwr refuses) and committed, so a deployment needs no
 compiler. tests/test_protos.py regenerates them into a temporary folder and compares.
 """
 

@@ -2,7 +2,7 @@
 
 The benchmark is written in the field's own data format (protocol/llava_format.py) with a
 stream file (protocol/stream.py), and read back through the same code as a user's data — one
-data path. Layout of one generated benchmark (DESIGN.md §3)::
+data path. Layout of one generated benchmark (docs/design.md §3)::
 
     ROOT/stream.toml                  the task stream: every task's files, metrics, modalities
     ROOT/stream.json                  generator version, seed, image size, audio rate,

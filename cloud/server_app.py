@@ -1,5 +1,9 @@
 """FedMoLE's Flower ServerApp: read the run config, run the task loop, write the run's result.
 
+The task loop is the one every run uses (``mole.task_loop.run_tasks``); here a task's
+``learn`` is its Flower rounds (``Strategy.start`` over the task's probe and training rounds,
+the strategy saying what each round means) and its scores are the evaluation round's.
+
 The cloud holds the foundation model (``model.base-path``): it reads the candidate modules and
 their shapes from it (plan and aggregation need them), never trains it here. Results: the
 checkpoint (every round, :mod:`cloud.state`) and ``server_result.json`` at the end (accuracy
@@ -28,12 +32,44 @@ from mole.families.base import require_edge_bundle
 from mole.modality import modality_map, module_dims
 from mole.peft_export import write_plan_experts
 from mole.router import DEFAULT_BLOCKS
+from mole.task_loop import run_tasks
 from protocol.app_config import AppConfig, split_run_config
 from protocol.config import RunConfig
 
 RESULT = "server_result.json"
 PEFT_DIR = "peft"  # OUT/peft/<task>: the experts as PEFT adapters (mole.peft_export)
 log = logging.getLogger(__name__)
+
+
+ACC = "acc"  # the cloud's row value of a task: its primary metric, as the clients scored it
+
+
+def rounds_per_task(strategy: FedMoleStrategy) -> int:
+    return strategy.total_rounds // len(strategy.tasks)
+
+
+def learn_task(strategy: FedMoleStrategy, grid: Grid, t: int, timeout: float) -> dict[str, Any]:
+    """Task t of the continual loop (mole.task_loop.run_tasks), federated: its probe and
+    training rounds on Flower's own round loop (``Strategy.start``), from wherever the global
+    state stands (a resumed run starts inside a task, or past it). The task's last round
+    evaluates every client; every round is checkpointed and, after the evaluation, published
+    (``on_round_end``)."""
+    per = rounds_per_task(strategy)
+    done, end = strategy.state.round, (t + 1) * per
+    if done < end:
+        strategy.offset = done  # Flower numbers this call's rounds from 1
+        strategy.start(grid, ArrayRecord(), num_rounds=end - done, timeout=timeout,
+                       evaluate_fn=strategy.on_round_end)
+    return {"task": strategy.tasks[t], "rounds": end - max(done, t * per)}
+
+
+def task_score(strategy: FedMoleStrategy, task: str, seen: list[str]) -> dict[str, float]:
+    """Task ``task``'s scores after the last task of ``seen``: the evaluation round's
+    count-weighted primary metric (NaN where no client held or scored it) and every metric."""
+    t, i = len(seen) - 1, strategy.tasks.index(task)
+    row = strategy.state.acc_matrix.get(t)
+    detail = strategy.state.task_scores.get(t, {}).get(task, {})
+    return {**detail, ACC: float("nan") if row is None else row[i]}
 
 
 def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None = None) -> GlobalState:
@@ -65,15 +101,14 @@ def run_server(grid: Grid, cfg: RunConfig, app: AppConfig, timeout: float | None
                                 Path(app.signing_key)).name
 
         strategy.publisher = publisher
-    remaining = strategy.total_rounds - strategy.offset
-    if remaining > 0:
-        try:
-            strategy.start(grid, ArrayRecord(), num_rounds=remaining,
-                           timeout=cfg.federation.round_timeout if timeout is None else timeout,
-                           evaluate_fn=strategy.on_round_end)
-        except StopRun as e:
-            log.warning("%s", e)
-            return strategy.state
+    wait = cfg.federation.round_timeout if timeout is None else timeout
+    try:
+        run_tasks(f"fed-{strategy.method}", strategy.tasks, lambda t, task: learn_task(
+            strategy, grid, t, wait), lambda task, seen: task_score(strategy, task, seen),
+            lambda t, task: None, lambda task: ACC, progress=False)
+    except StopRun as e:
+        log.warning("%s", e)
+        return strategy.state
     # Every global expert as a stock PEFT adapter OUT/peft/<task> (a Seq-LoRA run's one adapter
     # as OUT/peft/shared), loadable with PeftModel.from_pretrained(<the base's HF class>, folder).
     write_plan_experts(cfg.model.base_path, strategy.state.experts, strategy.state.plan,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from mole.experts import ExpertModel
 from mole.modality import modality_map, modules_by_modality
 from mole.model import MoleModel
 from mole.steps import evaluate, train_steps
+from mole.task_loop import run_tasks
 from protocol.config import RunConfig
 from protocol.llava_format import TaskSamples
 from protocol.stream import TaskData, TaskStream
@@ -87,40 +87,6 @@ def prepare_stream(cfg: RunConfig, progress: bool = True) -> Stream:
     model, tok, base_path = load_base(cfg, data, progress)
     enc = Encoder.for_any(tok, model, cfg.model.max_length)
     return Stream(model, enc, base_path, stream, data, cfg.train.max_new_tokens)
-
-
-@dataclass
-class StreamResult:
-    """What the task loop measured: row t of ``acc`` after task t (every task's primary
-    metric), and every metric of every task in ``rows``."""
-
-    acc: list[list[float]]
-    rows: list[dict[str, dict[str, float]]]  # per row: task → every metric of that task
-    logs: list[dict]  # per task: what ``learn`` reported
-
-
-def run_tasks(label: str, tasks: list[str], learn: Callable[[int, str], dict],
-              score: Callable[[str, list[str]], dict[str, float]],
-              save: Callable[[int, str], None], primary: Callable[[str], str],
-              progress: bool = True) -> StreamResult:
-    """The centralized task loop every centralized method shares (the baselines and D-MoLE;
-    the cloud runs the same steps as Flower rounds): learn task t, score every task of the
-    stream with the tasks seen so far (future ones too: forward transfer), save the experts."""
-    res = StreamResult([], [], [])
-    for t, task in enumerate(tasks):
-        entry = learn(t, task)
-        seen = tasks[: t + 1]
-        detail = {i: score(i, seen) for i in tasks}
-        res.rows.append(detail)
-        res.acc.append([detail[i][primary(i)] for i in tasks])
-        res.logs.append(entry)
-        save(t, task)
-        line = " ".join(f"{i}={a:.1f}" for i, a in zip(tasks, res.acc[-1], strict=True))
-        log.info("[%s] after %s: %s", label, task, line)
-        if progress:
-            note = entry.get("note", "")
-            print(f"[{label}] after task {t + 1}/{len(tasks)} ({task}{note}): {line}", flush=True)
-    return res
 
 
 def run_centralized(cfg: RunConfig, method: str, out: Path, progress: bool = True) -> dict:

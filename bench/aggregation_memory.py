@@ -16,7 +16,18 @@ reported beside it as a cross-check.
 Writes JSON: {"n_clients", "peak_rss_delta_mb", "tracemalloc_peak_mb", "seconds",
 "ratio_peak_1000_vs_10", "modules", "update_bytes", "rule", ...}; target ratio ≤ 1.5.
 
-    .venv/bin/python bench/aggregation_memory.py --out runs/bench/aggregation_memory.json
+Wide section ("wide" in the JSON; docs/aggregation.md): the low-rank accumulator against the dense
+one (``DeltaAccumulator(low_rank=False)``, the pre-low-rank path) at the widths of InternVL2-2B
+(2048 × 2048 attention projections) and a 7B LLaVA (4096 × 4096), rank 8, at 10, 100 and 1,000
+clients, in the same run, one fresh subprocess per (path, width, N). Client factors are i.i.d.
+Gaussian — the worst case for the low-rank path, since the mean then has rank min(N·r, d). A task
+has 48 experts (D-MoLE's budget), but the modules of one task are independent and identical in
+cost, so ``--wide-modules`` (default 1) of them are measured and the JSON states the ×48
+extrapolation of time and state (the finalize transients are per module, not ×48). Equality is
+checked on module 0: ‖B'A'(low-rank) − B'A'(dense)‖_F / ‖B'A'(dense)‖_F. ``--quick`` runs the dense
+path at 4096 only for 100 clients (its time and memory are flat in N apart from the adds).
+
+    nice .venv/bin/python bench/aggregation_memory.py --out runs/bench/aggregation_memory.json
 """
 
 from __future__ import annotations
@@ -131,6 +142,130 @@ def worker(n: int, rule: str, seed: int) -> dict[str, Any]:
             "max_error": max(r.error for r in res.modules.values())}
 
 
+WIDE = {"internvl2-2b": 2048, "llava-7b": 4096}
+WIDE_RANK = 8
+EXPERTS_PER_TASK = 48  # D-MoLE's expert budget per task
+
+
+def wide_spec(d: int, modules: int) -> AggregationSpec:
+    return AggregationSpec("bench", {f"language_model.layers.{i}.self_attn.q_proj":
+                                     ModuleSpec("language", WIDE_RANK, d, d) for i in range(modules)},
+                           2.0, frozenset({"language"}))
+
+
+def wide_worker(path: str, d: int, n: int, modules: int, seed: int, save: Path | None
+                ) -> dict[str, Any]:
+    """One (path, width, N) in this fresh process: i.i.d. rank-8 updates, add + finalize."""
+    spec = wide_spec(d, modules)
+    rng = np.random.default_rng(seed)
+
+    def one(i: int) -> ClientUpdate:
+        t: dict[str, np.ndarray] = {}
+        for m in spec.modules:
+            t[f"{m}.lora_A"] = rng.standard_normal((WIDE_RANK, d), dtype=np.float32)
+            t[f"{m}.lora_B"] = rng.standard_normal((d, WIDE_RANK), dtype=np.float32)
+        return ClientUpdate(f"client-{i:06d}", "bench", 1, int(rng.integers(1, 1000)),
+                            frozenset({"language"}), t)
+
+    np.linalg.svd(np.ones((8, 8)))  # warm numpy's linalg before measuring
+    np.linalg.qr(np.ones((8, 8)))
+    rss0 = _current_rss_mb()
+    tracemalloc.start()
+    acc = DeltaAccumulator(spec, "svd", round=1, low_rank=path == "low-rank")
+    seconds = 0.0
+    state_peak = 0
+    for i in range(n):
+        u = one(i)
+        t0 = time.perf_counter()
+        acc.add(u)
+        seconds += time.perf_counter() - t0
+        state_peak = max(state_peak, acc.nbytes)
+        del u
+    t0 = time.perf_counter()
+    res = acc.finalize()
+    fin = time.perf_counter() - t0
+    seconds += fin
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    m0 = next(iter(spec.modules))
+    if save is not None:
+        np.savez(save, a=res.modules[m0].lora_A, b=res.modules[m0].lora_B)
+    widths = [acc.width(m) for m in spec.modules]
+    return {"path": path, "d": d, "n": n, "modules_measured": modules,
+            "tracemalloc_peak_mb": round(peak / 2**20, 2),
+            "peak_rss_delta_mb": round(_rss_mb() - rss0, 2),
+            "seconds": round(seconds, 3), "finalize_seconds": round(fin, 3),
+            "state_mb": round(acc.nbytes / 2**20, 2), "state_peak_mb": round(state_peak / 2**20, 2),
+            "stack_width": widths[0], "dense_fallback": widths[0] is None,
+            "error_module0": res.modules[m0].error}
+
+
+def run_wide(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[str, Any], dict]:
+    """Both paths at every width and N; the figures, and the targets on them."""
+    import tempfile
+
+    ns = [int(x) for x in args.wide_clients.split(",")]
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="aggmem-"))
+    for name, d in WIDE.items():
+        for n in ns:
+            for path in ("low-rank", "dense"):
+                if args.quick and path == "dense" and d == 4096 and n != 100:
+                    continue
+                save = tmp / f"{path}-{d}-{n}.npz"
+                p = subprocess.run([sys.executable, __file__, "--wide-worker", f"{path},{d},{n}",
+                                    "--wide-modules", str(args.wide_modules), "--seed", str(args.seed),
+                                    "--save", str(save)], capture_output=True, text=True, check=True,
+                                   env=env)
+                row = json.loads(p.stdout.strip().splitlines()[-1])
+                rows[(path, d, n)] = row
+                print(f"  {name} d={d} N={n} {path}: {row['seconds']} s, "
+                      f"{row['tracemalloc_peak_mb']} MB traced, {row['peak_rss_delta_mb']} MB RSS",
+                      file=sys.stderr)
+    out: dict[str, Any] = {"rank": WIDE_RANK, "experts_per_task": EXPERTS_PER_TASK,
+                           "modules_measured": args.wide_modules, "clients": ns,
+                           "data": "i.i.d. Gaussian factors (worst case: rank(mean) = min(N·r, d))",
+                           "extrapolation": f"×{EXPERTS_PER_TASK // args.wide_modules} of the measured "
+                           "modules for seconds and state; finalize transients are per module",
+                           "runs": [rows[k] for k in sorted(rows)], "compare": {}}
+    for name, d in WIDE.items():
+        for n in ns:
+            lr, de = rows.get(("low-rank", d, n)), rows.get(("dense", d, n))
+            if lr is None or de is None:
+                continue
+            fa, fb = np.load(tmp / f"low-rank-{d}-{n}.npz"), np.load(tmp / f"dense-{d}-{n}.npz")
+            x = fa["b"].astype(np.float64) @ fa["a"].astype(np.float64)
+            y = fb["b"].astype(np.float64) @ fb["a"].astype(np.float64)
+            rel = float(np.linalg.norm(x - y) / np.linalg.norm(y))
+            del x, y
+            scale = EXPERTS_PER_TASK / args.wide_modules
+            out["compare"][f"{d}x{d}/N={n}"] = {
+                "model": name,
+                "memory_ratio_tracemalloc": round(lr["tracemalloc_peak_mb"] / de["tracemalloc_peak_mb"], 4),
+                "memory_ratio_rss": round(lr["peak_rss_delta_mb"] / max(de["peak_rss_delta_mb"], 1e-9), 4),
+                "speedup": round(de["seconds"] / lr["seconds"], 2),
+                "rel_frobenius_diff_module0": rel,
+                "error_low_rank": lr["error_module0"], "error_dense": de["error_module0"],
+                "low_rank_dense_fallback": lr["dense_fallback"],
+                "task_seconds_48_experts": {"low-rank": round(lr["seconds"] * scale, 1),
+                                            "dense": round(de["seconds"] * scale, 1)},
+                "task_state_gb_48_experts": {"low-rank": round(lr["state_mb"] * scale / 1024, 3),
+                                             "dense": round(de["state_mb"] * scale / 1024, 3)},
+            }
+    key = "4096x4096/N=100"
+    c = out["compare"].get(key, {})
+    lr10, lr1000 = rows.get(("low-rank", 4096, 10)), rows.get(("low-rank", 4096, 1000))
+    out["lowrank_ratio_peak_1000_vs_10_4096"] = (
+        round(lr1000["tracemalloc_peak_mb"] / lr10["tracemalloc_peak_mb"], 3) if lr10 and lr1000 else None)
+    targets = {
+        "wide_4096_n100_memory_ratio": (c.get("memory_ratio_tracemalloc"), "<=", 0.125),
+        "wide_4096_n100_speedup": (c.get("speedup"), ">=", 4.0),
+        "wide_4096_n100_equal": (c.get("rel_frobenius_diff_module0"), "<=", 1e-6),
+        "wide_lowrank_ratio_peak_1000_vs_10": (out["lowrank_ratio_peak_1000_vs_10_4096"], "<=", 1.5),
+    }
+    return out, targets
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=False)
@@ -139,7 +274,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--wide-clients", default="10,100,1000", help="client counts of the wide section")
+    ap.add_argument("--wide-modules", type=int, default=1,
+                    help="of the 48 experts, how many 2048²/4096² modules to measure")
+    ap.add_argument("--no-wide", action="store_true", help="only the default-model section")
+    ap.add_argument("--quick", action="store_true",
+                    help="wide section: the dense path at 4096 only for 100 clients")
+    ap.add_argument("--wide-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.wide_worker is not None:
+        path, d, n = args.wide_worker.split(",")
+        print(json.dumps(wide_worker(path, int(d), int(n), args.wide_modules, args.seed, args.save)))
+        return
     if args.spec_only:
         print(json.dumps(spec_to_json(default_spec())))
         return
@@ -186,10 +333,14 @@ def main() -> None:
         "audio_clients": [r["audio_clients"] for r in rows],
         "max_truncation_error": [round(r["max_error"], 4) for r in rows],
     }
-    # Streaming aggregation holds per-module sums, not per-client state: memory must not grow
-    # with the number of clients (1,000 within 1.5x of 10).
-    finish(res, args.out, {"ratio_peak_1000_vs_10": (res["ratio_peak_1000_vs_10"], "<=", 1.5)}
-           if res["ratio_peak_1000_vs_10"] is not None else {})
+    # Streaming aggregation on the default model (small modules: dense sums, flat in N): memory
+    # must not grow with the number of clients (1,000 within 1.5x of 10).
+    targets = ({"ratio_peak_1000_vs_10": (res["ratio_peak_1000_vs_10"], "<=", 1.5)}
+               if res["ratio_peak_1000_vs_10"] is not None else {})
+    if not args.no_wide:
+        res["wide"], wide_targets = run_wide(args, env)
+        targets.update(wide_targets)
+    finish(res, args.out, targets)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Per-modality aggregation of one task's LoRA expert updates: pure numpy, streaming (DESIGN §2.4).
+"""Per-modality aggregation of one task's LoRA expert updates: pure numpy, streaming
+(docs/design.md §2 step 4; the low-rank path: docs/aggregation.md).
 
 Math. An expert on module m (a d_out×d_in linear) adds ΔW = s·B·A with A (r, d_in), B (d_out, r)
 and s = alpha/r; s is the same for every client, so it is factored out and all below is on B·A.
@@ -17,11 +18,29 @@ clients agree on A or on B. Both rules report their error against the same exact
 
 Per modality: a client's tensors for modules of a modality it does not hold are ignored (they were
 never trained on such data, so they neither contribute nor dilute the weights) and are recorded.
-Streaming: ``DeltaAccumulator.add`` folds one update into per-module running sums (float64
-Σ w·B·A, Σ w, plus the rule's own sums) and keeps no per-client tensor, so memory is flat in the
-number of clients. Every update is validated in full before any state changes
-(:func:`validate_update`). Norm clipping (the strategy measures each client's change
-‖B_c A_c − W_ref‖ against the round's median, :func:`deviation_norm`) folds a shrunk change.
+
+Low-rank streaming (docs/aggregation.md). Σ_c w_c B_c A_c = [w_1 B_1 … w_N B_N]·[A_1; …; A_N], so
+``DeltaAccumulator.add`` appends the client's (w·B, A) to two stacks (d_out, k) and (k, d_in)
+(:class:`LowRankSum`) instead of adding a dense d_out×d_in matrix. When a stack's buffer is full
+(and k has doubled since the last time) it is re-compressed to its exact numerical rank: QR of
+both stacks, SVD of the small core R_B R_Aᵀ, singular values ≤ σ_max·max(d_out, d_in, k)·eps
+dropped (numpy's matrix_rank tolerance; the dropped part is ≤ that in spectral norm). So memory is
+O((d_in + d_out)·k), k ≤ min(Σ ranks, d), and the final rank-r factors come from the same QR +
+core SVD: B' = Q_B U_r S_r / Σw, A' = V_rᵀ Q_Aᵀ — the truncated SVD of ΔW̄ without ever forming it
+(O(d·k²) time, not O(d³)), and the reported error is computed from the small factors and row
+blocks (``DeltaAccumulator._lowrank_factors``). A module whose stacks would hold at least as many
+floats as the dense sum (k·(d_in + d_out) ≥ d_in·d_out; decided at the start when two rank-r
+updates already reach it, else when k grows there) keeps the dense float64 Σ w·B·A instead,
+exactly as before. Dense is also kept where low rank is impossible: the median / trimmed-mean
+centres need every client's dense ΔW_c (an order statistic per coordinate is not a low-rank
+operation), and a module whose norm clipping mixes in the dense reference W_ref densifies at
+finalize. Central DP accumulates the clipped changes low-rank (their norms come from r×r Gram
+matrices, ‖BA‖² = tr((BᵀB)(AAᵀ)), and row blocks where W_ref is involved), but its Gaussian noise
+is a dense d_out×d_in matrix by nature, so a DP module's centre is dense at finalize. Every update
+is validated in full before any state changes (:func:`validate_update`); no per-client tensor is
+kept on the mean path (the stacks hold the clients' factors until a re-compression folds them,
+which is what exactness costs). Norm clipping (the strategy measures each client's change ‖B_c A_c
+− W_ref‖ against the round's median, :func:`deviation_norm`) folds a shrunk change.
 
 Per modality, the centre can instead be robust (coordinate-wise median, trimmed mean) or
 differentially private (clip + Gaussian noise): see :mod:`cloud.robust`. The SVD re-factoring
@@ -216,17 +235,36 @@ def validate_update(update: ClientUpdate, spec: AggregationSpec, *, round: int |
 
 def deviation_norm(update: ClientUpdate, reference: Mapping[str, F64]) -> float:
     """‖B·A − W_ref‖_F over all of ``update``'s modules (W_ref = 0 where absent): how far the
-    client moved the expert this round. Call after validation."""
+    client moved the expert this round. Call after validation. B·A is never formed whole
+    (:func:`change_sq_norm`)."""
     total = 0.0
     for key, a in update.tensors.items():
         module, _, kind = key.rpartition(".")
         if kind != "lora_A":
             continue
         b = update.tensors[f"{module}.lora_B"]
-        delta = np.asarray(b, np.float64) @ np.asarray(a, np.float64)
-        ref = reference.get(module)
-        total += float(np.sum((delta if ref is None else delta - ref) ** 2))
+        total += change_sq_norm(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                reference.get(module))
     return float(np.sqrt(total))
+
+
+DENSE_BELOW = 1 << 16  # a module of at most this many weights keeps the dense sum
+ROW_BLOCK = 256  # rows of B·A − W_ref formed at a time where a dense reference is involved
+
+
+def change_sq_norm(a: F64, b: F64, ref: F64 | None = None) -> float:
+    """‖B·A − W_ref‖²_F for A (r, d_in), B (d_out, r), W_ref (d_out, d_in) or None (= 0).
+
+    Without a reference: tr((BᵀB)(AAᵀ)), two r×r Gram matrices, O((d_in + d_out)·r²). With one,
+    the difference is formed ROW_BLOCK rows at a time (the exact entries, no cancellation between
+    ‖BA‖² and ‖W_ref‖²), so the extra memory is O(ROW_BLOCK·d_in), not O(d_out·d_in)."""
+    if ref is None:
+        return max(float(np.sum((b.T @ b) * (a @ a.T))), 0.0)
+    total = 0.0
+    for i in range(0, b.shape[0], ROW_BLOCK):
+        d = b[i:i + ROW_BLOCK] @ a - ref[i:i + ROW_BLOCK]
+        total += float(np.sum(d * d))
+    return total
 
 
 def clip_scales(norms: Mapping[str, float], factor: float, min_clients: int = 3
@@ -240,7 +278,7 @@ def clip_scales(norms: Mapping[str, float], factor: float, min_clients: int = 3
 
 
 # ---------------------------------------------------------------------------------------------
-# the rules (a registry: DESIGN §5.5)
+# the rules (a registry: docs/design.md §5.5)
 
 
 class LoraAggregator(Protocol):
@@ -389,21 +427,143 @@ class AggregationResult:
         }
 
 
+def _stack_svd(b: F64, a: F64) -> tuple[F64, F64, F64, F64, F64, F64]:
+    """B·A for B (d_out, k), A (k, d_in) as Q_B·C·Q_Aᵀ with C = U·diag(S)·Vᵀ, never forming B·A.
+
+    B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR: Q_B (d_out, p), Q_A (d_in, q) orthonormal columns,
+    p = min(d_out, k), q = min(d_in, k)), so B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ and the SVD of the small
+    core C = R_B R_Aᵀ (p, q) is the SVD of B·A: U_BA = Q_B U, V_BA = Q_A V. O(d·k² + k³) time,
+    O(d·k) memory. Returns (Q_B, C, U, S, Vᵀ, Q_A)."""
+    qb, rb = np.linalg.qr(b)  # (d_out, p), (p, k)
+    qa, ra = np.linalg.qr(a.T)  # (d_in, q), (q, k)
+    core = rb @ ra.T  # (p, q)
+    u, s, vt = np.linalg.svd(core, full_matrices=False)
+    return qb, core, u, s, vt, qa
+
+
+def numerical_rank(s: F64, shape: tuple[int, ...]) -> int:
+    """How many singular values ``s`` (descending) exceed σ_max·max(shape)·eps (float64): numpy's
+    ``matrix_rank`` tolerance. What is dropped has spectral norm ≤ that bound."""
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    tol = float(s[0]) * max(shape) * float(np.finfo(np.float64).eps)
+    return int(np.count_nonzero(s > tol))
+
+
+class LowRankSum:
+    """A running Σ_i B_i·A_i (d_out, d_in) kept as the stacks [B_1 … B_k] (d_out, k) and
+    [A_1; …; A_k] (k, d_in) — or, where that is not smaller, as the dense float64 sum.
+
+    ``limit`` is the widest stack still smaller than the dense matrix (k·(d_in + d_out) <
+    d_in·d_out). A sum starts dense when two rank-``rank`` terms already reach it or the module
+    has at most ``DENSE_BELOW`` weights (small modules: the exact old behaviour), and turns
+    dense when a term would take k past it. The buffers grow
+    ×1.5 (O(d·k) floats, never more than ``limit`` columns); when full, and once k is at least
+    twice the rank found by the last re-compression, they are re-compressed to their exact
+    numerical rank (:func:`_stack_svd`, :func:`numerical_rank`) — amortised O(d·k²) in all.
+    """
+
+    def __init__(self, d_out: int, d_in: int, rank: int, *, dense: bool = False):
+        self.shape = (d_out, d_in)
+        self.limit = (d_out * d_in - 1) // (d_out + d_in)
+        self.base = min(self.limit, 4 * rank)
+        self.k = 0
+        self.compressions = 0
+        self._next = self.base  # re-compress once k reaches this and the buffer is full
+        self.b: F64 = np.zeros((d_out, 0))
+        self.a: F64 = np.zeros((0, d_in))
+        # Small modules stay dense from the start (≤ DENSE_BELOW floats: 512 KB): nothing to
+        # save there, and their sums stay bit-for-bit what the dense path has always given.
+        self.dense: F64 | None = (np.zeros(self.shape) if dense or 2 * rank > self.limit
+                                  or d_out * d_in <= DENSE_BELOW else None)
+
+    @property
+    def low_rank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.nbytes if self.dense is not None else self.b.nbytes + self.a.nbytes
+
+    def factors(self) -> tuple[F64, F64]:
+        """Views of the used stacks: B (d_out, k), A (k, d_in) (low-rank sums only)."""
+        return self.b[:, :self.k], self.a[:self.k]
+
+    def add(self, b: F64, a: F64) -> None:
+        """Add B·A for B (d_out, r), A (r, d_in) — already weighted by the caller."""
+        if self.dense is not None:
+            self.dense += b @ a  # (d_out, d_in)
+            return
+        r = b.shape[1]
+        if self.k + r > self.b.shape[1]:
+            if self.k >= self._next:
+                self.compress()
+            need = self.k + r
+            if need > self.limit:
+                self.densify()
+                self.add(b, a)
+                return
+            if need > self.b.shape[1]:
+                self._resize(min(self.limit, max(need, self.base, (3 * self.b.shape[1]) // 2)))
+        self.b[:, self.k:self.k + r] = b
+        self.a[self.k:self.k + r] = a
+        self.k += r
+
+    def _resize(self, cap: int) -> None:
+        d_out, d_in = self.shape
+        nb, na = np.zeros((d_out, cap)), np.zeros((cap, d_in))
+        nb[:, :self.k], na[:self.k] = self.factors()
+        self.b, self.a = nb, na
+
+    def compress(self) -> None:
+        """Replace the stacks by an exactly equal pair of numerical rank ρ ≤ k (Q_B U S, Vᵀ Q_Aᵀ)."""
+        if self.dense is not None or self.k == 0:
+            return
+        b, a = self.factors()
+        qb, _, u, s, vt, qa = _stack_svd(b, a)
+        rho = numerical_rank(s, (*self.shape, self.k))
+        new_b = (qb @ u[:, :rho]) * s[:rho]  # (d_out, ρ)
+        new_a = vt[:rho] @ qa.T  # (ρ, d_in)
+        self.b[:, :rho], self.a[:rho] = new_b, new_a
+        self.b[:, rho:self.k], self.a[rho:self.k] = 0.0, 0.0
+        self.k = rho
+        self._next = max(self.base, 2 * rho)
+        self.compressions += 1
+
+    def densify(self) -> None:
+        """Switch to the dense float64 sum (where it is the smaller representation)."""
+        if self.dense is None:
+            b, a = self.factors()
+            self.dense = b @ a
+            self.b, self.a, self.k = np.zeros((self.shape[0], 0)), np.zeros((0, self.shape[1])), 0
+
+    def matrix(self) -> F64:
+        """The sum as a new dense (d_out, d_in) array."""
+        if self.dense is not None:
+            return self.dense.copy()
+        b, a = self.factors()
+        return b @ a
+
+
 class DeltaAccumulator:
     """Folds client updates of one (task, round) into running sums; see the module docstring.
 
-    ``round=None`` takes the round of the first accepted update. State per module: the float64
-    (d_out, d_in) Σ w·B·A, Σ w, a client count and the rule's own sums; per client only its id
-    (and which modules it had ignored), never its tensors.
+    ``round=None`` takes the round of the first accepted update. State per module: Σ w·B·A as a
+    :class:`LowRankSum` (stacks of the weighted factors, O((d_in + d_out)·k), re-compressed to
+    their numerical rank; the dense float64 (d_out, d_in) sum where that is smaller), Σ w, a
+    client count and the rule's own sums; per client only its id (and which modules it had
+    ignored). Dense by necessity: modalities under a median / trimmed-mean centre keep every
+    client's dense ΔW (and a dense sum); a DP module's noised centre is formed dense at finalize.
     """
 
     def __init__(self, spec: AggregationSpec, rule: str | LoraAggregator = "svd", *,
                  round: int | None = None, centers: Mapping[str, ModalityRule] | None = None,
                  reference: Mapping[str, F64] | None = None,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, low_rank: bool = True):
         """``centers``: modality → :class:`cloud.robust.ModalityRule` (absent = weighted mean);
         ``reference``: module → the global ΔW (d_out, d_in) before the round, what a change is
-        measured from (zero where absent); ``rng`` draws the DP noise (seeded by the caller)."""
+        measured from (zero where absent); ``rng`` draws the DP noise (seeded by the caller);
+        ``low_rank=False`` keeps every sum dense (the pre-low-rank path, for comparison)."""
         self.spec = spec
         self.rule = get_aggregator(rule) if isinstance(rule, str) else rule
         self.round = round
@@ -420,13 +580,18 @@ class DeltaAccumulator:
         # median / trimmed mean: every client's ΔW per module, (d_out, d_in) each (O(N) memory)
         self._stack: dict[str, list[F64]] = {
             m: [] for m, s in spec.modules.items() if not self.centers[s.modality].streaming}
-        # central DP: Σ of clipped changes per module, clients and clipped clients per modality
-        self._dp_sum = {m: np.zeros((s.d_out, s.d_in)) for m, s in spec.modules.items()
-                        if self.centers[s.modality].dp}
+        # central DP: Σ of clipped changes per module (low rank: Σ f·B·A, and the coefficients
+        # of the reference(s) subtracted), clients and clipped clients per modality
+        self._dp_sum = {m: LowRankSum(s.d_out, s.d_in, s.rank, dense=not low_rank)
+                        for m, s in spec.modules.items() if self.centers[s.modality].dp}
+        self._dp_refs: dict[str, list[tuple[F64, float]]] = {m: [] for m in self._dp_sum}
         self._dp_clients = dict.fromkeys((k for k, r in self.centers.items() if r.dp), 0)
         self._dp_clipped = dict(self._dp_clients)
         self._seen: set[str] = set()
-        self._sum = {m: np.zeros((s.d_out, s.d_in)) for m, s in spec.modules.items()}  # Σ w·B·A
+        self._sum = {m: LowRankSum(s.d_out, s.d_in, s.rank, dense=m in self._stack or not low_rank)
+                     for m, s in spec.modules.items()}  # Σ w·B·A
+        # Σ w·(1 − shrink)·W_ref of norm-clipped clients on low-rank sums (W_ref is dense)
+        self._ref_terms: dict[str, list[tuple[F64, float]]] = {m: [] for m in spec.modules}
         self._state = {m: self.rule.new_state(s) for m, s in spec.modules.items()}
         self._weight = dict.fromkeys(spec.modules, 0)
         self._count = dict.fromkeys(spec.modules, 0)
@@ -434,6 +599,13 @@ class DeltaAccumulator:
         self._mod_weight = dict.fromkeys(used, 0)
         self._mod_clients: dict[str, list[str]] = {k: [] for k in used}
         self._ignored: dict[str, tuple[str, ...]] = {}
+
+    @staticmethod
+    def _add_term(terms: list[tuple[F64, float]], ref: F64, coef: float) -> None:
+        if terms and terms[-1][0] is ref:
+            terms[-1] = (ref, terms[-1][1] + coef)
+        else:
+            terms.append((ref, coef))
 
     def add(self, update: ClientUpdate, shrink: float = 1.0,
             reference: Mapping[str, F64] | None = None) -> None:
@@ -452,35 +624,79 @@ class DeltaAccumulator:
         refs = self.reference
         w = checked.weight
         touched: set[str] = set()
-        dp_changes: dict[str, dict[str, F64]] = {}  # modality → module → the client's change
+        # modality → module → the client's change: a dense (d_out, d_in) array, or for a low-rank
+        # DP sum (B, A, W_ref or None, shrink) with change = shrink·(B·A − W_ref)
+        dp_changes: dict[str, dict[str, Any]] = {}
         for m, (a, b) in checked.pairs.items():
             a64 = np.asarray(a, dtype=np.float64)  # (r, d_in)
             b64 = np.asarray(b, dtype=np.float64)  # (d_out, r)
             modality = self.spec.modules[m].modality
             center = self.centers[modality]
-            delta: F64 | None = None
-            if shrink < 1 or center.dp or not center.streaming:
+            total = self._sum[m]
+            ref = refs.get(m)
+            dp_dense = center.dp and not self._dp_sum[m].low_rank
+            if not total.low_rank and (shrink < 1 or dp_dense or not center.streaming):
                 delta = b64 @ a64  # (d_out, d_in)
-                ref = refs.get(m)
-                ref = np.zeros_like(delta) if ref is None else ref
+                ref0 = np.zeros_like(delta) if ref is None else ref
                 if shrink < 1:
-                    delta = ref + shrink * (delta - ref)
+                    delta = ref0 + shrink * (delta - ref0)
                     b64 = b64 * shrink  # the A/B-averaging rule sees a shrunk B (approximate)
                 if center.dp:
-                    dp_changes.setdefault(modality, {})[m] = delta - ref
+                    dp_changes.setdefault(modality, {})[m] = delta - ref0
                 if not center.streaming:
                     self._stack[m].append(delta)
-                self._sum[m] += w * delta
+                assert total.dense is not None
+                total.dense += w * delta
             else:
-                self._sum[m] += (w * b64) @ a64  # (d_out, d_in)
+                b_raw = b64
+                if shrink < 1:
+                    # W_ref + s·(BA − W_ref) = s·BA + (1 − s)·W_ref: the stack gets s·B, the dense
+                    # reference only a coefficient (it is mixed in at finalize)
+                    b64 = b64 * shrink
+                    if ref is not None:
+                        self._add_term(self._ref_terms[m], ref, w * (1.0 - shrink))
+                if center.dp:
+                    if dp_dense:
+                        ref0 = np.zeros(self._sum[m].shape) if ref is None else ref
+                        change = b64 @ a64 + (1.0 - shrink) * ref0 - ref0  # (d_out, d_in)
+                        dp_changes.setdefault(modality, {})[m] = change
+                    else:
+                        dp_changes.setdefault(modality, {})[m] = (b_raw, a64, ref, shrink)
+                total.add(w * b64, a64)
             self.rule.fold(self._state[m], w, a64, b64)
             self._weight[m] += w
             self._count[m] += 1
             touched.add(modality)
         for modality, changes in dp_changes.items():  # clipped jointly over the modality's modules
-            clipped, factor = clip_to(changes, self.centers[modality].dp_clip)
-            for m, d in clipped.items():
-                self._dp_sum[m] += d
+            clip = self.centers[modality].dp_clip
+            if all(isinstance(d, np.ndarray) for d in changes.values()):
+                clipped, factor = clip_to(changes, clip)
+                for m, d in clipped.items():
+                    self._dp_sum[m].densify()
+                    dense = self._dp_sum[m].dense
+                    assert dense is not None
+                    dense += d
+            else:
+                sq = 0.0
+                for d in changes.values():
+                    if isinstance(d, np.ndarray):
+                        sq += float(np.sum(d * d))
+                    else:  # ‖s·(BA − W_ref)‖² without forming BA (Gram traces / row blocks)
+                        b_raw, a64, ref, s = d
+                        sq += s * s * change_sq_norm(a64, b_raw, ref)
+                norm = float(np.sqrt(sq))
+                factor = 1.0 if norm <= clip else clip / norm
+                for m, d in changes.items():
+                    dsum = self._dp_sum[m]
+                    if isinstance(d, np.ndarray):
+                        dsum.densify()
+                        assert dsum.dense is not None
+                        dsum.dense += d * factor
+                    else:  # f·s·(BA − W_ref) = (f·s·B)·A − f·s·W_ref
+                        b_raw, a64, ref, s = d
+                        dsum.add((factor * s) * b_raw, a64)
+                        if ref is not None:
+                            self._add_term(self._dp_refs[m], ref, -factor * s)
             self._dp_clients[modality] += 1
             self._dp_clipped[modality] += int(factor < 1)
         for k in touched:
@@ -491,19 +707,41 @@ class DeltaAccumulator:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every array the accumulator holds (constant in the number of clients)."""
-        return (sum(a.nbytes for a in self._sum.values())
+        """Bytes of every array the accumulator holds: O((d_in + d_out)·k) per low-rank module,
+        d_in·d_out floats per dense one (references passed in by the caller not counted)."""
+        return (sum(t.nbytes for t in self._sum.values())
                 + sum(a.nbytes for st in self._state.values() for a in st.values())
                 + sum(a.nbytes for st in self._stack.values() for a in st)
-                + sum(a.nbytes for a in self._dp_sum.values()))
+                + sum(t.nbytes for t in self._dp_sum.values()))
+
+    @property
+    def stored_floats(self) -> int:
+        """Float64 values held (``nbytes`` / 8)."""
+        return self.nbytes // 8
+
+    def width(self, module: str) -> int | None:
+        """The stacks' current k for ``module``'s weighted sum, None where it is kept dense."""
+        t = self._sum[module]
+        return t.k if t.low_rank else None
+
+    def _sum_matrix(self, module: str) -> F64:
+        """Σ w·B·A (+ the norm-clipping reference terms) as a dense (d_out, d_in) array."""
+        out = self._sum[module].matrix()
+        for ref, coef in self._ref_terms[module]:
+            out += coef * ref
+        return out
 
     def mean_delta(self, module: str) -> F64:
-        """The exact weighted mean ΔW̄ (d_out, d_in) of ``module``, without the scale s."""
+        """The exact weighted mean ΔW̄ (d_out, d_in) of ``module``, without the scale s. Formed
+        dense on demand for a low-rank module (O(d_out·d_in)); :meth:`finalize` never needs it."""
         if module not in self.spec.modules:
             raise KeyError(f"module {module!r} is not in the spec; e.g. {_few(self.spec.modules)}")
         if self._weight[module] == 0:
             raise ValueError(f"module {module!r} got no contribution yet")
-        return self._sum[module] / self._weight[module]
+        t = self._sum[module]
+        if t.dense is not None and not self._ref_terms[module]:
+            return t.dense / self._weight[module]
+        return self._sum_matrix(module) / self._weight[module]
 
     def finalize(self) -> AggregationResult:
         """The new experts (float32 factors), weights, clients, errors; the state is unchanged."""
@@ -514,12 +752,17 @@ class DeltaAccumulator:
         for m, s in self.spec.modules.items():
             if self._weight[m] == 0:
                 continue
-            target = self._center(m, s, dp)
-            a, b = self.rule.factors(self._state[m], target, self._weight[m], s)
-            a32, b32 = a.astype(np.float32), b.astype(np.float32)
-            diff = float(np.linalg.norm(target - b32.astype(np.float64) @ a32.astype(np.float64)))
-            norm = float(np.linalg.norm(target))
-            err = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+            center = self.centers[s.modality]
+            if (isinstance(self.rule, SvdAggregator) and center.streaming and not center.dp
+                    and self._sum[m].low_rank and not self._ref_terms[m]):
+                a32, b32, err = self._lowrank_factors(m, s)
+            else:
+                target = self._center(m, s, dp)
+                a, b = self.rule.factors(self._state[m], target, self._weight[m], s)
+                a32, b32 = a.astype(np.float32), b.astype(np.float32)
+                diff = float(np.linalg.norm(target - b32.astype(np.float64) @ a32.astype(np.float64)))
+                norm = float(np.linalg.norm(target))
+                err = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
             modules[m] = ModuleResult(m, s.modality, a32, b32, self._weight[m], self._count[m], err)
         return AggregationResult(
             task=self.spec.task, round=self.round, rule=self.rule.name, scale=float(self.spec.scale),
@@ -533,12 +776,60 @@ class DeltaAccumulator:
             dp=dp,
         )
 
+    def _lowrank_factors(self, m: str, s: ModuleSpec) -> tuple[F32, F32, float]:
+        """Rule "svd" on a low-rank sum: the truncated SVD of ΔW̄ = (Σ w·B·A)/Σw from the stacks
+        (same factor convention as :func:`svd_factors`: A' = V_rᵀ orthonormal rows, B' = U_r S_r),
+        and its error, without forming ΔW̄.
+
+        With B̃ = R_B only (QR, mode "r") and Ãᵀ = Q_A R_A, ΔW̄ = (B̃ R_Aᵀ) Q_Aᵀ / Σw; the core
+        C = R_B R_Aᵀ has the singular values of Σ w·B·A, and B' = ΔW̄ (Q_A V_r) = B̃ (R_Aᵀ V_r) / Σw
+        needs no Q_B, so the only (d, k) temporary is Q_A. Error: A'ᵀ = Q_A Y + E_A with
+        E_A ⊥ range Q_A splits ΔW̄ − B'A' into (ΔW̄ Q_A − B'Yᵀ) Q_Aᵀ and − B'E_Aᵀ, orthogonal, so
+        ‖·‖² = ‖B̃ R_Aᵀ/Σw − B'Yᵀ‖² (formed ROW_BLOCK rows at a time) + tr((B'ᵀB')(E_AᵀE_A))."""
+        a = np.zeros((s.rank, s.d_in))
+        b = np.zeros((s.d_out, s.rank))
+        t = self._sum[m]
+        if t.k == 0:
+            return a.astype(np.float32), b.astype(np.float32), 0.0
+        weight = float(self._weight[m])
+        sb, sa = t.factors()
+        rb = np.linalg.qr(sb, mode="r")  # (p, k)
+        qa, ra = np.linalg.qr(sa.T)  # (d_in, q), (q, k)
+        u, sv, vt = np.linalg.svd(rb @ ra.T, full_matrices=False)
+        del u
+        k = min(s.rank, sv.size)
+        rat = ra.T  # (k, q)
+        a[:k] = vt[:k] @ qa.T  # V_rᵀ Q_Aᵀ
+        b[:, :k] = sb @ (rat @ (vt[:k].T / weight))  # B̃ R_Aᵀ V_r / Σw = Q_B U_r S_r / Σw
+        a32, b32 = a.astype(np.float32), b.astype(np.float32)
+        b64 = b32.astype(np.float64)
+        at = a32.astype(np.float64).T  # (d_in, r)
+        y = qa.T @ at  # (q, r)
+        ea = at - qa @ y
+        sq = float(np.sum((b64.T @ b64) * (ea.T @ ea)))
+        right = rat / weight  # (k, q)
+        for i in range(0, s.d_out, ROW_BLOCK):
+            d = sb[i:i + ROW_BLOCK] @ right - b64[i:i + ROW_BLOCK] @ y.T
+            sq += float(np.sum(d * d))
+        diff = float(np.sqrt(max(sq, 0.0)))
+        norm = float(np.linalg.norm(sv)) / weight
+        err = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+        return a32, b32, err
+
+    def _dp_total(self, m: str) -> F64:
+        """Σ of the clipped changes of module ``m`` as a dense (d_out, d_in) array."""
+        out = self._dp_sum[m].matrix()
+        for ref, coef in self._dp_refs[m]:
+            out += coef * ref
+        return out
+
     def _center(self, m: str, s: ModuleSpec, dp: Mapping[str, Mapping[str, float]]) -> F64:
-        """Module ``m``'s new ΔW (d_out, d_in) under its modality's centre."""
+        """Module ``m``'s new ΔW (d_out, d_in) under its modality's centre (dense: the noise of
+        central DP and the order statistics are dense by nature)."""
         center = self.centers[s.modality]
         if center.dp:
             ref = self.reference.get(m, np.zeros((s.d_out, s.d_in)))
-            mean = ref + self._dp_sum[m] / self._dp_clients[s.modality]
+            mean = ref + self._dp_total(m) / self._dp_clients[s.modality]
             sigma = dp[s.modality]["sigma"]
             if sigma > 0:
                 assert self.rng is not None  # checked in __init__

@@ -1,4 +1,5 @@
-"""Per-modality aggregation of LoRA expert updates: exactness, measured error, grouping, rejections."""
+"""Per-modality aggregation of LoRA expert updates: exactness, measured error, grouping, rejections,
+and the low-rank streaming path against the dense one (docs/aggregation.md)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cloud import aggregation
 from cloud.aggregation import (
     AGGREGATORS,
     AggregationResult,
     AggregationSpec,
     ClientUpdate,
     DeltaAccumulator,
+    LowRankSum,
     ModuleSpec,
     UpdateError,
     aggregate,
+    change_sq_norm,
+    deviation_norm,
     get_aggregator,
     svd_factors,
 )
+from cloud.robust import ModalityRule
 from protocol.plan import ExpertPlan, TaskAllocation
 
 D, R = 8, 2
@@ -31,6 +37,14 @@ LK = "language_model.layers.0.self_attn.k_proj"  # GQA: d_out < d_in
 AQ = "audio_tower.layers.0.self_attn.q_proj"
 AO = "audio_tower.layers.1.self_attn.out_proj"
 LANG, AUDIO = (LQ, LK), (AQ, AO)
+
+
+
+@pytest.fixture(autouse=True)
+def _low_rank_at_test_sizes(monkeypatch):
+    """These tests use small modules; production keeps modules of ≤ DENSE_BELOW weights dense
+    (test_small_modules_keep_the_dense_sum), here the low-rank path runs at every size."""
+    monkeypatch.setattr(aggregation, "DENSE_BELOW", 0)
 
 
 def make_spec() -> AggregationSpec:
@@ -315,3 +329,201 @@ def test_spec_from_plan():
     assert spec.scale == 8.0 and spec.modalities == {"vision", "language", "audio"}
     with pytest.raises(ValueError, match="lacks"):
         AggregationSpec.from_plan(plan, "t", {VQ: (D, D)})
+
+
+# --- low-rank streaming: equal to the dense path (cloud.aggregation.LowRankSum) ---------------
+
+
+# (d_out, d_in, rank, clients): square, tall, wide, rank 1, and one where the stacks reach the
+# dense size mid-stream (24×20: limit 10 columns, 4 clients of rank 4 → dense fallback)
+SHAPES = [(64, 64, 4, 7), (96, 40, 2, 12), (32, 80, 8, 3), (50, 50, 1, 30), (24, 20, 4, 4)]
+
+
+def _dense_reference(sent: list[tuple[int, np.ndarray, np.ndarray]], rank: int):
+    """Today's dense path, spelled out: ΔW̄ = Σ w·B·A / Σ w, svd_factors, measured error."""
+    target = sum(w * delta(a, b) for w, a, b in sent) / sum(w for w, _, _ in sent)
+    a, b = svd_factors(target, rank)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    norm = np.linalg.norm(target)
+    err = np.linalg.norm(target - delta(a32, b32)) / norm if norm > 0 else 0.0
+    return target, delta(a32, b32), float(err)
+
+
+def _clients(rng, d_out, d_in, rank, n, kind):
+    """n (weight, A, B) of one module: independent, sharing A, sharing B, or all zero B."""
+    shared_a = rng.standard_normal((rank, d_in)).astype(np.float32)
+    shared_b = rng.standard_normal((d_out, rank)).astype(np.float32)
+    out = []
+    for _ in range(n):
+        a = shared_a if kind == "shared-A" else rng.standard_normal((rank, d_in)).astype(np.float32)
+        b = shared_b if kind == "shared-B" else rng.standard_normal((d_out, rank)).astype(np.float32)
+        if kind == "zero":
+            b = np.zeros_like(b)
+        out.append((int(rng.integers(1, 500)), a, b))
+    return out
+
+
+def _accumulate(spec: AggregationSpec, sent, order=None, **kw) -> DeltaAccumulator:
+    acc = DeltaAccumulator(spec, **kw)
+    (m,) = spec.modules
+    for i in order if order is not None else range(len(sent)):
+        w, a, b = sent[i]
+        acc.add(ClientUpdate(f"c{i:03d}", "t", 1, w, frozenset({"language"}),
+                             {f"{m}.lora_A": a, f"{m}.lora_B": b}))
+    return acc
+
+
+def _rel(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-300))
+
+
+@pytest.mark.parametrize("kind", ["independent", "shared-A", "shared-B", "zero"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}r{s[2]}n{s[3]}" for s in SHAPES])
+def test_low_rank_equals_the_dense_path(shape, kind):
+    d_out, d_in, rank, n = shape
+    rng = np.random.default_rng(d_out * 1000 + d_in + rank + len(kind))
+    sent = _clients(rng, d_out, d_in, rank, n, kind)
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    acc = _accumulate(spec, sent)
+    res = acc.finalize().modules[LQ]
+    target, want, err = _dense_reference(sent, rank)
+    got = product(acc.finalize(), LQ)
+    if kind == "zero":
+        assert np.abs(got).max() == 0 and res.error == 0.0
+        return
+    assert _rel(got, want) < 1e-6
+    assert res.error == pytest.approx(err, rel=1e-6, abs=1e-9)
+    np.testing.assert_allclose(acc.mean_delta(LQ), target, rtol=0, atol=1e-9 * np.abs(target).max())
+    assert res.lora_A.shape == (rank, d_in) and res.lora_B.shape == (d_out, rank)
+    # A' has orthonormal rows (the dense convention), B' = U S
+    a64 = res.lora_A.astype(np.float64)
+    k = min(rank, np.linalg.matrix_rank(target))
+    np.testing.assert_allclose(a64[:k] @ a64[:k].T, np.eye(k), atol=1e-5)
+    if kind in ("shared-A", "shared-B") or rank * n <= min(d_out, d_in) and kind != "independent":
+        assert res.error < 1e-6  # rank(ΔW̄) ≤ r: exact up to the float32 cast
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}r{s[2]}n{s[3]}" for s in SHAPES])
+def test_low_rank_result_does_not_depend_on_the_order(shape):
+    d_out, d_in, rank, n = shape
+    rng = np.random.default_rng(11 + d_out)
+    sent = _clients(rng, d_out, d_in, rank, n, "independent")
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    first = _accumulate(spec, sent).finalize()
+    for seed in range(3):
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        other = _accumulate(spec, sent, order).finalize()
+        assert _rel(product(other, LQ), product(first, LQ)) < 1e-9
+        assert other.modules[LQ].error == pytest.approx(first.modules[LQ].error, rel=1e-9, abs=1e-12)
+        assert other.summary()["clients"] == first.summary()["clients"]
+
+
+def test_dense_fallback_where_the_stacks_would_be_larger():
+    d_out, d_in, rank = 24, 20, 4  # limit 10 columns: 2 clients stacked (8), the 3rd densifies
+    rng = np.random.default_rng(3)
+    sent = _clients(rng, d_out, d_in, rank, 4, "independent")
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    acc = _accumulate(spec, sent[:2])
+    assert acc.width(LQ) == 8 and acc.stored_floats < d_out * d_in
+    acc = _accumulate(spec, sent)
+    assert acc.width(LQ) is None and acc.stored_floats == d_out * d_in  # dense, as before
+    # and a module where two updates already reach the dense size is dense from the start
+    tiny = AggregationSpec("t", {LQ: ModuleSpec("language", 2, 8, 8)})
+    assert DeltaAccumulator(tiny).width(LQ) is None
+
+
+@pytest.mark.parametrize("kind", ["independent", "shared-A"])
+def test_accumulator_memory_is_linear_in_the_width_not_quadratic(kind):
+    d_out, d_in, rank, n = 512, 384, 4, 50
+    rng = np.random.default_rng(5)
+    sent = _clients(rng, d_out, d_in, rank, n, kind)
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    acc = DeltaAccumulator(spec)
+    peak = 0
+    for i, (w, a, b) in enumerate(sent):
+        acc.add(ClientUpdate(f"c{i}", "t", 1, w, frozenset({"language"}),
+                             {f"{LQ}.lora_A": a, f"{LQ}.lora_B": b}))
+        k_true = min((i + 1) * rank, rank if kind == "shared-A" else d_in)
+        # stored floats ≤ 2·(d_in + d_out)·max(k_true + r, 4r): the stacks' 1.5× growth slack
+        # and the columns added since the last re-compression
+        assert acc.stored_floats <= 2 * (d_in + d_out) * max(2 * k_true + rank, 4 * rank)
+        peak = max(peak, acc.stored_floats)
+    assert acc.stored_floats < d_in * d_out  # 200 rank-4 updates (limit 219): smaller than dense
+    if kind == "shared-A":  # the mean has rank 4 however many clients: memory is flat
+        assert acc.width(LQ) is not None and acc.width(LQ) <= 4 * rank + rank
+        assert peak <= (d_in + d_out) * 6 * rank
+        assert acc.finalize().modules[LQ].error < 1e-6
+
+
+def test_recompression_keeps_the_sum_exactly():
+    rng = np.random.default_rng(6)
+    t = LowRankSum(300, 200, 3)
+    want = np.zeros((300, 200))
+    basis_a = rng.standard_normal((5, 200))
+    for _ in range(40):  # terms in a 5-dimensional row space: k stays ≤ 2·5 + base
+        b = rng.standard_normal((300, 3))
+        a = rng.standard_normal((3, 5)) @ basis_a
+        t.add(b, a)
+        want += b @ a
+    assert t.compressions > 0 and t.k <= 2 * 5 + 12
+    assert _rel(t.matrix(), want) < 1e-12
+    t.compress()
+    assert t.k == 5 and _rel(t.matrix(), want) < 1e-12
+
+
+def test_change_norms_without_forming_the_product():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((4, 600)), rng.standard_normal((700, 4))
+    ref = rng.standard_normal((700, 600))
+    assert change_sq_norm(a, b) == pytest.approx(np.sum((b @ a) ** 2), rel=1e-12)
+    assert change_sq_norm(a, b, ref) == pytest.approx(np.sum((b @ a - ref) ** 2), rel=1e-12)
+    u = ClientUpdate("c", "t", 1, 1, frozenset({"language"}),
+                     {f"{LQ}.lora_A": a.astype(np.float32), f"{LQ}.lora_B": b.astype(np.float32)})
+    dense = np.linalg.norm(delta(a.astype(np.float32), b.astype(np.float32)) - ref)
+    assert deviation_norm(u, {LQ: ref}) == pytest.approx(dense, rel=1e-12)
+
+
+def test_low_rank_dp_and_clipping_match_the_dense_formulas():
+    """Central DP (no noise) and norm clipping with a reference on low-rank sums: the same
+    centre as the dense formulas of cloud.robust (clip jointly, unweighted mean of changes)."""
+    d_out, d_in, rank = 60, 50, 2
+    rng = np.random.default_rng(8)
+    sent = _clients(rng, d_out, d_in, rank, 5, "independent")
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    ref = rng.standard_normal((d_out, d_in))
+    for use_ref in (False, True):
+        refs = {LQ: ref} if use_ref else {}
+        clip = 3.0
+        acc = _accumulate(spec, sent, centers={"language": ModalityRule(dp_clip=clip)},
+                          reference=refs)
+        assert acc.width(LQ) is not None  # the DP sums stayed low rank
+        r = acc.finalize()
+        base = ref if use_ref else np.zeros((d_out, d_in))
+        changes = [delta(a, b) - base for _, a, b in sent]
+        clipped = [c * min(1.0, clip / np.linalg.norm(c)) for c in changes]
+        want = base + np.mean(clipped, 0)
+        got = acc._center(LQ, spec.modules[LQ], r.dp)
+        assert _rel(got, want) < 1e-12 and r.dp["language"]["clipped"] == 5
+    # norm clipping (shrink) with a dense reference: folded exactly (densified at finalize)
+    acc = DeltaAccumulator(spec, reference={LQ: ref})
+    for i, (w, a, b) in enumerate(sent):
+        acc.add(ClientUpdate(f"c{i}", "t", 1, w, frozenset({"language"}),
+                             {f"{LQ}.lora_A": a, f"{LQ}.lora_B": b}), shrink=0.5 if i == 2 else 1.0)
+    moved = [(w, delta(a, b) if i != 2 else ref + 0.5 * (delta(a, b) - ref))
+             for i, (w, a, b) in enumerate(sent)]
+    want = sum(w * x for w, x in moved) / sum(w for w, _ in moved)
+    assert _rel(acc.mean_delta(LQ), want) < 1e-12
+    res = acc.finalize().modules[LQ]
+    a32, b32 = svd_factors(want, rank)
+    assert _rel(product(acc.finalize(), LQ), delta(a32.astype(np.float32), b32.astype(np.float32))) < 1e-6
+    assert res.error > 0
+
+
+def test_small_modules_keep_the_dense_sum(monkeypatch):
+    """At the project's own widths (≤ 2**16 weights a module) the sum is the dense float64 one
+    from the first client, so the default runs' results are bit for bit what they were."""
+    monkeypatch.setattr(aggregation, "DENSE_BELOW", 1 << 16)
+    assert not aggregation.LowRankSum(128, 128, 8).low_rank
+    assert not aggregation.LowRankSum(64, 256, 8).low_rank
+    assert aggregation.LowRankSum(300, 300, 8).low_rank

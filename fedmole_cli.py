@@ -206,7 +206,7 @@ PubOpt = Annotated[Path, typer.Option(help="Ed25519 public key bundles must be s
 
 def _bundle_guard(fn):
     """Bundle and export errors are bad data (3); key files that exist already are usage (2)."""
-    from edge.export import ExportError
+    from mole.export import ExportError
     from protocol.bundle import BundleError
 
     try:
@@ -243,10 +243,10 @@ def export(
 ) -> None:
     """Export a run's global model to a signed bundle (fp32 + int8 ONNX, tokenizer, manifest),
     or with --peft its experts as adapters for PeftModel.from_pretrained."""
-    from edge.export import export_bundle, load_run
+    from mole.export import export_bundle, load_run
 
     if peft:
-        from edge.export import export_peft
+        from mole.export import export_peft
 
         for folder in _bundle_guard(lambda: export_peft(run, out, base)):
             typer.echo(str(folder))

@@ -11,7 +11,7 @@ the bench first runs the default scenario there, ~10 min) and the whole test set
   inputs, interleaved call by call, medians (single samples, and batches of 32 mixed samples);
   both on ``--threads`` threads. ``fp32_ort_*`` gives the fp32 ONNX figures beside them.
 * ``size_ratio`` — int8 / fp32 ONNX bytes (both graphs).
-* ``quantization`` — the recipes compared on a subset before choosing (edge/export.py).
+* ``quantization`` — the recipes compared on a subset before choosing (mole/export.py).
 * ``load_test`` — a ``python -m edge.serve`` child process on 127.0.0.1 (int8), 8 client
   threads × 200 single-sample requests over gRPC: errors, p50/p99 latency (ms), requests/s.
 
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.targets import finish  # noqa: E402
-from edge.export import (  # noqa: E402
+from edge.ort_runtime import OrtModel  # noqa: E402
+from mole.export import (  # noqa: E402
     DEC_FP32,
     DEC_INT8,
     FP32,
@@ -48,7 +49,6 @@ from edge.export import (  # noqa: E402
     load_run,
     quantize_int8,
 )
-from edge.ort_runtime import OrtModel  # noqa: E402
 from protocol.manifest import Sample  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Publishing the global model after each task: export → sign → install into the registry folder.
 
 The ServerApp calls :func:`publish_task` once a task's evaluation round is checkpointed (when
-``app.registry-dir`` is set). The bundle (edge/export.py) is written into a hidden
+``app.registry-dir`` is set). The bundle (mole/export.py) is written into a hidden
 ``.incoming-*`` folder inside the registry folder, signed with ``app.signing-key``, and renamed
 to ``<registry-dir>/<bundle id>`` in one ``os.replace`` — the registry process (cloud/registry.py)
 re-scans its folder and verifies each signature before it lists a bundle, so a half-written or
@@ -16,8 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from cloud.state import GlobalState
 from protocol.config import RunConfig
+from protocol.state import GlobalState
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def bundle_id(task_index: int, task: str, global_round: int) -> str:
 def publish_task(cfg: RunConfig, state: GlobalState, task_index: int, task: str,
                  registry_dir: Path, signing_key: Path) -> Path:
     """Export and install the bundle of ``state`` (the global model after ``task``)."""
-    from edge.export import export_bundle, global_model_from_state
+    from mole.export import export_bundle, global_model_from_state
 
     t0 = time.perf_counter()
     registry_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ the strategy saying what each round means) and its scores are the evaluation rou
 
 The cloud holds the foundation model (``model.base-path``): it reads the candidate modules and
 their shapes from it (plan and aggregation need them), never trains it here. Results: the
-checkpoint (every round, :mod:`cloud.state`) and ``server_result.json`` at the end (accuracy
+checkpoint (every round, :mod:`protocol.state`) and ``server_result.json`` at the end (accuracy
 matrix, communication, rejections, per-round log) in ``app.out-dir``; ``fedmole simulate`` turns
 them into ``metrics.json`` and the report.
 """
@@ -25,7 +25,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from cloud import comm
 from cloud.robust import dp_report
-from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
 from cloud.strategy import FedMoleStrategy, StopRun
 from mole.backbone import load_backbone
 from mole.families.base import require_edge_bundle
@@ -35,6 +34,7 @@ from mole.router import DEFAULT_BLOCKS
 from mole.task_loop import run_tasks
 from protocol.app_config import AppConfig, split_run_config
 from protocol.config import RunConfig
+from protocol.state import CHECKPOINT, GlobalState, load_checkpoint
 
 RESULT = "server_result.json"
 PEFT_DIR = "peft"  # OUT/peft/<task>: the experts as PEFT adapters (mole.peft_export)

@@ -24,7 +24,7 @@ one shared adapter on every candidate module, no probe round and no router.
 Dropout (``federation.dropout``) is simulated here: each sampled node's training message is
 withheld with that probability (seeded per round), so the round proceeds with the others, as
 with a client that never answers. Evaluation messages are never withheld (the matrix is a
-measurement). After every round the whole :class:`cloud.state.GlobalState` can be checkpointed
+measurement). After every round the whole :class:`protocol.state.GlobalState` can be checkpointed
 (``on_round_end``); ``GlobalState.round`` offsets Flower's round numbers on resume.
 """
 
@@ -60,10 +60,10 @@ from cloud.allocator import (
 from cloud.robust import parse_rules, trim_count
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
-from cloud.state import GlobalState, save_checkpoint
 from protocol.config import RunConfig
 from protocol.instructions import SHARED, Instruction, is_shared, pack_state
 from protocol.plan import ExpertPlan
+from protocol.state import GlobalState, save_checkpoint
 from protocol.updates import (
     ClientUpdate,
     MessageError,

@@ -28,9 +28,9 @@ import numpy as np
 import onnxruntime as ort
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-from edge.export import DEC_FP32, DEC_INT8, FP32, INT8, PROCESSOR_DIR, TOKENIZER_DIR
-from edge.onnx_graph import GraphSpec
 from mole.batching import AudioFeatures, Encoder
+from mole.export import DEC_FP32, DEC_INT8, FP32, INT8, PROCESSOR_DIR, TOKENIZER_DIR
+from mole.onnx_graph import GraphSpec
 from mole.tokenizer import ensure_special_tokens
 from protocol.manifest import Sample
 

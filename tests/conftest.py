@@ -87,12 +87,12 @@ def build_tiny_run(root: Path, tiny_cfg) -> Path:
     import torch
 
     from cloud.allocator import allocate
-    from cloud.state import GlobalState, save_checkpoint
     from cloud.strategy import initial_factors
     from edge.runtime import EdgeModel, load_local_data
     from mole.router import ae_state, fit_autoencoder, reconstruction_error, threshold
     from protocol.config import parse_config
     from protocol.plan import ExpertPlan
+    from protocol.state import GlobalState, save_checkpoint
     from simulation.federated import prepare
 
     cfg = parse_config({"data.cache-dir": str(root / "cache"), "federation.clients": 2,

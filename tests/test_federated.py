@@ -78,9 +78,9 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_same_result(fed_cfg, 
     import sys
     import time
 
-    from cloud.state import CHECKPOINT, load_checkpoint
     from deploy.launcher import alive, descendants, stop_pid
     from edge.replay_store import ReplayStore
+    from protocol.state import CHECKPOINT, load_checkpoint
 
     cfg = parse_config({"federation.rounds-per-task": 3}, base=fed_cfg)
     full = run_federated(cfg, tmp_path / "full", progress=False)

@@ -803,7 +803,7 @@ def test_parse_config(data):
 
 def _valid_state(data: st.DataObject) -> Any:
     from cloud import comm
-    from cloud.state import GlobalState
+    from protocol.state import GlobalState
 
     plan = data.draw(plans())
     experts = {t: {f"{m}.lora_A": data.draw(_floats32((2, 3))) for m in plan.modules_of(t)}
@@ -817,7 +817,7 @@ def _valid_state(data: st.DataObject) -> Any:
 
 
 def _meta_text(state: Any) -> str:
-    from cloud.state import _nan_safe
+    from protocol.state import _nan_safe
 
     return json.dumps(_nan_safe(state.meta()), sort_keys=True)
 
@@ -826,7 +826,7 @@ def _fuzz_checkpoint(data: st.DataObject, folder: Path) -> None:
     """Write a random, byte-mutated or meta-mutated checkpoint into ``folder``."""
     from safetensors.numpy import save_file
 
-    from cloud.state import CHECKPOINT, save_checkpoint
+    from protocol.state import CHECKPOINT, save_checkpoint
 
     path = save_checkpoint(_valid_state(data), folder)
     raw = path.read_bytes()
@@ -858,7 +858,7 @@ def _fuzz_checkpoint(data: st.DataObject, folder: Path) -> None:
 @FUZZ
 @given(st.data())
 def test_load_checkpoint(data):
-    from cloud.state import CheckpointError, load_checkpoint, save_checkpoint
+    from protocol.state import CheckpointError, load_checkpoint, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "a"

@@ -1,4 +1,4 @@
-"""Export of the global model to ONNX and answering in onnxruntime (edge.onnx_graph/export/ort_runtime)."""
+"""Export of the global model to ONNX and answering in onnxruntime (mole.onnx_graph/export/ort_runtime)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from tests.conftest import build_tiny_run
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_cfg):
-    from edge.export import export_bundle, load_run
     from edge.runtime import load_local_data
+    from mole.export import export_bundle, load_run
 
     root = tmp_path_factory.mktemp("export")
     run = build_tiny_run(root, tiny_cfg)
@@ -38,7 +38,7 @@ def _torch_answers(gm, samples):
 
 
 def test_graph_matches_peft_model_logits_for_every_expert_set(exported):
-    from edge.export import build_graph
+    from mole.export import build_graph
 
     gm, _, samples = exported
     g = build_graph(gm)
@@ -126,8 +126,8 @@ def test_export_refuses_a_run_without_experts_or_a_baseline(tmp_path, exported):
     import json
     import shutil
 
-    from cloud.state import load_checkpoint, save_checkpoint
-    from edge.export import ExportError, load_run
+    from mole.export import ExportError, load_run
+    from protocol.state import load_checkpoint, save_checkpoint
 
     gm, bundle, _ = exported
     with pytest.raises(ExportError, match="metrics.json"):

@@ -18,7 +18,7 @@ from tests.conftest import build_tiny_run, tone
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_cfg):
-    from edge.export import export_bundle, load_run
+    from mole.export import export_bundle, load_run
     from protocol.bundle import generate_keypair
 
     root = tmp_path_factory.mktemp("serve")

@@ -308,7 +308,7 @@ def test_fedavg_baseline_has_one_shared_adapter_and_no_probe():
 
 
 def test_checkpoint_round_trip_resumes_at_the_saved_round(tmp_path, strategy):
-    from cloud.state import CheckpointError, load_checkpoint
+    from protocol.state import CheckpointError, load_checkpoint
 
     strategy.checkpoint_dir = tmp_path
     _probe_all(strategy, 1, "color", {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0})

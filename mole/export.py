@@ -1,13 +1,16 @@
 """Global model → ONNX (fp32 and int8) → a signed bundle folder.
 
+Below both sides: the cloud exports a bundle after each task (cloud/publish.py), `fedmole
+export` does it for a finished run, and the edge serves what it wrote (edge/ort_runtime.py).
+
 ``load_run(RUN)`` rebuilds the global model of a federated run folder (``metrics.json``'s config
 and ``checkpoint.safetensors``: plan, experts, routers, τ, partners) as PEFT experts on the
 base — the torch fp32 reference. ``export_bundle`` writes (layout: protocol.bundle)::
 
-    OUT/model.onnx          the graph of edge.onnx_graph, fp32, dynamic batch/sequence/past
+    OUT/model.onnx          the graph of mole.onnx_graph, fp32, dynamic batch/sequence/past
     OUT/model_int8.onnx     the same, weights int8 (MatMulNBits; the embedding via DequantizeLinear)
     OUT/decoder.onnx        the KV-cache decode step (no towers, no routers), and its
-    OUT/decoder_int8.onnx   int8 twin (edge.onnx_graph says why it is a second graph)
+    OUT/decoder_int8.onnx   int8 twin (mole.onnx_graph says why it is a second graph)
     OUT/tokenizer/          the base's tokenizer files
     OUT/processor/          the Whisper feature extractor (when the base has audio)
     OUT/manifest.json       versions, opset, sha256 of every file, tasks, τ, partners, round
@@ -48,13 +51,13 @@ import numpy as np
 import onnx
 import torch
 
-from cloud.state import CHECKPOINT, GlobalState, load_checkpoint
-from edge.onnx_graph import ExportGraph, GraphSpec
-from edge.runtime import EdgeModel
 from mole.families.base import CheckpointError, require_edge_bundle
+from mole.global_model import EdgeModel
+from mole.onnx_graph import ExportGraph, GraphSpec
 from mole.router import TaskRouter, ae_from_state
 from protocol.config import RunConfig, parse_config
 from protocol.instructions import is_shared
+from protocol.state import CHECKPOINT, GlobalState, load_checkpoint
 
 log = logging.getLogger(__name__)
 

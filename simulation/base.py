@@ -74,7 +74,10 @@ def base_key(cfg: RunConfig) -> str:
         "version": BASE_VERSION,
         # The data's own key carries the generator version: new data → a new base.
         "data": benchmark_key(cfg.data),
-        "model": {k: v for k, v in cfg.to_flat().items() if k.startswith("model.")},
+        # `model.lm` at its default ("": the own LM) is left out, so adding the key kept the
+        # keys (and the cached bases) of every existing configuration.
+        "model": {k: v for k, v in cfg.to_flat().items()
+                  if k.startswith("model.") and (k, v) != ("model.lm", "")},
         "pretrain": {k: v for k, v in cfg.to_flat().items() if k.startswith("pretrain.")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

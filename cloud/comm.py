@@ -9,7 +9,9 @@ is what FedMoLE chooses to send.
 
 ``client_rounds`` counts the probe/train replies that carried an update (skips and errors
 excluded), so ``bytes_up_per_client_round`` = upload bytes / client_rounds is what one
-participating client sends in one round on average.
+participating client sends in one round on average; ``bytes_down_per_client_round`` divides
+*every* byte sent down (evaluation messages and nodes without the task's data included) by the
+same count. Down bytes are counted as the messages leave (cloud.downlink): after the delta.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def payload_bytes(content: RecordDict, modality_of: Mapping[str, str], router_re
 
 
 def new_comm(full_model_bytes_fp32: int) -> dict[str, Any]:
-    return {"bytes_up": 0, "bytes_down": 0, "client_rounds": 0,
+    return {"bytes_up": 0, "bytes_down": 0, "client_rounds": 0, "messages_down": 0,
             "full_model_bytes_fp32": int(full_model_bytes_fp32), "up": {}, "down": {}}
 
 
@@ -60,10 +62,20 @@ def add(comm: dict[str, Any], direction: str, parts: Mapping[str, int]) -> None:
 
 def summary(comm: Mapping[str, Any]) -> dict[str, Any]:
     """The ``comm`` block of metrics.json (docs/design.md §3 + the federated issue)."""
-    per = comm["bytes_up"] / comm["client_rounds"] if comm["client_rounds"] else 0.0
+    n = comm["client_rounds"]
+    per = comm["bytes_up"] / n if n else 0.0
+    down = comm["bytes_down"] / n if n else 0.0
+    msgs = int(comm.get("messages_down", 0))  # absent in checkpoints older than the counter
     full = comm["full_model_bytes_fp32"]
     return {"bytes_up": comm["bytes_up"], "bytes_down": comm["bytes_down"],
-            "bytes_up_per_client_round": round(per, 1), "full_model_bytes_fp32": full,
+            "bytes_up_per_client_round": round(per, 1),
+            # every byte sent (probe, training and evaluation messages, to holders and to nodes
+            # without the task's data) over the same client-rounds as the upload
+            "bytes_down_per_client_round": round(down, 1),
+            "down_over_up_per_client_round": round(down / per, 3) if per else None,
+            "messages_down": msgs,
+            "bytes_down_per_message": round(comm["bytes_down"] / msgs, 1) if msgs else None,
+            "full_model_bytes_fp32": full,
             "up_per_client_round_over_full_model": round(per / full, 5) if full else None,
             "client_rounds": comm["client_rounds"],
             "per_modality": {"up": dict(comm["up"]), "down": dict(comm["down"])}}

@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from cloud import comm
+from cloud.downlink import Downlink
 from cloud.aggregation import (
     AggregationSpec,
     DeltaAccumulator,
@@ -61,7 +62,7 @@ from cloud.robust import parse_rules, trim_count
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds
 from protocol.config import RunConfig
-from protocol.instructions import SHARED, Instruction, is_shared, pack_state
+from protocol.instructions import SHARED, Instruction, as_sent, is_shared, pack_state
 from protocol.plan import ExpertPlan
 from protocol.state import GlobalState, save_checkpoint
 from protocol.updates import (
@@ -131,7 +132,8 @@ class FedMoleStrategy(FedAvg):
             if not self.probe:  # the baselines: one adapter on every module from the start
                 alloc = all_modules_allocation(SHARED, state.plan.modality_of)
                 state.plan = state.plan.with_task(alloc, cfg.lora.rank, cfg.lora.alpha)
-                state.experts[SHARED] = initial_factors(state.plan, SHARED, self.dims, fed.seed)
+                state.experts[SHARED] = as_sent(initial_factors(state.plan, SHARED, self.dims,
+                                                                fed.seed), fed.downlink_compression)
         if state.method != self.method:
             raise ValueError(f"the checkpoint is of method {state.method!r}, this run is "
                              f"{self.method!r}; resume with the same method")
@@ -152,8 +154,35 @@ class FedMoleStrategy(FedAvg):
         self.publisher: Callable[[GlobalState, int, str], str] | None = None
         # (task, client) → the sample count it declared in the task's probe round (capped).
         self.declared: dict[tuple[str, str], int] = {}
-        # task → Flower node ids that answered its probe with data (this process's run only)
+        # task → Flower node ids that answered its probe with data / with "no data of the task"
+        # (this process's run only)
         self.holders: dict[str, set[int]] = {}
+        self.idle: dict[str, set[int]] = {}
+        self._idle_last: set[int] = set()
+        # node → group → digest of the global state it holds (cloud.downlink; in memory)
+        self.ledger: dict[int, dict[str, str]] = {}
+        self.downlink: Downlink | None = None
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):  # type: ignore[override]
+        """Flower's round loop, on a grid that sends each node only what it lacks
+        (``federation.downlink``) and counts the bytes as they leave."""
+        if not isinstance(grid, Downlink):
+            self.downlink = Downlink(grid, self._count_down,
+                                     delta=self.cfg.federation.downlink == "delta", ledger=self.ledger)
+            grid = cast(Grid, self.downlink)
+        return super().start(grid, initial_arrays, *args, **kwargs)
+
+    def _count_down(self, content: RecordDict) -> None:
+        comm.add(self.state.comm, "down", comm.payload_bytes(content, self.plan.modality_of))
+        self.state.comm["messages_down"] = self.state.comm.get("messages_down", 0) + 1
+
+    def _held(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Global state as the clients decode it (protocol.instructions.as_sent)."""
+        return as_sent(tensors, self.cfg.federation.downlink_compression)
+
+    def _pack(self, experts: Mapping[str, Mapping[str, np.ndarray]],
+              routers: Mapping[str, Mapping[str, np.ndarray]]) -> ArrayRecord:
+        return pack_state(experts, routers, self.cfg.federation.downlink_compression)
 
     # -- convenience ---------------------------------------------------------------------------
     @property
@@ -179,11 +208,10 @@ class FedMoleStrategy(FedAvg):
                            router_seed=self.cfg.federation.seed * 1000 + rp.task_index, **kw
                            ).to_record()
 
-    def _send(self, msgs: Iterable[Message]) -> list[Message]:
-        out = list(msgs)
-        for m in out:
-            comm.add(self.state.comm, "down", comm.payload_bytes(m.content, self.plan.modality_of))
-        return out
+    @staticmethod
+    def _send(msgs: Iterable[Message]) -> list[Message]:
+        # The bytes are counted as they leave (cloud.downlink), after the delta is taken.
+        return list(msgs)
 
     def _received_from(self, replies: Iterable[Message], rp: RoundPlan
                        ) -> list[tuple[int, RecordDict]]:
@@ -279,6 +307,7 @@ class FedMoleStrategy(FedAvg):
             idle |= {m.metadata.src_node_id for m in more
                      if not m.has_error() and skip_reason(m.content) is not None}
             got += self._received_from(more, rp)
+        self._idle_last = idle
         return got
 
     # -- training rounds -----------------------------------------------------------------------
@@ -290,7 +319,7 @@ class FedMoleStrategy(FedAvg):
             # A router without τ (no training round of its task reached a holder) cannot route.
             older = {t: s.routers[t] for t in s.plan.tasks if t in s.routers and t in s.thresholds}
             config = self._instruction(rp, PROBE, thresholds={t: s.thresholds[t] for t in older})
-            arrays = pack_state({}, older)
+            arrays = self._pack({}, older)
         else:
             name = SHARED if not self.probe else rp.task
             partners = s.partners.get(name, [])
@@ -299,18 +328,24 @@ class FedMoleStrategy(FedAvg):
             config = self._instruction(rp, "train", partners={name: tuple(partners)},
                                        router_fit=router_fit)
             routers = {rp.task: s.routers[rp.task]} if self.router_on and rp.task in s.routers else {}
-            arrays = pack_state({t: s.experts[t] for t in [name, *partners]}, routers)
+            arrays = self._pack({t: s.experts[t] for t in [name, *partners]}, routers)
         # The probe goes to every available client: it is cheap (a few batches and a small
         # autoencoder fit) and the allocation needs the clients that hold task t, which a
         # 10% sample of many clients can miss entirely.
         saved, self.fraction_train = self.fraction_train, 1.0 if rp.phase == PROBE else self.fraction_train
         # A sampled training round goes to the task's holders (the nodes that answered its
         # probe with data): a node without the task's data can only reply "no data". Unknown
-        # holders (a resumed run, a probe nobody answered) → all nodes, as Flower samples.
+        # holders (a resumed run, a probe nobody answered) → all nodes, as Flower samples. An
+        # unsampled round skips only the nodes that said they hold none of the task's data
+        # (a node that joined since the probe still gets it).
         pool: Grid = grid
-        holders = self.holders.get(rp.task, set()) & set(grid.get_node_ids())
+        nodes = set(grid.get_node_ids())
+        holders = self.holders.get(rp.task, set()) & nodes
         if rp.phase != PROBE and self.fraction_train < 1.0 and holders:
             pool = cast(Grid, _Among(grid, holders))  # duck-typed: Flower reads get_node_ids
+        elif rp.phase != PROBE and (rest := nodes - self.idle.get(rp.task, set())) and rest != nodes:
+            holders = rest
+            pool = cast(Grid, _Among(grid, holders))
         try:
             msgs = self._sample(grid, rp, lambda: list(
                 super(FedMoleStrategy, self).configure_train(server_round, arrays, config, pool)),
@@ -335,6 +370,7 @@ class FedMoleStrategy(FedAvg):
         contents = self._with_quorum(rp, replies)
         self._grid, self._sent = None, []
         if rp.phase == PROBE:  # a task needs a plan: below quorum it still allocates (see there)
+            self.idle[rp.task] = self._idle_last - self.holders.get(rp.task, set())
             metrics = self._allocate(rp.task, contents)
         else:
             metrics = self._aggregate(rp, contents)
@@ -394,13 +430,14 @@ class FedMoleStrategy(FedAvg):
             raise RuntimeError(f"allocation of task {task!r} failed: {e}") from e
         s = self.state
         s.plan = s.plan.with_task(alloc, self.cfg.lora.rank, self.cfg.lora.alpha)
-        s.experts[task] = initial_factors(s.plan, task, self.dims, self.cfg.federation.seed)
+        s.experts[task] = self._held(initial_factors(s.plan, task, self.dims,
+                                                     self.cfg.federation.seed))
         partner = choose_partner(votes, n_total, self.cfg.dmole.coactivate_share, s.plan.tasks)
         s.partners[task] = [partner] if partner else []
         if routers is not None and routers.n_clients:
             fitted = routers.finalize(self.cfg.dmole.router_quantile).state
             if fitted is not None:
-                s.routers[task] = fitted
+                s.routers[task] = self._held(fitted)
         return {"probe-clients": len(rows), "experts": len(alloc.modules),
                 **{f"experts/{k}": v for k, v in alloc.per_modality.items()},
                 "partner": ",".join(s.partners[task]) or "-"}
@@ -490,7 +527,7 @@ class FedMoleStrategy(FedAvg):
         if not result.clients:
             log.warning("round %d: no valid update for %s; its experts stay as they were",
                         rp.server_round, rp.task)
-        self.state.experts[name] = {**self.state.experts[name], **result.tensors()}
+        self.state.experts[name] = {**self.state.experts[name], **self._held(result.tensors())}
         metrics: dict = {"clients": len(result.clients),
                          "max-truncation-error": max((r.error for r in result.modules.values()),
                                                      default=0.0)}
@@ -510,7 +547,7 @@ class FedMoleStrategy(FedAvg):
         if routers is not None and routers.n_clients:
             r = routers.finalize(self.cfg.dmole.router_quantile)
             if r.state is not None:
-                self.state.routers[rp.task] = r.state
+                self.state.routers[rp.task] = self._held(r.state)
             if r.threshold is not None:
                 self.state.thresholds[rp.task] = r.threshold
                 metrics["router-threshold"] = r.threshold
@@ -530,7 +567,7 @@ class FedMoleStrategy(FedAvg):
         config = self._instruction(rp, "evaluate", seen=tuple(seen),
                                    partners={t: tuple(s.partners.get(t, [])) for t in names},
                                    thresholds={t: s.thresholds[t] for t in routers})
-        arrays = pack_state({t: s.experts[t] for t in names}, routers)
+        arrays = self._pack({t: s.experts[t] for t in names}, routers)
         return self._send(self._sample(grid, rp, lambda: list(
             super(FedMoleStrategy, self).configure_evaluate(server_round, arrays, config, grid))))
 

@@ -2,7 +2,8 @@
 
 Where the client's data lives: node config ``data-dir`` (a deployed SuperNode), else
 ``app.clients-dir``/client-<partition-id> (a simulation's virtual node). Its persistent state
-(the replay buffer) goes to node config ``state-dir``, else ``<data-dir>/_state``.
+(the replay buffer, the global state received: edge.state_cache) goes to node config
+``state-dir``, else ``<data-dir>/_state``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from flwr.clientapp import ClientApp
 from edge import local
 from edge.runtime import edge_model, local_data
 from protocol.app_config import split_run_config
+from edge.state_cache import DIR as CACHE_DIR
+from edge.state_cache import DiskGroupCache
 from protocol.instructions import Instruction, unpack_state
+from protocol.state_sync import MissingState, encode_need_state, fill
 
 
 def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client:
@@ -46,8 +50,12 @@ def _client(context: Context, run_config: dict[str, Any] | None) -> local.Client
 
 def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
     client = _client(context, run_config)
-    ins = Instruction.from_record(msg.content["config"])
-    arrays = msg.content["arrays"]
+    try:  # the delta-only downlink: what the cloud left out is in the node's cache
+        content = fill(msg.content, DiskGroupCache(client.state_dir / CACHE_DIR))
+    except MissingState as e:  # a lost or reset cache: the cloud re-sends the whole state
+        return Message(content=encode_need_state(e.groups), reply_to=msg)
+    ins = Instruction.from_record(content["config"])
+    arrays = content["arrays"]
     if not isinstance(arrays, ArrayRecord):
         raise TypeError(f"the round's 'arrays' must be an ArrayRecord, got {type(arrays).__name__}")
     experts, routers = unpack_state(arrays)

@@ -349,6 +349,7 @@ def round_half_up(x: float) -> int:
 FEDERATED_METHODS = ("dmole-replay", "dmole", "fedavg-replay-lora", "fedavg-seq-lora")
 # protocol.compression.COMPRESSIONS (a test keeps them equal).
 COMPRESSIONS = ("none", "fp16", "int8")
+DOWNLINKS = ("delta", "full")
 # cloud.robust.CENTERS (a test keeps them equal).
 AGGREGATION_CENTERS = ("mean", "median", "trimmed-mean")
 
@@ -400,6 +401,13 @@ class FederationConfig:
     # Wire format of the uploaded expert factors: float32 as trained, or fp16 / int8 (per-row
     # absmax) to cut bytes up; the cloud aggregates in float64 either way.
     compression: str = "int8"
+    # The downlink (cloud/downlink.py, protocol/state_sync.py): "delta" sends each node only the
+    # experts, routers and plan it does not hold at their current version (a node that lost its
+    # cache asks for and gets the whole state); "full" sends every message whole. Its matrices
+    # travel in downlink-compression, and the cloud holds its global state as the clients decode
+    # it, so what is trained from, scored and published is one set of values.
+    downlink: str = "delta"
+    downlink_compression: str = "int8"
     # Router federation: in the probe round (and the first router-rounds − 1 training rounds)
     # each client fits task t's autoencoder for router-local-epochs from the global weights;
     # it keeps router-holdout of its samples out of the fit, and every training round reports
@@ -482,6 +490,10 @@ class FederationConfig:
                f"one of {', '.join(FEDERATED_METHODS)}", self.method)
         _check(self.compression in COMPRESSIONS, "federation.compression",
                f"one of {', '.join(COMPRESSIONS)}", self.compression)
+        _check(self.downlink in DOWNLINKS, "federation.downlink", f"one of {', '.join(DOWNLINKS)}",
+               self.downlink)
+        _check(self.downlink_compression in COMPRESSIONS, "federation.downlink-compression",
+               f"one of {', '.join(COMPRESSIONS)}", self.downlink_compression)
         _check(self.router_local_epochs >= 1, "federation.router-local-epochs", ">= 1",
                self.router_local_epochs)
         _check(0 < self.router_holdout < 1, "federation.router-holdout", "in (0, 1)",

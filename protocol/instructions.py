@@ -10,7 +10,8 @@ Instruction keys (all rounds carry ``phase``, ``task``, ``task-index``, ``global
     evaluate  seen (tasks trained so far), partners (JSON {task: [partner, …]})
     probe, evaluate   thresholds (JSON {task: τ}) for the routers sent along
 
-Arrays: ``expert/<task>/<module>.lora_A|lora_B`` and ``router/<task>/<AE key>``. Only what the
+Arrays: ``expert/<task>/<module>.lora_A|lora_B`` and ``router/<task>/<AE key>``, matrices in
+``federation.downlink-compression`` (int8 ones with ``"<key>::scale"`` beside them). Only what the
 round needs travels: task t's experts (and its partners') in training, every seen task's in
 evaluation, older routers in the probe (clients count co-activation votes with them).
 """
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from protocol.compression import compress, decompress
 from protocol.plan import ExpertPlan, PlanError
 from protocol.updates import MessageError, check_numeric, finite_number
 
@@ -105,10 +107,29 @@ class Instruction:
                    router_fit=get("router-fit", bool), router_seed=get("router-seed", int))
 
 
+def _wire(tensors: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
+    """One group's tensors as they travel: matrices in ``compression``, vectors (biases) as
+    float32 (int8 with a scale per row would cost 5 bytes a value)."""
+    mats = {k: v for k, v in tensors.items() if np.ndim(v) >= 2}
+    rest = {k: np.asarray(v, np.float32) for k, v in tensors.items() if np.ndim(v) < 2}
+    return {**compress(mats, compression), **rest}
+
+
+def as_sent(tensors: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
+    """``tensors`` as a client decodes them after the trip in ``compression``: the cloud holds its
+    global state in this form, so what the clients train from and are scored with is what it
+    holds, checkpoints and publishes (for "none": float32 copies)."""
+    return decompress(_wire(tensors, compression))
+
+
 def pack_state(experts: Mapping[str, Mapping[str, np.ndarray]],
-               routers: Mapping[str, Mapping[str, np.ndarray]]) -> ArrayRecord:
-    arrays = {f"expert/{t}/{k}": v for t, d in experts.items() for k, v in d.items()}
-    arrays.update({f"router/{t}/{k}": v for t, d in routers.items() for k, v in d.items()})
+               routers: Mapping[str, Mapping[str, np.ndarray]],
+               compression: str = "none") -> ArrayRecord:
+    """Experts and routers → the round's ArrayRecord (``compression`` as in
+    protocol.compression, matrices only; ``"<key>::scale"`` keys beside int8 ones)."""
+    arrays = {f"expert/{t}/{k}": v for t, d in experts.items() for k, v in _wire(d, compression).items()}
+    arrays.update({f"router/{t}/{k}": v for t, d in routers.items()
+                   for k, v in _wire(d, compression).items()})
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
@@ -127,4 +148,8 @@ def unpack_state(rec: ArrayRecord) -> tuple[dict[str, dict[str, np.ndarray]],
         except Exception as e:  # corrupt bytes / dtype
             raise MessageError(f"global state array {key!r} cannot be decoded: {e}") from e
         out[kind].setdefault(task, {})[name] = check_numeric(x, f"global state array {key!r}")
-    return out["expert"], out["router"]
+    try:  # int8 matrices with their scales → float32 (a no-op for float arrays)
+        return ({t: decompress(d) for t, d in out["expert"].items()},
+                {t: decompress(d) for t, d in out["router"].items()})
+    except ValueError as e:
+        raise MessageError(f"global state arrays: {e}") from e

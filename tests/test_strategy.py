@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from cloud.aggregation import svd_factors
 from cloud.strategy import FedMoleStrategy
 from protocol.config import parse_config
+from protocol.instructions import unpack_state
 from protocol.updates import ClientUpdate, ProbeReply, encode_probe, encode_update
 
 L0, L1 = "language_model.layers.0.self_attn.q_proj", "language_model.layers.1.self_attn.q_proj"
@@ -51,7 +52,10 @@ def strategy() -> FedMoleStrategy:
     cfg = parse_config({"federation.fraction": 1.0,
                         "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
                         "federation.min-clients": 2, "lora.rank": 2, "lora.alpha": 4,
-                        "dmole.modality-floor": 0.0})
+                        "dmole.modality-floor": 0.0,
+                        # float32 on the wire: these tests check the aggregation's exactness
+                        # (the int8 downlink has its own tests in test_downlink.py)
+                        "federation.downlink-compression": "none"})
     return FedMoleStrategy(cfg, MMAP, DIMS)
 
 
@@ -238,7 +242,7 @@ def test_a_client_without_audio_neither_feeds_nor_dilutes_the_audio_experts():
     cfg = parse_config({"federation.fraction": 1.0,
                         "data.tasks": "pitch", "federation.rounds-per-task": 1, "lora.rank": 2,
                         "lora.alpha": 4, "dmole.modality-floor": 0.0, "dmole.budget-fraction": 0.5,
-                        "dmole.router": "none"})
+                        "dmole.router": "none", "federation.downlink-compression": "none"})
     st = FedMoleStrategy(cfg, MMAP, DIMS)
     _probe_all(st, 1, "pitch", {L0: 1.0, L1: 0.0, V0: 0.0, A0: 3.0})
     assert sorted(st.plan.modules_of("pitch")) == sorted([L0, A0])
@@ -288,13 +292,14 @@ def test_skips_are_not_rejections_and_dropout_withholds_messages():
 def test_fedavg_baseline_has_one_shared_adapter_and_no_probe():
     cfg = parse_config({"federation.fraction": 1.0,
                         "data.tasks": "color,pitch", "federation.rounds-per-task": 2,
-                        "lora.rank": 2, "lora.alpha": 4, "federation.method": "fedavg-seq-lora"})
+                        "lora.rank": 2, "lora.alpha": 4, "federation.method": "fedavg-seq-lora",
+                        "federation.downlink-compression": "none"})
     st = FedMoleStrategy(cfg, MMAP, DIMS)
     assert st.total_rounds == 4 and st.plan.tasks == ("shared",)
     msgs = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
     assert msgs[0].content["config"]["phase"] == "train"
     assert {k.split("/")[1] for k in msgs[0].content["arrays"].keys()} == {"shared"}
-    tensors = {k.split("/", 2)[2]: v.numpy() + 1.0 for k, v in msgs[0].content["arrays"].items()}
+    tensors = {k: v + 1.0 for k, v in unpack_state(msgs[0].content["arrays"])[0]["shared"].items()}
     st.aggregate_train(1, [_reply(m, encode_update(ClientUpdate(f"c{i}", "color", 1, 5,
                                                                 frozenset({"language", "vision"}), tensors)))
                            for i, m in enumerate(msgs)])
@@ -405,7 +410,7 @@ def _trained(strategy, grid=None):
     strategy.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5, scores)))
                                  for i, m in enumerate(probe)])
     msgs = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid or Grid()))
-    sent = {k.split("/", 2)[2]: v.numpy() for k, v in msgs[0].content["arrays"].items()}
+    sent = unpack_state(msgs[0].content["arrays"])[0]["color"]  # as a client decodes it
     return msgs, sent
 
 
@@ -420,7 +425,8 @@ def _client_update(cid, sent, rng, scale=1.0, n=5):
 def test_median_aggregation_shrugs_off_a_client_scaled_a_hundred_fold():
     cfg = parse_config({"data.tasks": "color,pitch", "federation.rounds-per-task": 2,
                         "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
-                        "federation.clip-factor": 0, "federation.aggregation": "median"})
+                        "federation.clip-factor": 0, "federation.aggregation": "median",
+                        "federation.downlink-compression": "none"})
     s = FedMoleStrategy(cfg, MMAP, DIMS)
     msgs, sent = _trained(s)
     rng = np.random.default_rng(0)

@@ -1,0 +1,107 @@
+"""The cloud's downlink: each node gets only the global state it does not hold.
+
+:class:`Downlink` wraps Flower's ``Grid`` (the only thing it changes is ``send_and_receive``,
+which ``Strategy.start`` and the quorum's retries call). Per node it keeps a *ledger*: group →
+digest of what that node is known to hold (protocol.state_sync). Each outgoing round message
+gets the manifest of its groups and loses the groups the ledger says the node holds; a reply
+that is not an error confirms the node now holds every group of its message. A ``need-state``
+reply (the node lost its cache, or never had it) clears the node's ledger and the whole message
+is sent to it once more, in the same call, so the strategy sees one ordinary reply.
+
+The bytes counted (``account``) are those of the messages as they leave: the stripped ones and
+any re-sends. The ledger lives in memory: a restarted cloud starts with empty ledgers and sends
+everything once, which is correct, only larger.
+
+Why a wrapper around the grid and not part of the strategy: the strategy decides *what* a round
+needs; how much of it must travel to a given node is a property of the link, and keeping it here
+leaves ``configure_*`` pure (the same messages whatever each node caches).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from protocol.state_sync import ARRAYS, CONFIG, manifest_of, need_state, strip
+
+log = logging.getLogger(__name__)
+
+
+class Downlink:
+    """A Grid whose round messages carry only what each destination lacks (``delta``), or are
+    sent whole (``full``: the ledger is not used, nothing is stripped)."""
+
+    def __init__(self, grid: Grid, account: Callable[[RecordDict], None], delta: bool = True,
+                 ledger: dict[int, dict[str, str]] | None = None):
+        self._grid = grid
+        self._account = account
+        self.delta = delta
+        self.ledger: dict[int, dict[str, str]] = {} if ledger is None else ledger
+        self.resent = 0  # full re-sends after a need-state reply (for metrics and tests)
+
+    def __getattr__(self, name: str) -> Any:  # get_node_ids, push_messages, … as Flower's
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None
+                         ) -> Iterable[Message]:
+        # destination node → (the full message, its manifest). A round sends a node one message
+        # (Flower's sampling, the quorum's re-sends), and Grids number messages differently
+        # (uuid in memory, content id over gRPC), so a reply is matched by its sender.
+        full: dict[int, tuple[Message, dict[str, str]]] = {}
+        out: list[Message] = []
+        manifests: dict[int, dict[str, str]] = {}  # id(ArrayRecord) → manifest: one digest pass
+        for m in messages:
+            if self.delta and CONFIG in m.content and ARRAYS in m.content:
+                key = id(m.content[ARRAYS])
+                man = manifests.get(key)
+                if man is None:
+                    man = manifests[key] = manifest_of(m.content)
+                node = m.metadata.dst_node_id
+                sent = _like(m, strip(m.content, man, self.ledger.get(node, {})))
+                full[node] = (m, man)
+            else:
+                sent = m
+            self._account(sent.content)
+            out.append(sent)
+        replies = list(self._grid.send_and_receive(out, timeout=timeout))
+        again: list[tuple[int, Message, dict[str, str]]] = []
+        result: list[Message] = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            origin = full.get(node)
+            if origin is None or r.has_error():
+                result.append(r)
+                continue
+            m, man = origin
+            groups = need_state(r.content)
+            if groups is None:
+                self.ledger.setdefault(node, {}).update(man)
+                result.append(r)
+            else:
+                log.info("node %d holds none of %s at the current version: sending it the whole "
+                         "state", node, groups or "its groups")
+                self.ledger.pop(node, None)
+                again.append((node, m, man))
+        if again:
+            resend = []
+            for node, m, man in again:
+                msg = _like(m, strip(m.content, man, {}))  # the manifest, every group
+                self._account(msg.content)
+                resend.append(msg)
+            self.resent += len(resend)
+            for r in self._grid.send_and_receive(resend, timeout=timeout):
+                origin = full.get(r.metadata.src_node_id)
+                if origin is not None and not r.has_error() and need_state(r.content) is None:
+                    self.ledger.setdefault(r.metadata.src_node_id, {}).update(origin[1])
+                result.append(r)
+        return result
+
+
+def _like(m: Message, content: RecordDict) -> Message:
+    """A new message to ``m``'s node with ``content`` (type and group as ``m``)."""
+    return Message(content=content, message_type=m.metadata.message_type,
+                   dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id)

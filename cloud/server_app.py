@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cloud import comm
@@ -58,8 +58,8 @@ def learn_task(strategy: FedMoleStrategy, grid: Grid, t: int, timeout: float) ->
     done, end = strategy.state.round, (t + 1) * per
     if done < end:
         strategy.offset = done  # Flower numbers this call's rounds from 1
-        strategy.start(grid, ArrayRecord(), num_rounds=end - done, timeout=timeout,
-                       evaluate_fn=strategy.on_round_end)
+        strategy.result = strategy.start(grid, strategy.global_arrays(), num_rounds=end - done,
+                                         timeout=timeout, evaluate_fn=strategy.on_round_end)
     return {"task": strategy.tasks[t], "rounds": end - max(done, t * per)}
 
 

@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from cloud import comm
 from cloud.downlink import Downlink
@@ -162,6 +164,7 @@ class FedMoleStrategy(FedAvg):
         # node → group → digest of the global state it holds (cloud.downlink; in memory)
         self.ledger: dict[int, dict[str, str]] = {}
         self.downlink: Downlink | None = None
+        self.result: Result | None = None  # the last Strategy.start's (cloud.server_app)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):  # type: ignore[override]
         """Flower's round loop, on a grid that sends each node only what it lacks
@@ -171,6 +174,11 @@ class FedMoleStrategy(FedAvg):
                                      delta=self.cfg.federation.downlink == "delta", ledger=self.ledger)
             grid = cast(Grid, self.downlink)
         return super().start(grid, initial_arrays, *args, **kwargs)
+
+    def global_arrays(self) -> ArrayRecord:
+        """The global state as Flower carries it between rounds (``Strategy.start``'s arrays and
+        its ``Result.arrays``): every expert and router, float32 as the cloud holds them."""
+        return pack_state(self.state.experts, self.state.routers)
 
     def _count_down(self, content: RecordDict) -> None:
         comm.add(self.state.comm, "down", comm.payload_bytes(content, self.plan.modality_of))
@@ -243,23 +251,24 @@ class FedMoleStrategy(FedAvg):
                         need, self.cfg.federation.round_timeout)
         return n
 
-    def _sample(self, grid: Grid, rp: RoundPlan, build: Callable[[], list[Message]],
-                among: int | None = None) -> list[Message]:
-        """Flower's sampling (``build``), with the node minimums lowered to what is connected
-        once the deadline has passed (or to ``among``, the size of a narrowed candidate set);
-        no node at all → no message (the round is skipped)."""
+    def _sample(self, grid: Grid, rp: RoundPlan, server_round: int, arrays: ArrayRecord,
+                config: ConfigRecord, kind: str, fraction: float, min_nodes: int,
+                pool: Grid | None = None, among: int | None = None) -> list[Message]:
+        """Flower's sampling (``sample_nodes`` over ``pool``, FedAvg's sample size: ``fraction``
+        of the pool, at least ``min_nodes``) and its messages, with the node minimums lowered to
+        what is connected once the deadline has passed (or to ``among``, the size of a narrowed
+        pool) — as local values: the strategy's fields stay as configured. No node at all → no
+        message (the round is skipped)."""
         n = self._await_nodes(grid, self.min_available_nodes, rp)
-        if n == 0:
+        if n == 0 or fraction == 0.0:
             return []
         n = min(n, among) if among is not None else n
-        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
-        self.min_available_nodes = min(self.min_available_nodes, n)
-        self.min_train_nodes = min(self.min_train_nodes, n)
-        self.min_evaluate_nodes = min(self.min_evaluate_nodes, n)
-        try:
-            return build()
-        finally:
-            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+        pool = grid if pool is None else pool
+        size = max(int(len(list(pool.get_node_ids())) * fraction), min(min_nodes, n))
+        node_ids, _ = sample_nodes(pool, min(self.min_available_nodes, n), size)
+        config["server-round"] = server_round  # as FedAvg does
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, kind))
 
     def _usable(self, rp: RoundPlan, content: RecordDict) -> bool:
         """Whether a reply can count towards the round's quorum (it decodes and is this round's)."""
@@ -332,7 +341,7 @@ class FedMoleStrategy(FedAvg):
         # The probe goes to every available client: it is cheap (a few batches and a small
         # autoencoder fit) and the allocation needs the clients that hold task t, which a
         # 10% sample of many clients can miss entirely.
-        saved, self.fraction_train = self.fraction_train, 1.0 if rp.phase == PROBE else self.fraction_train
+        fraction = 1.0 if rp.phase == PROBE else self.fraction_train
         # A sampled training round goes to the task's holders (the nodes that answered its
         # probe with data): a node without the task's data can only reply "no data". Unknown
         # holders (a resumed run, a probe nobody answered) → all nodes, as Flower samples. An
@@ -341,17 +350,14 @@ class FedMoleStrategy(FedAvg):
         pool: Grid = grid
         nodes = set(grid.get_node_ids())
         holders = self.holders.get(rp.task, set()) & nodes
-        if rp.phase != PROBE and self.fraction_train < 1.0 and holders:
+        if rp.phase != PROBE and fraction < 1.0 and holders:
             pool = cast(Grid, _Among(grid, holders))  # duck-typed: Flower reads get_node_ids
         elif rp.phase != PROBE and (rest := nodes - self.idle.get(rp.task, set())) and rest != nodes:
             holders = rest
             pool = cast(Grid, _Among(grid, holders))
-        try:
-            msgs = self._sample(grid, rp, lambda: list(
-                super(FedMoleStrategy, self).configure_train(server_round, arrays, config, pool)),
-                among=len(holders) if pool is not grid else None)
-        finally:
-            self.fraction_train = saved
+        msgs = self._sample(grid, rp, server_round, arrays, config, MessageType.TRAIN, fraction,
+                            self.min_train_nodes, pool,
+                            among=len(holders) if pool is not grid else None)
         self._grid, self._sent = grid, msgs
         return self._send(self._drop(msgs, rp))
 
@@ -378,7 +384,7 @@ class FedMoleStrategy(FedAvg):
                                   "time": round(time.time(), 2),
                                   "bytes_up": self.state.comm["bytes_up"],
                                   "bytes_down": self.state.comm["bytes_down"], **metrics})
-        return None, MetricRecord({k: v for k, v in metrics.items()
+        return self.global_arrays(), MetricRecord({k: v for k, v in metrics.items()
                                    if isinstance(v, int | float) and not isinstance(v, bool)})
 
     def _allocate(self, task: str, contents: list[tuple[int, RecordDict]]) -> dict:
@@ -568,8 +574,8 @@ class FedMoleStrategy(FedAvg):
                                    partners={t: tuple(s.partners.get(t, [])) for t in names},
                                    thresholds={t: s.thresholds[t] for t in routers})
         arrays = self._pack({t: s.experts[t] for t in names}, routers)
-        return self._send(self._sample(grid, rp, lambda: list(
-            super(FedMoleStrategy, self).configure_evaluate(server_round, arrays, config, grid))))
+        return self._send(self._sample(grid, rp, server_round, arrays, config, MessageType.EVALUATE,
+                                       self.fraction_evaluate, self.min_evaluate_nodes))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

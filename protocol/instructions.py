@@ -109,7 +109,9 @@ class Instruction:
 
 def _wire(tensors: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
     """One group's tensors as they travel: matrices in ``compression``, vectors (biases) as
-    float32 (int8 with a scale per row would cost 5 bytes a value)."""
+    float32 (int8 with a scale per row would cost 5 bytes a value); "none" sends them as held."""
+    if compression == "none":
+        return dict(tensors)
     mats = {k: v for k, v in tensors.items() if np.ndim(v) >= 2}
     rest = {k: np.asarray(v, np.float32) for k, v in tensors.items() if np.ndim(v) < 2}
     return {**compress(mats, compression), **rest}

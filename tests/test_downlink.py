@@ -255,3 +255,10 @@ def test_delta_and_full_downlinks_give_the_same_run_and_a_lost_cache_is_refilled
     assert full.downlink is not None and full.downlink.resent == 0
     assert delta.downlink is not None and delta.downlink.resent >= 1  # the node that lost its cache
     assert delta.rejected.get("client-error", 0) == 0 and delta.rejected.get("malformed", 0) == 0
+    # Flower's Result of the last task's rounds holds the final global experts and routers
+    assert delta.result is not None
+    experts, routers = unpack_state(delta.result.arrays)
+    assert set(experts) == set(delta.state.experts) and set(routers) == set(delta.state.routers)
+    for t, d in delta.state.experts.items():
+        for k, v in d.items():
+            np.testing.assert_array_equal(experts[t][k], v)

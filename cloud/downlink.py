@@ -1,4 +1,6 @@
-"""The cloud's downlink: each node gets only the global state it does not hold.
+"""The cloud's link to its nodes: each node gets only the global state it does not hold, and
+rounds short of their quorum are re-sent — the network work of a round, kept out of the
+strategy's ``aggregate_*``.
 
 :class:`Downlink` wraps Flower's ``Grid`` (the only thing it changes is ``send_and_receive``,
 which ``Strategy.start`` and the quorum's retries call). Per node it keeps a *ledger*: group →
@@ -36,8 +38,10 @@ class Downlink:
     sent whole (``full``: the ledger is not used, nothing is stripped)."""
 
     def __init__(self, grid: Grid, account: Callable[[RecordDict], None], delta: bool = True,
-                 ledger: dict[int, dict[str, str]] | None = None):
+                 ledger: dict[int, dict[str, str]] | None = None,
+                 retry: Callable[[list[Message], int], list[Message]] | None = None):
         self._grid = grid
+        self.retry = retry
         self._account = account
         self.delta = delta
         self.ledger: dict[int, dict[str, str]] = {} if ledger is None else ledger
@@ -48,6 +52,16 @@ class Downlink:
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None
                          ) -> Iterable[Message]:
+        """One exchange, then the retries ``retry(replies so far, attempt)`` asks for (the
+        strategy's quorum policy), each an exchange of its own; every reply is returned."""
+        replies = self._exchange(messages, timeout)
+        attempt = 1
+        while self.retry is not None and (again := self.retry(replies, attempt)):
+            replies += self._exchange(again, timeout)
+            attempt += 1
+        return replies
+
+    def _exchange(self, messages: Iterable[Message], timeout: float | None) -> list[Message]:
         # destination node → (the full message, its manifest). A round sends a node one message
         # (Flower's sampling, the quorum's re-sends), and Grids number messages differently
         # (uuid in memory, content id over gRPC), so a reply is matched by its sender.

@@ -21,6 +21,12 @@ loop (``Strategy.start``); only what a round *means* changes, by :mod:`cloud.sch
 The FedAvg baselines (``fedavg-seq-lora``, ``fedavg-replay-lora``) run through the same code with
 one shared adapter on every candidate module, no probe round and no router.
 
+The strategy does no network work: ``start`` runs Flower's loop on :class:`cloud.downlink.Downlink`,
+the grid wrapper that sends each node only the global state it lacks and re-sends a round short
+of its quorum (``retry_policy`` says to whom); ``aggregate_train`` receives every reply and
+returns the global experts and routers as the round's ``ArrayRecord`` (``Result.arrays`` at the
+end). Sampling uses Flower's ``sample_nodes`` with the round's minimums as local values.
+
 Dropout (``federation.dropout``) is simulated here: each sampled node's training message is
 withheld with that probability (seeded per round), so the round proceeds with the others, as
 with a client that never answers. Evaluation messages are never withheld (the matrix is a
@@ -147,8 +153,8 @@ class FedMoleStrategy(FedAvg):
                                        dp_noise=fed.dp_noise, dp_modalities=fed.dp_modalities)
         except ValueError as e:
             raise ValueError(f"federation.aggregation / dp-*: {e}") from e
-        # The round in flight: Flower's grid and the messages sent (for a quorum retry).
-        self._grid: Grid | None = None
+        # The training round in flight and its messages (for the quorum's retries).
+        self._pending: RoundPlan | None = None
         self._sent: list[Message] = []
         self.stop_after_round = 0
         # Called after a task's evaluation round is checkpointed: (state, task index, task) →
@@ -156,8 +162,8 @@ class FedMoleStrategy(FedAvg):
         self.publisher: Callable[[GlobalState, int, str], str] | None = None
         # (task, client) → the sample count it declared in the task's probe round (capped).
         self.declared: dict[tuple[str, str], int] = {}
-        # task → Flower node ids that answered its probe with data / with "no data of the task"
-        # (this process's run only)
+        # task → Flower node ids that answered its probe with data / its probe or a training
+        # round with "no data of the task" (this process's run only: node ids are the link's)
         self.holders: dict[str, set[int]] = {}
         self.idle: dict[str, set[int]] = {}
         self._idle_last: set[int] = set()
@@ -171,7 +177,8 @@ class FedMoleStrategy(FedAvg):
         (``federation.downlink``) and counts the bytes as they leave."""
         if not isinstance(grid, Downlink):
             self.downlink = Downlink(grid, self._count_down,
-                                     delta=self.cfg.federation.downlink == "delta", ledger=self.ledger)
+                                     delta=self.cfg.federation.downlink == "delta", ledger=self.ledger,
+                                     retry=self.retry_policy)
             grid = cast(Grid, self.downlink)
         return super().start(grid, initial_arrays, *args, **kwargs)
 
@@ -287,37 +294,43 @@ class FedMoleStrategy(FedAvg):
             per = self.state.rejected_by_node.setdefault(str(node), {})
             per[kind] = per.get(kind, 0) + 1
 
-    def _with_quorum(self, rp: RoundPlan, replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
-        """The round's reply contents, after re-sending to the nodes without a usable reply while
-        fewer than federation.quorum are usable (federation.round-retries times, each within
-        federation.round-timeout). Whether the round then counts is decided on the fully
-        validated replies (``_aggregate``)."""
-        fed = self.cfg.federation
-        replies = list(replies)
+    def retry_policy(self, replies: list[Message], attempt: int) -> list[Message]:
+        """What to send again after ``attempt - 1`` retries of the training round in flight,
+        given every reply so far: the nodes without a usable reply, while fewer than
+        federation.quorum are usable (federation.round-retries times; empty = done). The grid
+        wrapper (cloud.downlink) calls it and does the sending, so ``aggregate_train`` receives
+        every reply and does no network work. Whether the round then counts is decided on the
+        fully validated replies (``_aggregate``)."""
+        fed, rp = self.cfg.federation, self._pending
+        if rp is None or attempt > fed.round_retries:
+            return []
+        heard = [m for m in replies if not m.has_error()]
         # Nodes that answered "nothing to do" (no data of the task) were heard: not re-sent.
-        idle = {m.metadata.src_node_id for m in replies
-                if not m.has_error() and skip_reason(m.content) is not None}
-        got = self._received_from(replies, rp)
-        for attempt in range(1, fed.round_retries + 1):
-            ok = {node for node, c in got if self._usable(rp, c)}
-            if len(ok) >= fed.quorum or self._grid is None:
-                break
-            again = [m for m in self._sent if m.metadata.dst_node_id not in ok | idle]
-            if not again:
-                break
-            log.warning("round %d: %d usable replies, quorum %d; re-sending to %d nodes "
-                        "(retry %d of %d)", rp.server_round, len(ok), fed.quorum, len(again),
-                        attempt, fed.round_retries)
-            fresh = [Message(content=m.content, message_type=m.metadata.message_type,
-                             dst_node_id=m.metadata.dst_node_id) for m in again]
-            fresh = self._send(self._drop(fresh, rp, attempt))
-            self.state.rejected["retried"] += len(fresh)
-            more = list(self._grid.send_and_receive(fresh, timeout=fed.round_timeout))
-            idle |= {m.metadata.src_node_id for m in more
-                     if not m.has_error() and skip_reason(m.content) is not None}
-            got += self._received_from(more, rp)
-        self._idle_last = idle
-        return got
+        idle = {m.metadata.src_node_id for m in heard if skip_reason(m.content) is not None}
+        ok = {m.metadata.src_node_id for m in heard
+              if skip_reason(m.content) is None and self._usable(rp, m.content)}
+        if len(ok) >= fed.quorum:
+            return []
+        again = [m for m in self._sent if m.metadata.dst_node_id not in ok | idle]
+        if not again:
+            return []
+        log.warning("round %d: %d usable replies, quorum %d; re-sending to %d nodes "
+                    "(retry %d of %d)", rp.server_round, len(ok), fed.quorum, len(again),
+                    attempt, fed.round_retries)
+        fresh = [Message(content=m.content, message_type=m.metadata.message_type,
+                         dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id)
+                 for m in again]
+        fresh = self._drop(fresh, rp, attempt)
+        self.state.rejected["retried"] += len(fresh)
+        return fresh
+
+    def _collect(self, rp: RoundPlan, replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
+        """(node, content) of the round's replies (retries included); the nodes that said they
+        hold no data of the task are remembered for its later rounds."""
+        replies = list(replies)
+        self._idle_last = {m.metadata.src_node_id for m in replies
+                           if not m.has_error() and skip_reason(m.content) is not None}
+        return self._received_from(replies, rp)
 
     # -- training rounds -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -358,7 +371,7 @@ class FedMoleStrategy(FedAvg):
         msgs = self._sample(grid, rp, server_round, arrays, config, MessageType.TRAIN, fraction,
                             self.min_train_nodes, pool,
                             among=len(holders) if pool is not grid else None)
-        self._grid, self._sent = grid, msgs
+        self._pending, self._sent = rp, msgs
         return self._send(self._drop(msgs, rp))
 
     def _drop(self, msgs: list[Message], rp: RoundPlan, attempt: int = 0) -> list[Message]:
@@ -373,12 +386,15 @@ class FedMoleStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rp = self._round(server_round)
-        contents = self._with_quorum(rp, replies)
-        self._grid, self._sent = None, []
+        contents = self._collect(rp, replies)
+        self._pending, self._sent = None, []
         if rp.phase == PROBE:  # a task needs a plan: below quorum it still allocates (see there)
             self.idle[rp.task] = self._idle_last - self.holders.get(rp.task, set())
             metrics = self._allocate(rp.task, contents)
         else:
+            # A training round's "no data" replies teach the same (a resumed cloud, which knows
+            # no node's holdings, sends its first training round to all nodes, then no more).
+            self.idle.setdefault(rp.task, set()).update(self._idle_last)
             metrics = self._aggregate(rp, contents)
         self.state.rounds.append({"round": rp.server_round, "task": rp.task, "phase": rp.phase,
                                   "time": round(time.time(), 2),
@@ -564,6 +580,7 @@ class FedMoleStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """Only a task's last training round evaluates: every expert and router seen so far."""
         rp = self._round(server_round)
+        self._pending = None  # no quorum retries for the evaluation
         if not rp.evaluate:
             return []
         s = self.state

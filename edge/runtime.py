@@ -75,7 +75,9 @@ def load_local_data(folder: Path, tasks: list[str] | tuple[str, ...],
     specs: dict[str, StreamTask] = {}
     path = folder / CLIENT_STREAM
     if not path.is_file():
-        if any(folder.iterdir()):
+        # The node's own state (``_state/``: checkpoints, the downlink cache) may live here even
+        # when the node holds no task; anything else without a stream file is a mistake.
+        if any(not p.name.startswith(("_", ".")) for p in folder.iterdir()):
             raise FileNotFoundError(
                 f"client data folder {str(folder)!r} has no {CLIENT_STREAM}: a node's folder is a "
                 "task stream in the field's format (stream.toml + <task>/train.json, test.json); "

@@ -442,6 +442,27 @@ def test_median_aggregation_shrugs_off_a_client_scaled_a_hundred_fold():
         assert np.abs(got[f"{m}.lora_B"]).max() < 10  # the ×100 client moved nothing far
 
 
+def _round_trip(strategy, grid, first):
+    """The round's exchange through the strategy's link (cloud.downlink): the first send is
+    answered with ``first`` (the replies that came back), every retry by ``grid``; returns all
+    replies, as Strategy.start hands them to ``aggregate_train``."""
+    from cloud.downlink import Downlink
+
+    class Once:
+        def __init__(self):
+            self.calls = 0
+
+        def get_node_ids(self):
+            return grid.get_node_ids()
+
+        def send_and_receive(self, messages, timeout=None):
+            self.calls += 1
+            return first if self.calls == 1 else grid.send_and_receive(messages, timeout)
+
+    link = Downlink(Once(), lambda c: None, delta=False, retry=strategy.retry_policy)
+    return list(link.send_and_receive(strategy._sent))
+
+
 def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
     cfg = parse_config({"data.tasks": "color,pitch", "federation.rounds-per-task": 2,
                         "lora.rank": 2, "lora.alpha": 4, "dmole.modality-floor": 0.0,
@@ -451,8 +472,9 @@ def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
     silent = Grid()  # the retries reach nobody
     msgs, sent = _trained(s, silent)
     before = {k: v.copy() for k, v in s.state.experts["color"].items()}
-    _, metrics = s.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
-    assert len(silent.resent) == 2 and all(len(r) == 2 for r in silent.resent)  
+    replies = _round_trip(s, silent, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
+    _, metrics = s.aggregate_train(2, replies)
+    assert len(silent.resent) == 2 and all(len(r) == 2 for r in silent.resent)
     assert {m.metadata.dst_node_id for m in silent.resent[0]} == \
         {11, 12, 13} - {msgs[0].metadata.dst_node_id}  # not the node that answered
     assert metrics["skipped"] == 1 and s.rejected["round-skipped"] == 1 and s.rejected["retried"] == 4
@@ -464,8 +486,9 @@ def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
     s3 = FedMoleStrategy(cfg, MMAP, DIMS)
     silent3 = Grid()
     msgs, sent = _trained(s3, silent3)
-    s3.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng))),
-                           _reply(msgs[1], encode_skip("c1", "color", "no data"))])
+    s3.aggregate_train(2, _round_trip(s3, silent3, [
+        _reply(msgs[0], encode_update(_client_update("c0", sent, rng))),
+        _reply(msgs[1], encode_skip("c1", "color", "no data"))]))
     assert [[m.metadata.dst_node_id for m in r] for r in silent3.resent] == \
         [[msgs[2].metadata.dst_node_id]] * 2
 
@@ -476,8 +499,15 @@ def test_below_quorum_a_round_is_retried_then_skipped_and_the_run_goes_on():
     s2 = FedMoleStrategy(cfg, MMAP, DIMS)
     grid = Grid(answer=answer)
     msgs, sent = _trained(s2, grid)
-    _, metrics = s2.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
+    _, metrics = s2.aggregate_train(2, _round_trip(s2, grid, [
+        _reply(msgs[0], encode_update(_client_update("c0", sent, rng)))]))
     assert len(grid.resent) == 1 and metrics["clients"] == 3 and "round-skipped" not in s2.rejected
+    # aggregate_train itself sends nothing: every reply came through the link
+    s4 = FedMoleStrategy(cfg, MMAP, DIMS)
+    g4 = Grid(answer=answer)
+    msgs, sent = _trained(s4, g4)
+    s4.aggregate_train(2, [_reply(msgs[0], encode_update(_client_update("c0", sent, rng)))])
+    assert g4.resent == [] and s4.rejected["round-skipped"] == 1
 
 
 def test_too_few_nodes_wait_until_the_deadline_then_go_on_with_those(monkeypatch):

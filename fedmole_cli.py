@@ -268,6 +268,17 @@ def serve(ctx: typer.Context) -> None:
 
 
 @app.command()
+def worker(
+    socket: Annotated[Path, typer.Option(help="The Unix socket the node's ClientApp forwards to "
+                                               "(its node config `worker`)")],
+) -> None:
+    """An edge node's long-lived worker: keeps the model and data in memory between rounds."""
+    from edge.worker import main as worker_main
+
+    raise typer.Exit(worker_main(["--socket", str(socket)]))
+
+
+@app.command()
 def registry(
     root: Annotated[Path, typer.Option(help="Folder of published bundles")] = Path("registry"),
     trusted_key: PubOpt = Path("keys/bundle.pub"),
@@ -322,8 +333,11 @@ def deploy_up(
     attack: Annotated[list[str] | None, typer.Option(
         help="Fault injection: NODE=ATTACK makes SuperNode NODE malicious (nan, scale100, mixed)")
     ] = None,
+    workers: Annotated[bool, typer.Option(
+        help="A long-lived worker per node keeps the model and data in memory between rounds "
+             "(--no-workers: each message is handled in the process Flower starts for it)")] = True,
 ) -> None:
-    """Start SuperLink (TLS, node auth), N SuperNodes, the registry, N inference services, and the run."""
+    """Start SuperLink (TLS, node auth), N node workers and SuperNodes, the registry, N inference services, and the run."""
     from deploy.launcher import up
 
     cfg = _guard(lambda: _config(config, set_))
@@ -333,7 +347,7 @@ def deploy_up(
         if not sep or not node.strip().isdigit():
             raise _fail(EXIT_USAGE, f"--attack {a!r}: write NODE=ATTACK, e.g. 3=mixed")
         attacks[int(node)] = kind.strip()
-    dep = _deploy_guard(lambda: up(out, nodes, cfg, run=run, attacks=attacks))
+    dep = _deploy_guard(lambda: up(out, nodes, cfg, run=run, attacks=attacks, workers=workers))
     typer.echo(f"up: {', '.join(f'{k}={v}' for k, v in dep.pids.items())}")
     typer.echo(f"run {dep.run_id or '(not submitted)'}; logs in {dep.out / 'logs'}; "
                f"inference on 127.0.0.1:{', '.join(map(str, dep.ports['serve']))}")

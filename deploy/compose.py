@@ -16,7 +16,8 @@ paths of named volumes:
 ``cache`` → /cache        FEDMOLE_CACHE: benchmark and pretrained base (model.base-path)
 ``node-N-data``           mounted at /data-root/client-NN (N-1, two digits): node N's
                           data folder = its SuperNode's node config ``data-dir``
-                          (the ClientApp keeps its replay state under it)
+                          (the ClientApp keeps its replay state under it), shared
+                          with ``worker-N``, whose socket is ``_state/worker.sock``
 ``node-N-bundles``        mounted at /bundles/node-N: serve-N's ``--bundles-dir``
 ========================  =========================================================
 
@@ -37,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.topology import Layout, Ports, Topology, commands
+from deploy.topology import Layout, Ports, Topology, commands, node_data, worker_socket
 
 PKI = Path("/pki")
 REGISTRY = Path("/registry")
@@ -106,7 +107,7 @@ def container_topology(nodes: int = 3) -> Topology:
 
 def data_dir(t: Topology, i: int) -> Path:
     """Node ``i``'s data folder: the mount point of its ``node-i-data`` volume."""
-    return t.layout.nodes / f"client-{i - 1:02d}"
+    return node_data(t, i)
 
 
 def bundles_dir(t: Topology, i: int) -> Path:
@@ -155,6 +156,14 @@ def grpc_check(port: int, start_period: str = "30s") -> dict[str, Any]:
             "sys.exit(r.status != h.HealthCheckResponse.SERVING)")
     return {"test": ["CMD", "python", "-c", code], "interval": "10s", "timeout": "5s",
             "retries": 6, "start_period": start_period}
+
+
+def socket_check(path: Path) -> dict[str, Any]:
+    """Healthy once something accepts connections on the Unix socket ``path``."""
+    code = ("import socket\n"
+            f"s = socket.socket(socket.AF_UNIX); s.settimeout(3); s.connect({str(path)!r})")
+    return {"test": ["CMD", "python", "-c", code], "interval": "10s", "timeout": "5s",
+            "retries": 6, "start_period": "60s"}
 
 
 def _build(kind: str) -> dict[str, Any]:
@@ -207,10 +216,17 @@ def compose_dict(nodes: int = 3, gpu: bool = True) -> dict[str, Any]:
         CLOUD, ["sh", "-c", register_script(t)], [pki_ro, state], env=cli_env, restart="no",
         depends_on={"superlink": "service_healthy"})
     for i in n:
+        # The worker shares the node's data volume with its SuperNode: the socket lies there.
+        data_vol = f"node-{i}-data:{data_dir(t, i)}"
+        services[f"worker-{i}"] = _service(
+            EDGE, cmd[f"worker-{i}"], [cache_ro, data_vol], env=cache_env, restart="on-failure",
+            healthcheck=socket_check(worker_socket(t, i)),
+            depends_on={"init": "service_completed_successfully"})
         services[f"supernode-{i}"] = _service(
-            EDGE, cmd[f"supernode-{i}"], [pki_ro, cache_ro, f"node-{i}-data:{data_dir(t, i)}"],
+            EDGE, cmd[f"supernode-{i}"], [pki_ro, cache_ro, data_vol],
             env=cache_env, restart="on-failure", healthcheck=tcp_check(p.clientapp[i - 1]),
-            depends_on={"superlink": "service_healthy", "register": "service_completed_successfully"},
+            depends_on={"superlink": "service_healthy", "register": "service_completed_successfully",
+                        f"worker-{i}": "service_started"},
             reap=True)
     services["registry"] = _service(
         CLOUD, cmd["registry"], [pki_ro, f"registry:{REGISTRY}:ro"], healthcheck=grpc_check(p.registry),

@@ -7,8 +7,9 @@ OUT/logs/<name>.log:
    (deploy/pki.py), and the Ed25519 key pair that signs inference bundles;
 2. OUT/run/clients/client-NN — each node's data folder (the scenario's split, docs/design.md §3);
 3. the SuperLink (TLS, SuperNode auth, subprocess isolation), then registers every node's
-   public key with ``flwr supernode register``, then N SuperNodes, the bundle registry and one
-   inference service per node (deploy/topology.py has the command lines);
+   public key with ``flwr supernode register``, then N node workers (each listening on a Unix
+   socket in its node's state folder), N SuperNodes, the bundle registry and one inference
+   service per node (deploy/topology.py has the command lines);
 4. the run: ``flwr run . local`` with the run config (cloud state in OUT/cloud, bundles published
    into OUT/registry).
 
@@ -54,6 +55,7 @@ class Deployment:
     run_id: str = ""
     # node number → fault injection (edge.local.ATTACKS) its SuperNode runs with
     attacks: dict[str, str] = field(default_factory=dict)
+    workers: bool = True  # a long-lived worker per node (deploy/topology.py)
 
     def save(self) -> None:
         d = asdict(self)
@@ -70,7 +72,8 @@ class Deployment:
         d = json.loads(f.read_text())
         return cls(Path(d["out"]), int(d["nodes"]), d["ports"], {k: int(v) for k, v in
                                                                  d["pids"].items()}, d["run_id"],
-                   {str(k): str(v) for k, v in d.get("attacks", {}).items()})
+                   {str(k): str(v) for k, v in d.get("attacks", {}).items()},
+                   bool(d.get("workers", True)))
 
     def log(self, name: str) -> Path:
         return self.out / "logs" / f"{name}.log"
@@ -145,7 +148,7 @@ def topology_of(dep: Deployment) -> topo.Topology:
     ports = topo.Ports(fleet=p["fleet"], control=p["control"], health=p["health"],
                        registry=p["registry"], serve=tuple(p["serve"]),
                        clientapp=tuple(p["clientapp"]))
-    return topo.Topology(dep.nodes, layout(dep.out), ports)
+    return topo.Topology(dep.nodes, layout(dep.out), ports, workers=dep.workers)
 
 
 RUN_CONFIG = "run-config.toml"
@@ -213,6 +216,29 @@ def register(dep: Deployment, public_key: Path) -> None:
                           f"{r.stderr[-500:]}")
 
 
+def wait_socket(path: Path, pid: int, log: Path, timeout: float = 180.0) -> None:
+    """Until something accepts connections on the Unix socket ``path`` (a node worker)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not alive(pid):
+            raise DeployError(f"process {pid} exited before listening on {path}; see {log}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.3)
+    raise DeployError(f"nothing listens on {path} after {timeout:.0f} s; see {log}")
+
+
+def start_worker(dep: Deployment, i: int) -> int:
+    """Node ``i``'s long-lived worker, once it listens."""
+    t = topology_of(dep)
+    pid = start(dep, f"worker-{i}", topo.worker(t, i))
+    wait_socket(topo.worker_socket(t, i), pid, dep.log(f"worker-{i}"))
+    return pid
+
+
 def start_node(dep: Deployment, i: int) -> int:
     return start(dep, f"supernode-{i}", topo.supernode(topology_of(dep), i,
                                                        attack=dep.attacks.get(str(i), "")))
@@ -244,9 +270,10 @@ def restart_node(dep: Deployment, i: int, timeout: float = 240.0, settle: float 
 
 def up(out: Path, nodes: int, cfg: RunConfig, run: bool = True, progress: bool = False,
        run_config_extra: dict[str, Any] | None = None,
-       attacks: dict[int, str] | None = None) -> Deployment:
+       attacks: dict[int, str] | None = None, workers: bool = True) -> Deployment:
     """Everything of the topology as processes; ``attacks`` (node → edge.local.ATTACKS) makes
-    those SuperNodes malicious (fault-injection runs)."""
+    those SuperNodes malicious (fault-injection runs); ``workers`` starts a long-lived worker
+    per node that its ClientApps forward to (deploy/topology.py)."""
     from edge.local import ATTACKS
 
     for i, a in (attacks or {}).items():
@@ -255,12 +282,16 @@ def up(out: Path, nodes: int, cfg: RunConfig, run: bool = True, progress: bool =
                               f"one of {', '.join(x for x in ATTACKS if x)}")
     dep, cfg = prepare(out, nodes, cfg, progress)
     dep.attacks = {str(i): a for i, a in (attacks or {}).items() if a}
+    dep.workers = workers
     dep.save()
     try:
         t = topology_of(dep)
         start_superlink(dep)
         for i in range(1, nodes + 1):
             register(dep, dep.out / "pki" / f"node-{i}.pub")
+        if workers:
+            for i in range(1, nodes + 1):
+                start_worker(dep, i)
         for i in range(1, nodes + 1):
             start_node(dep, i)
         start(dep, "registry", topo.registry(t))
@@ -382,7 +413,8 @@ def down(out: Path) -> list[str]:
     """Stop every process the deployment in ``out`` started; returns their names."""
     dep = Deployment.load(out)
     order = ([n for n in dep.pids if n.startswith("serve-")] + ["registry"]
-             + [n for n in dep.pids if n.startswith("supernode")] + ["superlink"])
+             + [n for n in dep.pids if n.startswith("supernode")]
+             + [n for n in dep.pids if n.startswith("worker-")] + ["superlink"])
     stopped = []
     for name in [n for n in order if n in dep.pids] + [n for n in dep.pids if n not in order]:
         pid = dep.pids[name]

@@ -9,6 +9,10 @@ container paths of its volumes (tests/test_compose.py checks the two agree). The
   (it starts each run's ServerApp itself), no runtime dependency installation;
 * ``registry`` — the bundle registry (cloud/registry.py) over the folder the ServerApp publishes
   signed bundles into;
+* ``worker-N`` — node N's long-lived worker (edge/worker.py): the model and the data stay in
+  memory between round messages; the SuperNode's ClientApps forward to it over a Unix socket in
+  the node's state folder (node config ``worker``), so a round does not re-import torch and
+  reload the model (``workers=False``: every message handled in the ClientApp process);
 * ``supernode-N`` — a Flower SuperNode with its own data folder (node config ``data-dir``; the
   ClientApp keeps its replay buffer under it) and its own EC identity;
 * ``serve-N`` — that edge's inference service (edge/serve.py), following the registry.
@@ -52,6 +56,7 @@ class Topology:
     bind: str = "127.0.0.1"  # where servers listen
     superlink_host: str = "127.0.0.1"  # how others reach the SuperLink
     registry_host: str = "127.0.0.1"
+    workers: bool = True  # a long-lived worker per node (see worker())
 
     def node_names(self) -> list[str]:
         return [f"node-{i}" for i in range(1, self.nodes + 1)]
@@ -81,14 +86,34 @@ def supernode(t: Topology, i: int, data_dir: Path | None = None, key: Path | Non
     """SuperNode ``i`` (1-based); ``key`` overrides its identity (an unregistered one in tests);
     ``attack`` makes it a malicious node (fault injection, edge.local.ATTACKS)."""
     name = f"node-{i}"
-    data = data_dir or t.layout.nodes / f"client-{i - 1:02d}"
+    data = data_dir or node_data(t, i)
+    conf = f"data-dir=\"{data}\""
+    if t.workers:
+        conf += f" worker=\"{worker_socket(t, i)}\""
+    if attack:
+        conf += f" attack=\"{attack}\""
     return ["flower-supernode",
             "--superlink", f"{t.superlink_host}:{t.ports.fleet}",
             "--root-certificates", str(t.layout.pki / "ca.crt"),
             "--auth-supernode-private-key", str(key or t.layout.pki / name),
-            "--node-config", f"data-dir=\"{data}\"" + (f" attack=\"{attack}\"" if attack else ""),
+            "--node-config", conf,
             "--isolation", "subprocess",
             "--host", t.bind, "--port", str(port or t.ports.clientapp[i - 1])]
+
+
+def node_data(t: Topology, i: int) -> Path:
+    """Node ``i``'s data folder (its ClientApp keeps its state under ``_state/``)."""
+    return t.layout.nodes / f"client-{i - 1:02d}"
+
+
+def worker_socket(t: Topology, i: int) -> Path:
+    """Where node ``i``'s worker listens: in the node's own state folder."""
+    return node_data(t, i) / "_state" / "worker.sock"
+
+
+def worker(t: Topology, i: int) -> list[str]:
+    """Node ``i``'s long-lived worker (it runs beside the SuperNode, on the same files)."""
+    return ["fedmole", "worker", "--socket", str(worker_socket(t, i))]
 
 
 def registry(t: Topology) -> list[str]:
@@ -108,6 +133,8 @@ def commands(t: Topology) -> dict[str, list[str]]:
     """Every long-running process of the deployment, by name."""
     out = {"superlink": superlink(t), "registry": registry(t)}
     for i in range(1, t.nodes + 1):
+        if t.workers:
+            out[f"worker-{i}"] = worker(t, i)
         out[f"supernode-{i}"] = supernode(t, i)
         out[f"serve-{i}"] = serve(t, i)
     return out

@@ -94,10 +94,16 @@ def test_commands_are_the_topology_commands(services):
 def test_supernode_data_dir_is_its_own_volume(services):
     for i in range(1, NODES + 1):
         argv = services[f"supernode-{i}"]["command"]
-        cfg = argv[argv.index("--node-config") + 1]
-        data = PurePosixPath(re.fullmatch(r'data-dir="(.+)"', cfg).group(1))
+        cfg = dict(re.findall(r'([\w-]+)="([^"]*)"', argv[argv.index("--node-config") + 1]))
+        data = PurePosixPath(cfg["data-dir"])
         assert mounts(services[f"supernode-{i}"]).get(data) == (f"node-{i}-data", False)
         assert mounts(services["init"]).get(data) == (f"node-{i}-data", False)  # init fills it
+        # the node's worker sees the same volume and listens on the socket the ClientApp uses
+        sock = PurePosixPath(cfg["worker"])
+        assert data in sock.parents and mounts(services[f"worker-{i}"]).get(data) == \
+            (f"node-{i}-data", False)
+        assert services[f"worker-{i}"]["command"] == ["fedmole", "worker", "--socket", str(sock)]
+        assert services[f"supernode-{i}"]["depends_on"][f"worker-{i}"] == {"condition": "service_started"}
         bundles = PurePosixPath(services[f"serve-{i}"]["command"][
             services[f"serve-{i}"]["command"].index("--bundles-dir") + 1])
         assert mounts(services[f"serve-{i}"]).get(bundles) == (f"node-{i}-bundles", False)
@@ -110,7 +116,7 @@ def test_images_build_from_existing_dockerfiles(services):
         assert context.is_dir(), name
         assert (context / build["dockerfile"]).is_file(), name
         assert (context / ".dockerignore").is_file()
-        kind = "edge" if name.startswith(("supernode-", "serve-")) else "cloud"
+        kind = "edge" if name.startswith(("supernode-", "serve-", "worker-")) else "cloud"
         assert build["dockerfile"] == f"docker/Dockerfile.{kind}", name
 
 
@@ -146,7 +152,7 @@ def test_every_volume_is_declared_and_mounts_are_precreated(compose, services):
     declared = set(compose["volumes"])
     used = set()
     for name, svc in services.items():
-        kind = "edge" if name.startswith(("supernode-", "serve-")) else "cloud"
+        kind = "edge" if name.startswith(("supernode-", "serve-", "worker-")) else "cloud"
         roots = image_dirs(kind)
         for target, (vol, _) in mounts(svc).items():
             used.add(vol)
@@ -228,6 +234,10 @@ def test_healthchecks(services):
             port = p.serve[0]
         if name.startswith("supernode-"):
             port = p.clientapp[0]
+        if name.startswith("worker-"):  # a Unix socket, not a port
+            i = int(name.split("-")[1])
+            assert "AF_UNIX" in code and str(T.worker_socket(C.container_topology(NODES), i)) in code
+            continue
         assert str(port) in code, name
         if name == "registry" or name.startswith("serve-"):
             assert "grpc_health" in code, name
@@ -270,7 +280,7 @@ def test_cli_config_points_at_the_superlink():
 
 
 def test_node_count_is_bounded():
-    assert len(C.compose_dict(C.MAX_NODES)["services"]) == 2 * C.MAX_NODES + 5
+    assert len(C.compose_dict(C.MAX_NODES)["services"]) == 3 * C.MAX_NODES + 5
     with pytest.raises(ValueError):
         C.compose_dict(C.MAX_NODES + 1)
     with pytest.raises(ValueError):

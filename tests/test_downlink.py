@@ -209,7 +209,10 @@ def scenario(tmp_path_factory, tiny_cfg):
     return cfg, root / "run" / "clients"
 
 
-def _run(cfg, clients: Path, downlink: str, tmp: Path, lose_cache_after_task: int = -1):
+def _run(cfg, clients: Path, downlink: str, tmp: Path, lose_cache_after_task: int = -1,
+         node_extra: dict | None = None):
+    """The task loop of ``cfg`` on two nodes answered by the ClientApp's handler (node config
+    ``node_extra`` added to each node's); the strategy at the end."""
     from cloud.server_app import learn_task
     from cloud.strategy import FedMoleStrategy
     from edge.client_app import _handle
@@ -225,7 +228,8 @@ def _run(cfg, clients: Path, downlink: str, tmp: Path, lose_cache_after_task: in
     nodes = {101: 0, 102: 1}
 
     def answer(node, m):
-        ctx = Context(run_id=1, node_id=node, node_config={"partition-id": nodes[node]},
+        ctx = Context(run_id=1, node_id=node,
+                      node_config={"partition-id": nodes[node], **(node_extra or {})},
                       state=RecordDict(), run_config={})
         return _handle(m, ctx, flat).content
 

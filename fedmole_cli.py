@@ -337,7 +337,8 @@ def deploy_up(
         help="A long-lived worker per node keeps the model and data in memory between rounds "
              "(--no-workers: each message is handled in the process Flower starts for it)")] = True,
 ) -> None:
-    """Start SuperLink (TLS, node auth), N node workers and SuperNodes, the registry, N inference services, and the run."""
+    """Start SuperLink (TLS, node auth), N node workers and SuperNodes, the registry, N
+    inference services, and the run."""
     from deploy.launcher import up
 
     cfg = _guard(lambda: _config(config, set_))

@@ -22,6 +22,7 @@ leaves ``configure_*`` pure (the same messages whatever each node caches).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,11 @@ from flwr.serverapp import Grid
 from protocol.state_sync import ARRAYS, CONFIG, manifest_of, need_state, strip
 
 log = logging.getLogger(__name__)
+
+
+# Reply polling of an exchange (see Downlink._round_trip): first after 50 ms, then doubling.
+POLL_FIRST_S = 0.05
+POLL_MAX_S = 0.4
 
 
 class Downlink:
@@ -46,6 +52,9 @@ class Downlink:
         self.delta = delta
         self.ledger: dict[int, dict[str, str]] = {} if ledger is None else ledger
         self.resent = 0  # full re-sends after a need-state reply (for metrics and tests)
+        # Wall seconds of the last send_and_receive, retries included: the round's exchange as
+        # the cloud sees it (the clients' work plus every overhead on the way).
+        self.last_exchange_s = 0.0
 
     def __getattr__(self, name: str) -> Any:  # get_node_ids, push_messages, … as Flower's
         return getattr(self._grid, name)
@@ -54,12 +63,37 @@ class Downlink:
                          ) -> Iterable[Message]:
         """One exchange, then the retries ``retry(replies so far, attempt)`` asks for (the
         strategy's quorum policy), each an exchange of its own; every reply is returned."""
+        t0 = time.monotonic()
         replies = self._exchange(messages, timeout)
         attempt = 1
         while self.retry is not None and (again := self.retry(replies, attempt)):
             replies += self._exchange(again, timeout)
             attempt += 1
+        self.last_exchange_s = time.monotonic() - t0
         return replies
+
+    def _round_trip(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push ``messages`` and pull their replies until all are in or ``timeout`` passes.
+
+        Flower's deployed Grid polls for replies every 3 s (``send_and_receive``), so every
+        exchange lasted a multiple of 3 s however quick the clients were; the replies are
+        pulled here at POLL_FIRST_S, backing off to POLL_MAX_S (a pull is one cheap request to
+        the SuperLink). A grid that is not Flower's (a test's) keeps its own send_and_receive."""
+        if not isinstance(self._grid, Grid):
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        waiting = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Message] = []
+        delay = POLL_FIRST_S
+        while waiting:
+            got = list(self._grid.pull_messages(waiting))
+            out += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(delay if end is None else max(0.0, min(delay, end - time.monotonic())))
+            delay = min(2 * delay, POLL_MAX_S)
+        return out
 
     def _exchange(self, messages: Iterable[Message], timeout: float | None) -> list[Message]:
         # destination node → (the full message, its manifest). A round sends a node one message
@@ -81,7 +115,7 @@ class Downlink:
                 sent = m
             self._account(sent.content)
             out.append(sent)
-        replies = list(self._grid.send_and_receive(out, timeout=timeout))
+        replies = self._round_trip(out, timeout)
         again: list[tuple[int, Message, dict[str, str]]] = []
         result: list[Message] = []
         for r in replies:
@@ -107,7 +141,7 @@ class Downlink:
                 self._account(msg.content)
                 resend.append(msg)
             self.resent += len(resend)
-            for r in self._grid.send_and_receive(resend, timeout=timeout):
+            for r in self._round_trip(resend, timeout):
                 origin = full.get(r.metadata.src_node_id)
                 if origin is not None and not r.has_error() and need_state(r.content) is None:
                     self.ledger.setdefault(r.metadata.src_node_id, {}).update(origin[1])

@@ -187,6 +187,10 @@ class FedMoleStrategy(FedAvg):
         its ``Result.arrays``): every expert and router, float32 as the cloud holds them."""
         return pack_state(self.state.experts, self.state.routers)
 
+    def _exchange_s(self) -> float:
+        """Seconds the round's last exchange took, as the cloud saw it (cloud.downlink)."""
+        return round(self.downlink.last_exchange_s, 3) if self.downlink is not None else 0.0
+
     def _count_down(self, content: RecordDict) -> None:
         comm.add(self.state.comm, "down", comm.payload_bytes(content, self.plan.modality_of))
         self.state.comm["messages_down"] = self.state.comm.get("messages_down", 0) + 1
@@ -397,7 +401,7 @@ class FedMoleStrategy(FedAvg):
             self.idle.setdefault(rp.task, set()).update(self._idle_last)
             metrics = self._aggregate(rp, contents)
         self.state.rounds.append({"round": rp.server_round, "task": rp.task, "phase": rp.phase,
-                                  "time": round(time.time(), 2),
+                                  "time": round(time.time(), 2), "exchange_s": self._exchange_s(),
                                   "bytes_up": self.state.comm["bytes_up"],
                                   "bytes_down": self.state.comm["bytes_down"], **metrics})
         return self.global_arrays(), MetricRecord({k: v for k, v in metrics.items()
@@ -633,6 +637,7 @@ class FedMoleStrategy(FedAvg):
             self.state.router_acc[rp.task_index] = 100.0 * routed_ok / routed_n
         if self.state.rounds and self.state.rounds[-1]["round"] == rp.server_round:
             self.state.rounds[-1]["acc_seen"] = float(np.nanmean(row[: rp.task_index + 1]))
+            self.state.rounds[-1]["evaluate_exchange_s"] = self._exchange_s()
         return MetricRecord({f"acc/{t}": a for t, a in zip(self.tasks, row, strict=True)
                              if t in counts})
 

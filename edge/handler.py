@@ -8,8 +8,9 @@ caches, so a process that handles many messages loads them once.
 Where the client's data lives: node config ``data-dir`` (a deployed SuperNode), else
 ``app.clients-dir``/client-<partition-id> (a simulation's virtual node). Its persistent state
 (the replay buffer, the global state received: edge.state_cache) goes to node config
-``state-dir``, else ``<data-dir>/_state``. Node config ``timing-log`` (a path) appends one JSON
-line per message: phase, round, seconds of local work and of the whole handling
+``state-dir``, else ``<data-dir>/_state``. With run config ``app.timing-log`` (or node config
+``timing-log``, a path) the node appends one JSON line per message to ``<state>/timing.jsonl``
+(or that path): phase, round, seconds of local work and of the whole handling
 (bench/deploy_round.py reads it).
 """
 
@@ -29,13 +30,18 @@ from edge import local
 from edge.runtime import edge_model, local_data
 from edge.state_cache import DIR as CACHE_DIR
 from edge.state_cache import DiskGroupCache
-from protocol.app_config import split_run_config
+from protocol.app_config import AppConfig, split_run_config
 from protocol.instructions import Instruction, unpack_state
 from protocol.state_sync import MissingState, encode_need_state, fill
 
 
-def client_for(node: Mapping[str, Any], run_config: Mapping[str, Any]) -> local.Client:
-    """The node's client: its config, data, state folder and the process's model."""
+TIMING_LOG = "timing.jsonl"
+
+
+def client_for(node: Mapping[str, Any], run_config: Mapping[str, Any]
+               ) -> tuple[local.Client, AppConfig]:
+    """The node's client (its config, data, state folder and the process's model) and the run's
+    app keys."""
     cfg, appcfg = split_run_config(dict(run_config))
     torch.set_num_threads(appcfg.client_threads)
     if not cfg.model.base_path:
@@ -56,7 +62,7 @@ def client_for(node: Mapping[str, Any], run_config: Mapping[str, Any]) -> local.
                          "injection for tests; leave it unset on a real node)")
     em = edge_model(cfg, Path(cfg.model.base_path))
     return local.Client(cfg, local_data(data_dir, cfg.data.tasks, cfg.data.on_error), state_dir,
-                        em, attack)
+                        em, attack), appcfg
 
 
 def handle(content: RecordDict, node: Mapping[str, Any], run_config: Mapping[str, Any],
@@ -64,7 +70,7 @@ def handle(content: RecordDict, node: Mapping[str, Any], run_config: Mapping[str
     """The reply content to one round message (probe, train or evaluate); ``where`` names the
     process kind for the timing log (``clientapp`` or ``worker``)."""
     t0 = time.perf_counter()
-    client = client_for(node, run_config)
+    client, appcfg = client_for(node, run_config)
     try:  # the delta-only downlink: what the cloud left out is in the node's cache
         content = fill(content, DiskGroupCache(client.state_dir / CACHE_DIR))
     except MissingState as e:  # a lost or reset cache: the cloud re-sends the whole state
@@ -83,8 +89,9 @@ def handle(content: RecordDict, node: Mapping[str, Any], run_config: Mapping[str
         else:
             reply = local.evaluate(client, ins, experts, routers)
         t2 = time.perf_counter()
-    if "timing-log" in node:
-        _log_timing(Path(str(node["timing-log"])), {
+    if "timing-log" in node or appcfg.timing_log:
+        path = Path(str(node["timing-log"])) if "timing-log" in node else client.state_dir / TIMING_LOG
+        _log_timing(path, {
             "round": ins.global_round, "phase": ins.phase, "task": ins.task, "where": where,
             "pid": os.getpid(), "compute_s": round(t2 - t1, 4), "handle_s": round(t2 - t0, 4),
             "end": round(time.time(), 3)})

@@ -14,6 +14,9 @@ hyperparameters but where this run lives::
     app.registry-dir    publish a signed inference bundle into this bundle-registry folder after
                         each task (cloud/publish.py); empty = don't
     app.signing-key     the Ed25519 private key that signs those bundles (`fedmole keys`)
+    app.timing-log      each node appends a line per message (phase, round, seconds of local
+                        work and of the whole handling) to <state-dir>/timing.jsonl
+                        (bench/deploy_round.py)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class AppConfig:
     stop_after_round: int = 0
     registry_dir: str = ""
     signing_key: str = ""
+    timing_log: bool = False
 
     def to_flat(self) -> dict[str, Any]:
         return {APP_PREFIX + f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -136,7 +136,7 @@ class Downlink:
                 again.append((node, m, man))
         if again:
             resend = []
-            for node, m, man in again:
+            for _, m, man in again:
                 msg = _like(m, strip(m.content, man, {}))  # the manifest, every group
                 self._account(msg.content)
                 resend.append(msg)

@@ -45,12 +45,10 @@ from typing import cast
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from cloud import comm
-from cloud.downlink import Downlink
 from cloud.aggregation import (
     AggregationSpec,
     DeltaAccumulator,
@@ -66,6 +64,7 @@ from cloud.allocator import (
     choose_partner,
     weighted_mean_scores,
 )
+from cloud.downlink import Downlink
 from cloud.robust import parse_rules, trim_count
 from cloud.routers import RouterAccumulator, RouterUpdateError
 from cloud.schedule import PROBE, RoundPlan, round_plan, total_rounds

@@ -34,7 +34,6 @@ from protocol.app_config import AppConfig, split_run_config
 from protocol.instructions import Instruction, unpack_state
 from protocol.state_sync import MissingState, encode_need_state, fill
 
-
 TIMING_LOG = "timing.jsonl"
 
 

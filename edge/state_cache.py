@@ -66,6 +66,7 @@ class DiskGroupCache:
             return None
 
     def put(self, group: str, digest: str, value: dict[str, Array] | str) -> None:
+        head: dict[str, object]
         if isinstance(value, str):
             head = {"group": group, "digest": digest, "kind": "text"}
             body = [value.encode()]

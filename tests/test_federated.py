@@ -78,9 +78,9 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_same_result(fed_cfg, 
     import sys
     import time
 
+    from cloud.comm import payload_bytes
     from deploy.launcher import alive, descendants, stop_pid
     from edge.replay_store import ReplayStore
-    from cloud.comm import payload_bytes
     from protocol.state import CHECKPOINT, load_checkpoint
     from protocol.updates import encode_skip
 
@@ -131,7 +131,7 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_same_result(fed_cfg, 
     # its first training round also reaches those, and each answers with a "no data" skip.
     def up_per_round(run):
         ups = [r["bytes_up"] for r in run["rounds"]]
-        return [b - a for a, b in zip([0, *ups], ups)]
+        return [b - a for a, b in zip([0, *ups], ups, strict=False)]
 
     first = state.round  # index of the first round after the resume (rounds are 1-based)
     d_full, d_cut = up_per_round(full), up_per_round(resumed)

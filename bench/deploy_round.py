@@ -14,10 +14,10 @@ records the wall seconds it took (``rounds[].exchange_s`` / ``evaluate_exchange_
 server_result.json and metrics.json, measured in cloud/downlink.py); every node logs the
 seconds of its local work per message (``app.timing-log``: ``<state>/timing.jsonl``,
 edge/handler.py). Overhead of an exchange = its wall seconds − the slowest node's local work
-in it; overhead of a server round = the sum over its exchanges. Writes JSON: per mode {"rounds", "overhead_s_mean",
-"overhead_s_max", "first_round_overhead_s", "exchange_s_mean", "compute_s_mean", "wall_s",
-"per_round": [...]}, and "speedup" (overhead without / with workers). Target: mean overhead
-with workers ≤ 3 s per round.
+in it; overhead of a server round = the sum over its exchanges. Writes JSON: per mode
+{"rounds", "overhead_s_mean", "overhead_s_max", "first_round_overhead_s", "exchange_s_mean",
+"compute_s_mean", "wall_s", "per_round": [...]}, and "speedup" (overhead without / with
+workers). Target: mean overhead with workers ≤ 3 s per round.
 
     .venv/bin/python bench/deploy_round.py --out runs/bench/deploy_round.json
 """

@@ -30,6 +30,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from protocol.state_sync import ARRAYS, CONFIG, manifest_of, need_state, strip
+from protocol.wire_pack import PackError, pack_record, unpack_record
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Downlink:
         pulled here at POLL_FIRST_S, backing off to POLL_MAX_S (a pull is one cheap request to
         the SuperLink). A grid that is not Flower's (a test's) keeps its own send_and_receive."""
         if not isinstance(self._grid, Grid):
-            return list(self._grid.send_and_receive(messages, timeout=timeout))
+            return _unpacked(self._grid.send_and_receive(messages, timeout=timeout))
         waiting = set(self._grid.push_messages(messages))
         end = None if timeout is None else time.monotonic() + timeout
         out: list[Message] = []
@@ -93,7 +94,7 @@ class Downlink:
                 break
             time.sleep(delay if end is None else max(0.0, min(delay, end - time.monotonic())))
             delay = min(2 * delay, POLL_MAX_S)
-        return out
+        return _unpacked(out)
 
     def _exchange(self, messages: Iterable[Message], timeout: float | None) -> list[Message]:
         # destination node → (the full message, its manifest). A round sends a node one message
@@ -114,7 +115,7 @@ class Downlink:
             else:
                 sent = m
             self._account(sent.content)
-            out.append(sent)
+            out.append(_like(sent, pack_record(sent.content)))
         replies = self._round_trip(out, timeout)
         again: list[tuple[int, Message, dict[str, str]]] = []
         result: list[Message] = []
@@ -139,7 +140,7 @@ class Downlink:
             for _, m, man in again:
                 msg = _like(m, strip(m.content, man, {}))  # the manifest, every group
                 self._account(msg.content)
-                resend.append(msg)
+                resend.append(_like(msg, pack_record(msg.content)))
             self.resent += len(resend)
             for r in self._round_trip(resend, timeout):
                 origin = full.get(r.metadata.src_node_id)
@@ -147,6 +148,19 @@ class Downlink:
                     self.ledger.setdefault(r.metadata.src_node_id, {}).update(origin[1])
                 result.append(r)
         return result
+
+
+def _unpacked(replies: Iterable[Message]) -> list[Message]:
+    """Replies with their arrays unpacked (protocol.wire_pack). A reply whose packed arrays do
+    not unpack keeps them as they came: the strategy then refuses it as malformed and counts it."""
+    out = list(replies)
+    for r in out:
+        if not r.has_error():
+            try:
+                r.content = unpack_record(r.content)
+            except PackError as e:
+                log.warning("reply from node %d: %s", r.metadata.src_node_id, e)
+    return out
 
 
 def _like(m: Message, content: RecordDict) -> Message:

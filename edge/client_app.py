@@ -18,23 +18,27 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from protocol.wire_pack import pack_record, unpack_record
+
 log = logging.getLogger("fedmole.client")
 
 
 def _handle(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
     node = dict(context.node_config)
     rc = dict(run_config if run_config is not None else context.run_config)
+    # The cloud packs each ArrayRecord into one wire object (protocol.wire_pack); so do replies.
+    content = unpack_record(msg.content)
     if "worker" in node:
         from edge.worker import WorkerUnavailable, forward
 
         try:
-            return Message(content=forward(Path(str(node["worker"])), msg.content, node, rc),
-                           reply_to=msg)
+            reply = forward(Path(str(node["worker"])), content, node, rc)
+            return Message(content=pack_record(reply), reply_to=msg)
         except WorkerUnavailable as e:
             log.warning("%s; handling the message in the ClientApp process instead", e)
     from edge.handler import handle
 
-    return Message(content=handle(msg.content, node, rc), reply_to=msg)
+    return Message(content=pack_record(handle(content, node, rc)), reply_to=msg)
 
 
 def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:

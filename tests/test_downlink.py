@@ -28,6 +28,7 @@ from protocol.state_sync import (
     strip,
 )
 from protocol.updates import MessageError
+from protocol.wire_pack import unpack_record
 
 
 @pytest.fixture(autouse=True)
@@ -162,8 +163,8 @@ def test_the_wrapper_sends_each_node_what_it_lacks_and_everything_after_a_lost_c
     got: dict[int, RecordDict] = {}
 
     def answer(node, m):
-        try:
-            got[node] = fill(m.content, caches[node])
+        try:  # as the ClientApp does: the arrays arrive packed into one wire object
+            got[node] = fill(unpack_record(m.content), caches[node])
         except MissingState as e:
             return encode_need_state(e.groups)
         return RecordDict({"meta": ConfigRecord({"ok": True})})

@@ -1,4 +1,4 @@
-"""Bench: a 100-client federated run at 10% participation through the whole task stream.
+"""Bench: a federated run of many clients (--clients, 100 by default) at 10% per round, whole stream.
 
 Runs ``fedmole simulate`` (Flower's simulation engine, Ray backend, the default model and
 stream) with ``federation.clients = 100`` and ``federation.fraction = 0.1`` in a child process,
@@ -7,7 +7,8 @@ ClientApp actors) every 0.5 s from /proc. Records wall time, peak tree RSS, and 
 figures (AVG, Last, BWT, bytes up per client round).
 
 Writes JSON: {"clients", "fraction", "wall_s", "peak_tree_rss_mb", "avg", "last", "bwt",
-"bytes_up_per_client_round", "rounds", "ok"}.
+"bytes_up_per_client_round", "rounds", "server_s_per_round_mean", "server_s_per_round_max",
+"ok"} (the server's seconds per round: between two rounds, what is not the clients' exchange).
 
     .venv/bin/python bench/simulation_scale.py --out runs/bench/simulation_scale.json
 """
@@ -40,6 +41,19 @@ def tree_rss_mb(root: int) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total / 2**20
+
+
+def server_seconds(rounds: list[dict]) -> list[float]:
+    """The cloud's own seconds per server round (sampling, packing, validation, aggregation,
+    allocation, checkpoint): the time between two rounds' records minus the exchanges in
+    between, which are the clients' (cloud/downlink.py measures them)."""
+    out = []
+    for prev, cur in zip(rounds, rounds[1:], strict=False):
+        if "exchange_s" not in cur:
+            continue
+        gap = cur["time"] - prev["time"] - cur["exchange_s"] - prev.get("evaluate_exchange_s", 0.0)
+        out.append(max(0.0, gap))
+    return out
 
 
 def main() -> None:
@@ -80,6 +94,10 @@ def main() -> None:
         result.update({k: m[k] for k in ("avg", "last", "bwt")})
         result["bytes_up_per_client_round"] = m["comm"]["bytes_up_per_client_round"]
         result["rounds"] = len(m["rounds"])
+        server = server_seconds(m["rounds"])
+        if server:
+            result["server_s_per_round_mean"] = round(sum(server) / len(server), 3)
+            result["server_s_per_round_max"] = round(max(server), 3)
     finish(result, args.out, {"returncode": (rc, "==", 0),
                               "rounds": (result.get("rounds"), ">=", 1)})
 

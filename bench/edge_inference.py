@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 from bench.targets import finish  # noqa: E402
 from edge.ort_runtime import OrtModel  # noqa: E402
 from mole.export import (  # noqa: E402
+    DATA_FP32,
+    DATA_INT8,
     DEC_FP32,
     DEC_INT8,
     FP32,
@@ -49,6 +51,7 @@ from mole.export import (  # noqa: E402
     load_run,
     quantize_int8,
 )
+from mole.shared_weights import stored_bytes  # noqa: E402
 from protocol.manifest import Sample  # noqa: E402
 
 
@@ -172,7 +175,7 @@ def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) ->
           "weight_only_ops": ("Gather",)}),
     ]
     rows = []
-    fp32_bytes = sum((work / f).stat().st_size for f in (FP32, DEC_FP32))
+    fp32_bytes = stored_bytes([work / FP32, work / DEC_FP32])
     for name, kw in recipes:
         for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
             if "per_channel" in kw:
@@ -187,7 +190,7 @@ def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) ->
             "recipe": name, **kw,
             "agreement": float(np.mean([a == r for a, r in zip(ans, ref, strict=True)])),
             "acc": 100 * float(np.mean([a == s.answer for a, s in zip(ans, samples, strict=True)])),
-            "size_ratio": sum((work / f).stat().st_size for f in (INT8, DEC_INT8)) / fp32_bytes,
+            "size_ratio": stored_bytes([work / INT8, work / DEC_INT8]) / fp32_bytes,
             "p50_ms_b1": 1000 * float(np.median(b1)),
         })
         print("  ", rows[-1], flush=True)
@@ -306,7 +309,10 @@ def main() -> None:
         "fp32_ort_agreement": float(np.mean([a == r for a, r in zip(got32, ref, strict=True)])),
         "acc_fp32": acc(ref), "acc_int8": acc([a.answer for a in got]),
     }
-    sizes = {f: (bundle / f).stat().st_size for f in (FP32, INT8, DEC_FP32, DEC_INT8)}
+    # what a device stores: each precision's two graphs with their shared weights file
+    stored = {"fp32": stored_bytes([bundle / FP32, bundle / DEC_FP32]),
+              "int8": stored_bytes([bundle / INT8, bundle / DEC_INT8])}
+    sizes = {f: (bundle / f).stat().st_size for f in (FP32, INT8, DEC_FP32, DEC_INT8, DATA_FP32, DATA_INT8)}
     margins = decision_margins(gm, samples, ref, ref_routes)
     clear = margins >= args.tie_margin
     same = np.array([a.answer == r for a, r in zip(got, ref, strict=True)])
@@ -314,7 +320,8 @@ def main() -> None:
     res["near_tie_share"] = float(1 - clear.mean())
     res["agreement_clear"] = float(same[clear].mean()) if clear.any() else None
     res["agreement_near_tie"] = float(same[~clear].mean()) if (~clear).any() else None
-    res["size_ratio"] = (sizes[INT8] + sizes[DEC_INT8]) / (sizes[FP32] + sizes[DEC_FP32])
+    res["size_ratio"] = stored["int8"] / stored["fp32"]
+    res["stored_bytes"] = stored
     res["bytes"] = sizes
     print({k: res[k] for k in ("agreement", "agreement_clear", "near_tie_share", "route_agreement",
                                "acc_fp32", "acc_int8", "size_ratio")}, flush=True)

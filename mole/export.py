@@ -11,6 +11,8 @@ base — the torch fp32 reference. ``export_bundle`` writes (layout: protocol.bu
     OUT/model_int8.onnx     the same, weights int8 (MatMulNBits; the embedding via DequantizeLinear)
     OUT/decoder.onnx        the KV-cache decode step (no towers, no routers), and its
     OUT/decoder_int8.onnx   int8 twin (mole.onnx_graph says why it is a second graph)
+    OUT/weights.onnx_data   the fp32 graphs' weights, each stored once (mole.shared_weights:
+    OUT/weights_int8.onnx_data  both graphs of a precision hold the whole LM), and the int8 ones
     OUT/tokenizer/          the base's tokenizer files
     OUT/processor/          the Whisper feature extractor (when the base has audio)
     OUT/manifest.json       versions, opset, sha256 of every file, tasks, τ, partners, round
@@ -55,6 +57,7 @@ from mole.families.base import CheckpointError, require_edge_bundle
 from mole.global_model import EdgeModel
 from mole.onnx_graph import ExportGraph, GraphSpec
 from mole.router import TaskRouter, ae_from_state
+from mole.shared_weights import share_weights
 from protocol.config import RunConfig, parse_config
 from protocol.instructions import is_shared
 from protocol.state import CHECKPOINT, GlobalState, load_checkpoint
@@ -64,6 +67,8 @@ log = logging.getLogger(__name__)
 OPSET = 17
 FP32, INT8 = "model.onnx", "model_int8.onnx"  # routing + prefill graph
 DEC_FP32, DEC_INT8 = "decoder.onnx", "decoder_int8.onnx"  # the KV-cache decode step
+# Each precision's two graphs keep their weights here, one copy of each (mole.shared_weights).
+DATA_FP32, DATA_INT8 = "weights.onnx_data", "weights_int8.onnx_data"
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
 # The quantiser's settings for this model, chosen by measurement (module docstring).
 QUANT: dict[str, Any] = {"block_size": 32, "accuracy_level": 1, "symmetric": False}
@@ -296,7 +301,10 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     export_onnx(build_graph(gm, decoder_only=True), out / DEC_FP32)
     for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
         quantize_int8(out / src, out / dst, block_size, accuracy_level)
-        onnx.checker.check_model(str(out / dst))
+    shared = {data: share_weights([out / a, out / b], data)
+              for a, b, data in ((FP32, DEC_FP32, DATA_FP32), (INT8, DEC_INT8, DATA_INT8))}
+    for name in (FP32, DEC_FP32, INT8, DEC_INT8):
+        onnx.checker.check_model(str(out / name))
     gm.em.enc.tok.save_pretrained(str(out / TOKENIZER_DIR))
     if gm.em.model.feature_extractor is not None:
         gm.em.model.feature_extractor.save_pretrained(str(out / PROCESSOR_DIR))
@@ -312,6 +320,7 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
         "max_length": gm.cfg.model.max_length, "max_new_tokens": gm.cfg.train.max_new_tokens,
         "eos_token_id": int(gm.em.enc.eos_id), "pad_token_id": int(gm.em.enc.pad_id),
         "method": gm.cfg.federation.method,
+        "shared_weights": shared,
     }
     thresholds = {t: float(e.threshold) for t, e in gm.router.tasks.items()}
     write_manifest(out, bundle_id=bundle_id or f"round-{gm.global_round:05d}",

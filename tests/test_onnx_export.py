@@ -152,8 +152,15 @@ def test_bundle_lists_every_file_with_its_hash(exported):
 
     gm, bundle, _ = exported
     man = read_manifest(bundle)
-    for name in ("model.onnx", "model_int8.onnx", "decoder.onnx", "decoder_int8.onnx"):
+    for name in ("model.onnx", "model_int8.onnx", "decoder.onnx", "decoder_int8.onnx",
+                 "weights.onnx_data", "weights_int8.onnx_data"):
         assert man.files[name].sha256 == sha256_file(Path(bundle) / name)
+    # each precision's two graphs keep their weights in one shared file: the decoder's copy of
+    # the language model is not stored a second time
+    for data in ("weights.onnx_data", "weights_int8.onnx_data"):
+        shared = man.extra["shared_weights"][data]
+        assert shared["saved"] > 0 and shared["unique"] < shared["tensors"]
+        assert shared["bytes"] == man.files[data].size
     assert any(p.startswith("tokenizer/") for p in man.files)
     assert any(p.startswith("processor/") for p in man.files)
     assert list(man.tasks) == gm.tasks and man.global_round == 7

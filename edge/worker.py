@@ -186,8 +186,10 @@ def serve(sock: Path) -> int:
             with conn:
                 try:
                     status, secs = _serve_one(conn)
-                except (OSError, EOFError, ValueError, KeyError) as e:
-                    log.warning("dropped a malformed request: %s", e)
+                except _Stop:
+                    raise
+                except Exception as e:  # a bad request (or a peer gone) costs that request only
+                    log.warning("dropped a request: %s: %s", type(e).__name__, e)
                     continue
             handled += 1
             log.info("message %d: %s in %.2f s", handled, status, secs)

@@ -93,6 +93,14 @@ def test_a_failure_in_the_worker_names_itself_and_a_stranger_is_refused(worker):
     # a peer with the wrong key does not get in, and the worker goes on serving
     with pytest.raises((AuthenticationError, EOFError, OSError)):
         Client(str(sock), family="AF_UNIX", authkey=b"not the key")
+    # a peer with the key that sends garbage (not JSON, not Flower's protobuf) costs that request
+    key = bytes.fromhex(key_path(sock).read_text())
+    for head, body in ((b"not json", b""), (b'{"node_config": {}, "run_config": {}}', b"\xff\x00garbage")):
+        with Client(str(sock), family="AF_UNIX", authkey=key) as c, \
+                pytest.raises((EOFError, OSError)):  # the worker hangs up on it
+            c.send_bytes(head)
+            c.send_bytes(body)
+            c.recv_bytes()
     with pytest.raises(WorkerError, match="model.base-path"):
         forward(sock, bad, {"data-dir": "/nonexistent"}, {"model.base-path": ""})
     assert proc.poll() is None

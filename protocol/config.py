@@ -193,9 +193,14 @@ class PretrainConfig:
     extend_lr_factor: float = 0.5
     # Weight of the vision tower's auxiliary loss on the image-only templates (simulation/base.py).
     vision_aux_weight: float = 1.0
+    # torch threads while pretraining, whatever the machine or OMP_NUM_THREADS: float sums split
+    # by thread count round differently, so the same key made with 1 thread (a bench that pins
+    # OMP_NUM_THREADS=1) and with 2 gave two different bases (README: why results differ).
+    threads: int = 2
 
     def validate(self) -> None:
         _check(self.steps > 0, "pretrain.steps", "> 0", self.steps)
+        _check(self.threads >= 1, "pretrain.threads", ">= 1", self.threads)
         _check(self.seed >= 0, "pretrain.seed", ">= 0", self.seed)
         _check(0 <= self.target <= 100, "pretrain.target", "a percentage in [0, 100]", self.target)
         _check(self.max_steps >= self.steps, "pretrain.max-steps", f">= pretrain.steps ({self.steps})",

@@ -78,7 +78,10 @@ def base_key(cfg: RunConfig) -> str:
         # keys (and the cached bases) of every existing configuration.
         "model": {k: v for k, v in cfg.to_flat().items()
                   if k.startswith("model.") and (k, v) != ("model.lm", "")},
-        "pretrain": {k: v for k, v in cfg.to_flat().items() if k.startswith("pretrain.")},
+        # `pretrain.threads` at its default (2, what the reference bases were made with) is
+        # left out for the same reason.
+        "pretrain": {k: v for k, v in cfg.to_flat().items()
+                     if k.startswith("pretrain.") and (k, v) != ("pretrain.threads", 2)},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -199,7 +202,17 @@ def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: lis
 
 def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
                   ) -> tuple[MoleModel, object, dict]:
-    """Build the backbone from configs and train all its weights until the held-out bar."""
+    """Build the backbone from configs and train all its weights until the held-out bar, on
+    ``pretrain.threads`` torch threads (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.pretrain.threads)
+    try:
+        return _pretrain_base(cfg, data_root, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pretrain_base(cfg: RunConfig, data_root: Path, progress: bool) -> tuple[MoleModel, object, dict]:
     pc = cfg.pretrain
     tok = build_word_tokenizer(_vocabulary_texts(data_root))
     device = pick_device(cfg.train.device)

@@ -60,6 +60,33 @@ def test_base_is_pretrained_once_and_cached(cfg, tmp_path):
     assert info["final_loss"] < info["first_loss"]  # the base learned something
 
 
+@pytest.mark.slow
+def test_the_base_does_not_depend_on_the_callers_thread_count(cfg):
+    """pretrain.threads pins torch's threads while pretraining: a bench that runs with one
+    thread and a demo with two get the same base under the same key (and the caller's own
+    setting is restored)."""
+    import torch
+
+    from simulation.base import pretrain_base
+    from simulation.benchmark import ensure_benchmark
+
+    root = ensure_benchmark(cfg.data)
+    before = torch.get_num_threads()
+    weights, infos = [], []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            model, _, info = pretrain_base(cfg, root, progress=False)
+            assert torch.get_num_threads() == threads  # restored
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+            infos.append(info)
+    finally:
+        torch.set_num_threads(before)
+    assert all(i["machine"]["threads"] == cfg.pretrain.threads for i in infos)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "fedmole_cli.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)

@@ -96,6 +96,11 @@ class Downlink:
             delay = min(2 * delay, POLL_MAX_S)
         return _unpacked(out)
 
+    def _outgoing(self, m: Message, content: RecordDict) -> Message:
+        """``content`` for ``m``'s node, counted as it leaves and packed for the wire."""
+        self._account(content)
+        return _like(m, pack_record(content))
+
     def _exchange(self, messages: Iterable[Message], timeout: float | None) -> list[Message]:
         # destination node → (the full message, its manifest). A round sends a node one message
         # (Flower's sampling, the quorum's re-sends), and Grids number messages differently
@@ -110,12 +115,11 @@ class Downlink:
                 if man is None:
                     man = manifests[key] = manifest_of(m.content)
                 node = m.metadata.dst_node_id
-                sent = _like(m, strip(m.content, man, self.ledger.get(node, {})))
+                content = strip(m.content, man, self.ledger.get(node, {}))
                 full[node] = (m, man)
             else:
-                sent = m
-            self._account(sent.content)
-            out.append(_like(sent, pack_record(sent.content)))
+                content = m.content
+            out.append(self._outgoing(m, content))
         replies = self._round_trip(out, timeout)
         again: list[tuple[int, Message, dict[str, str]]] = []
         result: list[Message] = []
@@ -138,9 +142,7 @@ class Downlink:
         if again:
             resend = []
             for _, m, man in again:
-                msg = _like(m, strip(m.content, man, {}))  # the manifest, every group
-                self._account(msg.content)
-                resend.append(_like(msg, pack_record(msg.content)))
+                resend.append(self._outgoing(m, strip(m.content, man, {})))  # every group
             self.resent += len(resend)
             for r in self._round_trip(resend, timeout):
                 origin = full.get(r.metadata.src_node_id)

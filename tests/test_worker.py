@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from deploy.launcher import alive, stop_pid
+from deploy.launcher import DeployError, alive, stop_pid, wait_socket
 from edge.worker import WorkerError, WorkerUnavailable, forward, key_path
 from tests.test_downlink import _run, run_identity, scenario  # noqa: F401  (fixtures)
 
@@ -27,16 +26,16 @@ BIN = Path(sys.executable).parent
 
 
 def _start_worker(sock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "fedmole"), "worker", "--socket", str(sock)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (sock.exists() and key_path(sock).exists()):
-        if proc.poll() is not None or time.time() > deadline:
-            out = proc.stdout.read() if proc.stdout else ""
-            stop_pid(proc.pid)
-            raise AssertionError(f"the worker did not come up:\n{out[-2000:]}")
-        time.sleep(0.2)
+    log = sock.with_name("worker.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "fedmole"), "worker", "--socket", str(sock)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_socket(sock, proc.pid, log, timeout=120)
+    except DeployError:
+        stop_pid(proc.pid)
+        raise
     return proc
 
 

@@ -1,19 +1,28 @@
 """Answering with a bundle in onnxruntime: per-sample routing, then greedy decoding with a KV cache.
 
-One call of :meth:`OrtModel.answer` on B samples (any mix of tasks and modalities) runs:
+A bundle holds the field's edge layout (mole.onnx_graph): ``vision_encoder`` (+ ``audio_encoder``),
+``embed_tokens``, ``decoder_model_merged`` and the ``router``; the manifest's ``extra.graphs``
+names each precision's file of each graph. One call of :meth:`OrtModel.answer` on B samples
+(any mix of tasks and modalities) runs:
 
-1. **routing** — the full graph on the instructions alone (image/audio placeholders dropped, gate
-   0, empty past) with the samples' media → ``route_errors`` (B, K); each sample goes to the
+1. **routing** — the encoders with the gate off give each row's pooled image/audio features;
+   the decoder on the instruction alone (placeholders dropped, gate off) gives its final hidden
+   state; the router graph turns them into ``route_errors`` (B, K). Each sample goes to the
    lowest-error task under its τ (manifest thresholds), or to the base model when none claims
    it — mole.router's rule, per sample.
-2. **prefill** — the full graph on the whole prompts with gate (B, E) = the routed task and its
-   co-activation partners → logits of the last position and the KV cache.
-3. **decode** — the decoder graph, one token per row per step, until every row has emitted
-   <eos> or ``max_new_tokens``: the prefix is never recomputed.
+2. **prefill** — the encoders again with each item's routed gate (the experts sit in the towers
+   too), their features written into the placeholders' embeddings (in order: the i-th image's
+   P features fill the i-th run of P image tokens, as LLaVA's ``masked_scatter``), and the
+   decoder on the whole prompt with gate (B, E) = the routed task and its co-activation
+   partners → the last position's logits and the KV cache.
+3. **decode** — one token per row per step through ``embed_tokens`` and the same decoder with
+   the cache, until every row has emitted <eos> or ``max_new_tokens``.
 
-Tokenisation and audio features use the bundle's own tokenizer and Whisper feature extractor
-through mole.batching.Encoder, so a wrong image shape, an empty instruction or an over-long clip
-is refused with the same message as in training. Sessions are safe to call from many threads.
+Preprocessing uses the bundle's own files: the project's tokenizer (and Whisper feature
+extractor) for the own base, the checkpoint's processor and chat template for a checkpoint base
+(``processor/``), so a sample is encoded exactly as in training and a wrong image shape, an
+empty instruction or an over-long clip is refused with the same message. Sessions are safe to
+call from many threads.
 """
 
 from __future__ import annotations
@@ -29,12 +38,10 @@ import onnxruntime as ort
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from mole.batching import AudioFeatures, Encoder
-from mole.export import DEC_FP32, DEC_INT8, FP32, INT8, PROCESSOR_DIR, TOKENIZER_DIR
+from mole.export import DECODER, PRECISIONS, PROCESSOR_DIR, TOKENIZER_DIR
 from mole.onnx_graph import GraphSpec
 from mole.tokenizer import ensure_special_tokens
 from protocol.manifest import Sample
-
-PRECISIONS = ("int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -66,53 +73,89 @@ def providers() -> list[str]:
 
 class OrtModel:
     def __init__(self, folder: Path, precision: str = "int8", threads: int = 0):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.folder = Path(folder)
-        self.precision = precision
         man = json.loads((self.folder / "manifest.json").read_text())
         self.manifest = man
         extra = man["extra"]
+        if "graphs" not in extra:
+            raise ValueError(f"bundle {str(folder)!r} has the layout before the field's edge "
+                             "layout (model.onnx + decoder.onnx); export the run again with "
+                             "`fedmole export --run RUN --out DIR`")
+        if precision not in extra["graphs"]:
+            raise ValueError(f"precision {precision!r}: bundle {str(folder)!r} holds "
+                             f"{', '.join(extra['graphs'])} (any of {', '.join(PRECISIONS)})")
+        self.precision = precision
         self.spec = spec = graph_spec(extra["graph"])
         self.tasks = list(spec.tasks)
         self.routed = [t for t in self.tasks if t in man["thresholds"]]
         self.taus = np.array([float(man["thresholds"][t]) for t in self.routed], dtype=np.float64)
         self.partners = {t: list(p) for t, p in man.get("partners", {}).items()}
+        self.router_weights = [float(w) for w in extra["router_weights"]]
         self.max_new_tokens = int(extra["max_new_tokens"])
         self.eos = int(extra["eos_token_id"])
         self.pad = int(extra["pad_token_id"])
         so = session_options(threads)
-        full, dec = (INT8, DEC_INT8) if precision == "int8" else (FP32, DEC_FP32)
-        self.full = ort.InferenceSession(str(self.folder / full), so, providers=providers())
-        self.decoder = ort.InferenceSession(str(self.folder / dec), so, providers=providers())
-        tok = ensure_special_tokens(AutoTokenizer.from_pretrained(
-            str(self.folder / TOKENIZER_DIR), local_files_only=True))
-        audio = None
-        if spec.audio_token_id is not None:
-            # Requests carry fresh ids: a small memo is enough (it is keyed by (task, id)).
-            audio = AudioFeatures(WhisperFeatureExtractor.from_pretrained(
-                str(self.folder / PROCESSOR_DIR), local_files_only=True), max_items=1024)
-        self.enc = Encoder(tok, spec.n_image_tokens, spec.image_size, int(extra["max_length"]),
-                           audio, spec.n_audio_tokens)
+        self.sessions = {g: ort.InferenceSession(str(self.folder / f), so, providers=providers())
+                         for g, f in extra["graphs"][precision].items()}
+        self.enc = _encoder(self.folder, extra, spec)
         self.placeholders = [spec.image_token_id] + (
             [spec.audio_token_id] if spec.audio_token_id is not None else [])
+        self.past_names = spec.cache_names("past_key_values")
 
-    # -- feeds ------------------------------------------------------------------------------
+    @property
+    def audio(self) -> AudioFeatures | None:
+        """The Whisper features of a base with an audio tower (None for the others)."""
+        return getattr(self.enc, "audio", None)
 
-    def _media(self, has: np.ndarray, items: np.ndarray | None, shape: tuple[int, ...]
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(N, …) media of the rows flagged in ``has`` (B,) → (items or a zero dummy, row index
-        (B,) = 1 + item index, 0 for rows without)."""
-        rows = np.zeros(has.shape[0], dtype=np.int64)
-        rows[has] = np.arange(1, int(has.sum()) + 1)
-        if items is None or items.shape[0] == 0:
-            return np.zeros((1, *shape), dtype=np.float32), rows
-        return np.ascontiguousarray(items, dtype=np.float32), rows
+    # -- graphs -----------------------------------------------------------------------------
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[graph].run(None, feeds)  # type: ignore[no-any-return]
 
     def _empty_past(self, b: int) -> dict[str, np.ndarray]:
         s = self.spec
         z = np.zeros((b, s.kv_heads, 0, s.head_dim), dtype=np.float32)
-        return {f"past.{i}.{k}": z for i in range(s.layers) for k in ("key", "value")}
+        return {name: z for name in self.past_names}
+
+    def decoder(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray, gate: np.ndarray,
+                past: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """→ [logits (B, V), last hidden state (B, d), present k/v …] (``past`` None: prefill)."""
+        feeds = (self._empty_past(embeds.shape[0]) if past is None
+                 else dict(zip(self.past_names, past, strict=True)))
+        return self._run(DECODER, {"inputs_embeds": embeds, "attention_mask": mask,
+                                   "position_ids": pos, "gate": gate, **feeds})
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._run("embed_tokens", {"input_ids": ids.astype(np.int64)})[0]
+
+    def _media(self, ids: np.ndarray, items: np.ndarray | None, token: int | None, graph: str,
+               gate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Encode the batch's images (or clips) with each one's row gate → (features (N, P, d)
+        in slot order, slots (B, T) bool, the row of each item (N,)); None when it has none."""
+        if token is None or items is None or items.shape[0] == 0:
+            return None
+        slots = ids == token
+        per_item = int(slots.sum()) // items.shape[0]
+        if per_item * items.shape[0] != int(slots.sum()):
+            raise ValueError(f"{items.shape[0]} media items for {int(slots.sum())} placeholders "
+                             "in the batch: the encoder and the graph disagree")
+        rows = np.nonzero(slots)[0][::per_item]  # row of each item, in order
+        feats = self._run(graph, {"pixel_values" if graph == "vision_encoder" else
+                                  "input_features": np.ascontiguousarray(items, np.float32),
+                                  "gate": np.ascontiguousarray(gate[rows])})[0]
+        return feats, slots, rows
+
+    @staticmethod
+    def _pool(media: tuple[np.ndarray, np.ndarray, np.ndarray] | None, b: int, d: int
+              ) -> np.ndarray:
+        """(B, d): the max over each row's media features (zeros for a row without)."""
+        out = np.zeros((b, d), dtype=np.float32)
+        if media is None:
+            return out
+        feats, _, rows = media
+        for r in np.unique(rows):
+            out[r] = feats[rows == r].max(axis=(0, 1))
+        return out
 
     def _gate(self, routes: Sequence[str | None]) -> np.ndarray:
         gate = np.zeros((len(routes), len(self.tasks)), dtype=np.float32)
@@ -132,6 +175,40 @@ class OrtModel:
 
     # -- answering --------------------------------------------------------------------------
 
+    def _encode_media(self, ids: np.ndarray, batch: Any, gate: np.ndarray) -> list[Any]:
+        s = self.spec
+        pix = None if batch.pixel_values is None else batch.pixel_values.numpy()
+        out = [self._media(ids, pix, s.image_token_id, "vision_encoder", gate)]
+        if s.audio_token_id is not None:
+            feats = None if batch.input_features is None else batch.input_features.numpy()
+            out.append(self._media(ids, feats, s.audio_token_id, "audio_encoder", gate))
+        return out
+
+    def route_errors(self, batch: Any) -> np.ndarray:
+        """(B, K): each routed task's autoencoder error on the samples' router features."""
+        ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+        b, d = ids.shape[0], self.spec.hidden
+        if not self.routed:
+            return np.zeros((b, 0))
+        off = np.zeros((b, len(self.tasks)), dtype=np.float32)
+        media = self._encode_media(ids, batch, off)
+        t_ids, t_mask = text_only(ids, mask, self.placeholders, self.pad)
+        text = self.decoder(self.embed(t_ids), t_mask, positions(t_mask), off)[1]
+        pools = [self._pool(m, b, d) for m in media] + [np.zeros((b, d), np.float32)]
+        return self._run("router", {"image_pool": pools[0], "text_state": text,
+                                    "audio_pool": pools[1]})[0]
+
+    def prefill(self, batch: Any, gate: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The prompts with their media under ``gate`` → (decoder outputs, positions)."""
+        ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+        embeds = self.embed(ids)  # (B, T, d)
+        for m in self._encode_media(ids, batch, gate):
+            if m is not None:
+                feats, slots, _ = m
+                embeds[slots] = feats.reshape(-1, feats.shape[-1])  # item order = slot order
+        pos = positions(mask)
+        return self.decoder(embeds, mask, pos, gate), pos
+
     def answer(self, samples: Sequence[Sample], max_new_tokens: int | None = None,
                routes: Sequence[str | None] | None = None) -> list[Answer]:
         """Greedy answers in sample order (``routes`` given → skip the router, e.g. an oracle)."""
@@ -139,34 +216,16 @@ class OrtModel:
             return []
         n_new = max_new_tokens or self.max_new_tokens
         batch = self.enc.prompt_batch(samples)
-        ids = batch.input_ids.numpy()
         mask = batch.attention_mask.numpy()
-        b = ids.shape[0]
-        s = self.spec
-        pix, img_row = self._media((ids == s.image_token_id).any(1),
-                                   None if batch.pixel_values is None else batch.pixel_values.numpy(),
-                                   (3, s.image_size, s.image_size))
-        media = {"pixel_values": pix, "image_row": img_row}
-        if s.audio_token_id is not None:
-            assert s.audio_shape is not None
-            feats = None if batch.input_features is None else batch.input_features.numpy()
-            media["input_features"], media["audio_row"] = self._media(
-                (ids == s.audio_token_id).any(1), feats, s.audio_shape)
-        past = self._empty_past(b)
+        b = mask.shape[0]
         if routes is None:
-            t_ids, t_mask = text_only(ids, mask, self.placeholders, self.pad)
-            errors = self.full.run(["route_errors"], {
-                "input_ids": t_ids, "attention_mask": t_mask, "position_ids": positions(t_mask),
-                "gate": np.zeros((b, len(self.tasks)), np.float32), **media, **past})[0]
-            routes = self.route(errors)
+            routes = self.route(self.route_errors(batch))
         gate = self._gate(routes)
-        out = self.full.run(None, {"input_ids": ids, "attention_mask": mask,
-                                   "position_ids": positions(mask), "gate": gate, **media, **past})
+        out, pos = self.prefill(batch, gate)
         logits, cache = out[0], out[2:]
-        next_pos = positions(mask)[:, -1:] + 1  # (B, 1)
+        next_pos = pos[:, -1:] + 1  # (B, 1)
         done = np.zeros(b, dtype=bool)
         generated: list[np.ndarray] = []
-        names = [f"past.{i}.{k}" for i in range(s.layers) for k in ("key", "value")]
         for step in range(n_new):
             nxt = logits.argmax(-1)
             nxt = np.where(done, self.pad, nxt)
@@ -175,14 +234,36 @@ class OrtModel:
             if done.all() or step == n_new - 1:
                 break
             mask = np.concatenate([mask, np.ones((b, 1), dtype=mask.dtype)], axis=1)
-            out = self.decoder.run(None, {"input_ids": nxt[:, None].astype(np.int64),
-                                          "attention_mask": mask, "position_ids": next_pos,
-                                          "gate": gate, **dict(zip(names, cache, strict=True))})
-            logits, cache = out[0], out[1:]
+            out = self.decoder(self.embed(nxt[:, None]), mask, next_pos, gate, cache)
+            logits, cache = out[0], out[2:]
             next_pos = next_pos + 1
         rows = np.stack(generated, axis=1).tolist()  # (B, n)
         return [Answer(self.enc.decode(r[: r.index(self.eos)] if self.eos in r else r), route)
                 for r, route in zip(rows, routes, strict=True)]
+
+
+def _encoder(folder: Path, extra: Mapping[str, Any], spec: GraphSpec) -> Any:
+    """The bundle's own preprocessing: the checkpoint's processor and chat template, or the
+    project's tokenizer (+ Whisper feature extractor) for its own base."""
+    if extra.get("encoder") == "chat":
+        from transformers import AutoProcessor
+
+        from mole.families.llava import chat_encoder
+
+        if extra.get("family") != "llava":
+            raise ValueError(f"bundle {str(folder)!r} is of family {extra.get('family')!r}; the "
+                             "edge runtime serves LLaVA-layout bases")
+        proc = AutoProcessor.from_pretrained(str(folder / PROCESSOR_DIR), local_files_only=True)
+        return chat_encoder(proc, int(extra["max_length"]))
+    tok = ensure_special_tokens(AutoTokenizer.from_pretrained(
+        str(folder / TOKENIZER_DIR), local_files_only=True))
+    audio = None
+    if spec.audio_token_id is not None:
+        # Requests carry fresh ids: a small memo is enough (it is keyed by (task, id)).
+        audio = AudioFeatures(WhisperFeatureExtractor.from_pretrained(
+            str(folder / PROCESSOR_DIR), local_files_only=True), max_items=1024)
+    return Encoder(tok, spec.n_image_tokens, spec.image_size, int(extra["max_length"]),
+                   audio, spec.n_audio_tokens)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge.ort_runtime import OrtModel
+from mole.export import PRECISIONS
 from protocol.bundle import BundleError, verify_bundle
 from protocol.inference_codec import InputError, InputLimits, decode_request
 from protocol.manifest import Sample
@@ -56,7 +57,7 @@ class Served:
 
 def limits_for(model: OrtModel, max_batch: int, max_request_bytes: int) -> InputLimits:
     s = model.spec
-    audio = model.enc.audio
+    audio = model.audio
     return InputLimits(
         image_size=s.image_size, audio_rate=None if audio is None else audio.rate,
         max_audio_samples=0 if audio is None else audio.max_samples, max_batch=max_batch,
@@ -70,8 +71,8 @@ def smoke_samples(model: OrtModel) -> list[Sample]:
     out = [Sample("smoke-text", "", "what is 1 plus 2", ""),
            Sample("smoke-image", "", "what color is the shape", "",
                   image=rng.integers(0, 256, (s.image_size, s.image_size, 3), dtype=np.uint8))]
-    if model.enc.audio is not None:
-        n = model.enc.audio.max_samples // 2
+    if model.audio is not None:
+        n = model.audio.max_samples // 2
         out.append(Sample("smoke-audio", "", "which note is played", "",
                           audio=(0.3 * np.sin(np.arange(n) / 8.0)).astype(np.float32)))
     return out
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--trusted-key", type=Path, default=Path("keys/bundle.pub"),
                     help="Ed25519 public key bundles must be signed with")
-    ap.add_argument("--precision", choices=("int8", "fp32"), default="int8")
+    ap.add_argument("--precision", choices=PRECISIONS, default="int8")
     ap.add_argument("--registry", default="", help="HOST:PORT of a bundle registry to follow")
     ap.add_argument("--bundles-dir", type=Path, default=Path("bundles"),
                     help="where bundles from the registry are downloaded")

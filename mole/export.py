@@ -1,4 +1,4 @@
-"""Global model → ONNX (fp32 and int8) → a signed bundle folder.
+"""Global model → ONNX graphs in the field's edge layout, quantised → a signed bundle folder.
 
 Below both sides: the cloud exports a bundle after each task (cloud/publish.py), `fedmole
 export` does it for a finished run, and the edge serves what it wrote (edge/ort_runtime.py).
@@ -7,18 +7,26 @@ export` does it for a finished run, and the edge serves what it wrote (edge/ort_
 and ``checkpoint.safetensors``: plan, experts, routers, τ, partners) as PEFT experts on the
 base — the torch fp32 reference. ``export_bundle`` writes (layout: protocol.bundle)::
 
-    OUT/model.onnx          the graph of mole.onnx_graph, fp32, dynamic batch/sequence/past
-    OUT/model_int8.onnx     the same, weights int8 (MatMulNBits; the embedding via DequantizeLinear)
-    OUT/decoder.onnx        the KV-cache decode step (no towers, no routers), and its
-    OUT/decoder_int8.onnx   int8 twin (mole.onnx_graph says why it is a second graph)
-    OUT/weights.onnx_data   the fp32 graphs' weights, each stored once (mole.shared_weights:
-    OUT/weights_int8.onnx_data  both graphs of a precision hold the whole LM), and the int8 ones
-    OUT/tokenizer/          the base's tokenizer files
-    OUT/processor/          the Whisper feature extractor (when the base has audio)
-    OUT/manifest.json       versions, opset, sha256 of every file, tasks, τ, partners, round
-    OUT/manifest.sig        Ed25519 over manifest.json (protocol.bundle.sign_bundle)
+    OUT/vision_encoder.onnx         mole.onnx_graph's graphs, fp32 (dynamic batch/sequence/past)
+    OUT/audio_encoder.onnx          (bases with an audio tower)
+    OUT/embed_tokens.onnx
+    OUT/decoder_model_merged.onnx   prefill and KV-cache decode in one graph
+    OUT/router.onnx                 the task autoencoders (once a task has a router)
+    OUT/<graph>_int8.onnx           each graph with int8 weights (recipe INT8 below)
+    OUT/decoder_model_merged_q4.onnx  the decoder with 4-bit weights (recipe INT4); the int4
+                                    precision runs it with the other graphs' int8 files
+    OUT/weights.onnx_data           each precision's graphs keep their weights in one external-
+    OUT/weights_int8.onnx_data      data file, each distinct tensor once (mole.shared_weights:
+    OUT/weights_q4.onnx_data        SmolLM2's tied embedding and LM head are one tensor)
+    OUT/tokenizer/                  the base's tokenizer
+    OUT/processor/                  the checkpoint's processor (image processor, tokenizer,
+                                    chat template) for a checkpoint base; the Whisper feature
+                                    extractor for the own base with audio
+    OUT/manifest.json               versions, opset, sha256 of every file, tasks, τ, partners,
+                                    round; ``extra.graphs`` maps each precision to its files
+    OUT/manifest.sig                Ed25519 over manifest.json (protocol.bundle.sign_bundle)
 
-Quantisation choice, measured on a trained default model's 1,800 test samples
+Quantisation choice for int8, measured on a trained default model's 1,800 test samples
 (bench/edge_inference.py records the comparison under ``quantization``): onnxruntime's dynamic
 int8 (``quantize_dynamic``: int8 weights, activations quantised per tensor at run time) flipped
 5–32% of the answers against torch fp32 — per-channel weights without ``reduce_range`` saturate
@@ -35,6 +43,7 @@ way, so ±0.3 points between recipes is noise. The convolutions (patch embedding
 as int8 cost route agreement on one of the three models and stay fp32; 4-bit router
 autoencoders misroute 21% of the samples. So: MatMulNBits int8, block 32, asymmetric, accuracy
 level 1, everything but the LM head — the router autoencoders included — plus the embedding.
+The int4 recipe (:data:`INT4`) was chosen on the SmolLM2 base by bench/edge_llm.py.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ import torch
 
 from mole.families.base import CheckpointError, require_edge_bundle
 from mole.global_model import EdgeModel
-from mole.onnx_graph import ExportGraph, GraphSpec
+from mole.onnx_graph import ExportParts, GraphSpec
 from mole.router import TaskRouter, ae_from_state
 from mole.shared_weights import share_weights
 from protocol.config import RunConfig, parse_config
@@ -65,17 +74,45 @@ from protocol.state import CHECKPOINT, GlobalState, load_checkpoint
 log = logging.getLogger(__name__)
 
 OPSET = 17
-FP32, INT8 = "model.onnx", "model_int8.onnx"  # routing + prefill graph
-DEC_FP32, DEC_INT8 = "decoder.onnx", "decoder_int8.onnx"  # the KV-cache decode step
-# Each precision's two graphs keep their weights here, one copy of each (mole.shared_weights).
-DATA_FP32, DATA_INT8 = "weights.onnx_data", "weights_int8.onnx_data"
+PRECISIONS = ("fp32", "int8", "int4")
+_SUFFIX = {"fp32": "", "int8": "_int8", "int4": "_q4"}
+# Each precision's graphs keep their weights here, each tensor once (mole.shared_weights).
+DATA = {"fp32": "weights.onnx_data", "int8": "weights_int8.onnx_data", "int4": "weights_q4.onnx_data"}
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
-# The quantiser's settings for this model, chosen by measurement (module docstring).
-QUANT: dict[str, Any] = {"block_size": 32, "accuracy_level": 1, "symmetric": False}
+DECODER = "decoder_model_merged"
+
+
+def graph_file(graph: str, precision: str) -> str:
+    """``vision_encoder`` + ``int8`` → ``vision_encoder_int8.onnx``."""
+    return f"{graph}{_SUFFIX[precision]}.onnx"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Weight-only quantisation of a graph's MatMuls with a constant weight (MatMulNBits)."""
+
+    bits: int  # 8 or 4
+    block_size: int  # weights per scale, along the input dimension
+    symmetric: bool  # False: a zero point per block
+    accuracy_level: int  # 1: compute in fp32 from the dequantised weights; 4: int8 activations
+    head_bits: int  # the LM head (decides every greedy token): 0 keeps it fp32
+    graphs: tuple[str, ...]  # the graphs this precision quantises; the others use their int8 file
+
+
+# Chosen by measurement (module docstring; bench/edge_llm.py for int4).
+INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=1, head_bits=0,
+                   graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
+INT4 = QuantRecipe(bits=4, block_size=32, symmetric=True, accuracy_level=4, head_bits=8,
+                   graphs=(DECODER,))
+RECIPES = {"int8": INT8, "int4": INT4}
+QUANT: dict[str, Any] = {"block_size": INT8.block_size, "accuracy_level": INT8.accuracy_level,
+                         "symmetric": INT8.symmetric}
 WEIGHT_ONLY_OPS = ("Gather",)
-# The output projection decides every greedy token (56 KB fp32 here); each GatedLinear's
-# gate·select product is a (E, R) table of exact 0/α-r values, not worth a quantiser.
-KEEP_FP32 = r"^/lm_head/|_proj/MatMul_1$"
+HEAD = r"^/lm_head/"
+# Each GatedLinear's gate·select product is a (E, R) table of exact 0/α-r values, not worth a
+# quantiser.
+GATE_SELECT = r"_proj/MatMul_1$"
+KEEP_FP32 = rf"{HEAD}|{GATE_SELECT}"
 
 
 class ExportError(ValueError):
@@ -165,86 +202,114 @@ def global_model_from_state(cfg: RunConfig, state: GlobalState, base: Path, wher
                        state.round)
 
 
-def build_graph(gm: GlobalModel, decoder_only: bool = False) -> ExportGraph:
+def export_parts(gm: GlobalModel) -> ExportParts:
     d = gm.cfg.dmole
-    return ExportGraph(gm.em.experts, gm.tasks, gm.router,
-                       [d.router_vision_weight, 1.0, d.router_audio_weight], decoder_only)
+    return ExportParts(gm.em.experts, gm.tasks, gm.router,
+                       [d.router_vision_weight, 1.0, d.router_audio_weight])
 
 
-def example_inputs(spec: GraphSpec, batch: int = 2, t: int = 3, past: int = 2,
-                   decoder: bool = False) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs: a call with a past cache; one image and one audio clip in the batch."""
-    ids = torch.full((batch, t), 5, dtype=torch.long)
-    mask = torch.ones(batch, past + t, dtype=torch.long)
-    pos = torch.arange(past, past + t).repeat(batch, 1)
-    gate = torch.zeros(batch, len(spec.tasks))
-    if decoder:
-        cache = [torch.zeros(batch, spec.kv_heads, past, spec.head_dim)] * (2 * spec.layers)
-        return (ids, mask, pos, gate, *cache)
-    pix = torch.zeros(1, 3, spec.image_size, spec.image_size)
-    img_row = torch.zeros(batch, dtype=torch.long)
-    img_row[0] = 1
-    args: list[torch.Tensor] = [ids, mask, pos, gate, pix, img_row]
-    if spec.audio_token_id is not None:
+def example_inputs(spec: GraphSpec, graph: str, batch: int = 2, t: int = 3, past: int = 2
+                   ) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs of ``graph`` (the decoder's with a past cache)."""
+    e = len(spec.tasks)
+    if graph == "vision_encoder":
+        return torch.zeros(batch, 3, spec.image_size, spec.image_size), torch.zeros(batch, e)
+    if graph == "audio_encoder":
         assert spec.audio_shape is not None
-        aud_row = torch.zeros(batch, dtype=torch.long)
-        aud_row[-1] = 1
-        args += [torch.zeros(1, *spec.audio_shape), aud_row]
-    for _ in range(spec.layers):
-        args += [torch.zeros(batch, spec.kv_heads, past, spec.head_dim)] * 2
-    return tuple(args)
+        return torch.zeros(batch, *spec.audio_shape), torch.zeros(batch, e)
+    if graph == "embed_tokens":
+        return (torch.full((batch, t), 5, dtype=torch.long),)
+    if graph == "router":
+        return tuple(torch.ones(batch, spec.hidden) for _ in range(3))
+    cache = [torch.zeros(batch, spec.kv_heads, past, spec.head_dim)] * (2 * spec.layers)
+    return (torch.zeros(batch, t, spec.hidden), torch.ones(batch, past + t, dtype=torch.long),
+            torch.arange(past, past + t).repeat(batch, 1), torch.zeros(batch, e), *cache)
 
 
-def export_onnx(graph: ExportGraph, path: Path, opset: int = OPSET) -> None:
-    spec, dec = graph.spec, graph.decoder_only
-    names = spec.input_names(dec)
-    dyn: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"}, "gate": {0: "batch"},
-        "pixel_values": {0: "images"}, "image_row": {0: "batch"},
-        "logits": {0: "batch"}, "route_errors": {0: "batch"},
+def _dynamic_axes(spec: GraphSpec, graph: str) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "pixel_values": {0: "images"}, "input_features": {0: "clips"},
+        "image_features": {0: "images"}, "audio_features": {0: "clips"},
+        "input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total"}, "position_ids": {0: "batch", 1: "seq"},
+        "logits": {0: "batch"}, "last_hidden_state": {0: "batch"},
+        "image_pool": {0: "batch"}, "text_state": {0: "batch"}, "audio_pool": {0: "batch"},
+        "route_errors": {0: "batch"},
+        # the encoders' gate is per image / clip, the decoder's per row
+        "gate": {0: "batch" if graph == DECODER else "images"},
     }
-    if spec.audio_token_id is not None:
-        dyn |= {"input_features": {0: "clips"}, "audio_row": {0: "batch"}}
-    dyn = {k: v for k, v in dyn.items() if k in names or k in spec.output_names(dec)}
-    for i in range(spec.layers):
-        for kind in ("key", "value"):
-            dyn[f"past.{i}.{kind}"] = {0: "batch", 2: "past"}
-            dyn[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
+    for name in spec.cache_names("past_key_values"):
+        axes[name] = {0: "batch", 2: "past"}
+    for name in spec.cache_names("present"):
+        axes[name] = {0: "batch", 2: "total"}
+    names = set(spec.input_names(graph)) | set(spec.output_names(graph))
+    return {k: v for k, v in axes.items() if k in names}
+
+
+def export_onnx(parts: ExportParts, graph: str, path: Path, opset: int = OPSET) -> None:
+    spec = parts.spec
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # transformers' shape checks trace as constants: true here, the towers' shapes are fixed.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # The TorchScript tracer (dynamo=False): it traces this plain module in ~1 s; torch
+        # The TorchScript tracer (dynamo=False): it traces these plain modules in seconds; torch
         # marks it deprecated in favour of torch.export, which we have not needed yet.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(graph, example_inputs(spec, decoder=dec), str(path), input_names=names,
-                          output_names=spec.output_names(dec), dynamic_axes=dyn,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(parts.graph(graph), example_inputs(spec, graph), str(path),
+                          input_names=spec.input_names(graph),
+                          output_names=spec.output_names(graph),
+                          dynamic_axes=_dynamic_axes(spec, graph), opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
     onnx.checker.check_model(str(path))
 
 
-def quantize_int8(src: Path, dst: Path, block_size: int = QUANT["block_size"],
-                  accuracy_level: int = QUANT["accuracy_level"], keep_fp32: str = KEEP_FP32,
-                  symmetric: bool = QUANT["symmetric"], weight_only_ops: tuple[str, ...] = WEIGHT_ONLY_OPS
-                  ) -> None:
-    """Block-wise int8 weights (MatMulNBits) for every MatMul with a constant weight, except the
-    nodes whose names match ``keep_fp32``; then the weights of ``weight_only_ops`` (convolutions,
-    embedding tables) as int8 per output channel behind a DequantizeLinear."""
+def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
+                   weight_only_ops: tuple[str, ...] = WEIGHT_ONLY_OPS) -> None:
+    """``src`` with ``recipe``'s MatMulNBits weights (the gate·select tables stay fp32; the LM
+    head as ``recipe.head_bits``), then the weights of ``weight_only_ops`` (embedding tables) as
+    int8 per row behind a DequantizeLinear."""
+    model = onnx.load(str(src))
+    head = [n.name for n in model.graph.node if re.search(HEAD, n.name)]
+    keep = [n.name for n in model.graph.node if re.search(GATE_SELECT, n.name)]
+    out = _nbits(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
+                 exclude=keep + head)
+    if head and recipe.head_bits:
+        out = _nbits(out, recipe.head_bits, INT8.block_size, recipe.symmetric,
+                     recipe.accuracy_level, exclude=keep, include=head)
+    if weight_only_ops:
+        int8_weight_only(out, weight_only_ops)
+    onnx.save(out, str(dst))
+
+
+def _nbits(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool,
+           accuracy_level: int, exclude: list[str] | None = None,
+           include: list[str] | None = None) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                       accuracy_level=accuracy_level, bits=bits)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude or [],
+                             nodes_to_include=include, algo_config=cfg)
+    q.process()
+    return q.model.model  # type: ignore[no-any-return]
+
+
+def quantize_int8(src: Path, dst: Path, block_size: int = INT8.block_size,
+                  accuracy_level: int = INT8.accuracy_level, keep_fp32: str = KEEP_FP32,
+                  symmetric: bool = INT8.symmetric,
+                  weight_only_ops: tuple[str, ...] = WEIGHT_ONLY_OPS) -> None:
+    """Block-wise int8 weights (MatMulNBits) for every MatMul with a constant weight, except the
+    nodes whose names match ``keep_fp32``; then the weights of ``weight_only_ops`` (convolutions,
+    embedding tables) as int8 per output channel behind a DequantizeLinear (the recipe
+    comparison of bench/edge_inference.py)."""
     model = onnx.load(str(src))
     keep = [n.name for n in model.graph.node if keep_fp32 and re.search(keep_fp32, n.name)]
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                       accuracy_level=accuracy_level, bits=8)
-    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=keep, algo_config=cfg)
-    q.process()
-    out = q.model.model
+    out = _nbits(model, 8, block_size, symmetric, accuracy_level, exclude=keep)
     if weight_only_ops:
         int8_weight_only(out, weight_only_ops)
     onnx.save(out, str(dst))
@@ -283,12 +348,12 @@ def int8_weight_only(model: onnx.ModelProto, ops: tuple[str, ...], min_elements:
 
 
 def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_id: str | None = None,
-                  block_size: int = QUANT["block_size"],
-                  accuracy_level: int = QUANT["accuracy_level"]) -> Path:
+                  recipes: dict[str, QuantRecipe] | None = None) -> Path:
     """Write the bundle folder ``out`` (replaced if it exists); sign it when a key is given."""
     from protocol.bundle import sign_bundle, write_manifest
 
     t0 = time.perf_counter()
+    recipes = dict(RECIPES if recipes is None else recipes)
     try:
         require_edge_bundle(gm.em.model, gm.cfg.model.base_path)
     except CheckpointError as e:
@@ -296,28 +361,43 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    graph = build_graph(gm)
-    export_onnx(graph, out / FP32)
-    export_onnx(build_graph(gm, decoder_only=True), out / DEC_FP32)
-    for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
-        quantize_int8(out / src, out / dst, block_size, accuracy_level)
-    shared = {data: share_weights([out / a, out / b], data)
-              for a, b, data in ((FP32, DEC_FP32, DATA_FP32), (INT8, DEC_INT8, DATA_INT8))}
-    for name in (FP32, DEC_FP32, INT8, DEC_INT8):
-        onnx.checker.check_model(str(out / name))
+    parts = export_parts(gm)
+    spec = parts.spec
+    graphs = spec.graphs(routed=bool(parts.routed))
+    # precision → graph → file; ``made`` holds the files each precision wrote itself
+    files: dict[str, dict[str, str]] = {"fp32": {g: graph_file(g, "fp32") for g in graphs}}
+    made: dict[str, list[str]] = {"fp32": list(files["fp32"].values())}
+    for g in graphs:
+        export_onnx(parts, g, out / files["fp32"][g])
+    for precision, recipe in recipes.items():
+        files[precision], made[precision] = {}, []
+        for g in graphs:
+            if g in recipe.graphs:
+                files[precision][g] = graph_file(g, precision)
+                made[precision].append(files[precision][g])
+                quantize_graph(out / files["fp32"][g], out / files[precision][g], recipe)
+            else:  # this precision runs the graph's int8 file
+                files[precision][g] = files["int8"][g]
+    shared = {DATA[p]: share_weights([out / f for f in fs], DATA[p]) for p, fs in made.items()}
+    for f in {f for m in files.values() for f in m.values()}:
+        onnx.checker.check_model(str(out / f))
     gm.em.enc.tok.save_pretrained(str(out / TOKENIZER_DIR))
-    if gm.em.model.feature_extractor is not None:
+    encoder = "own"
+    if hasattr(gm.em.processor, "image_processor"):  # a checkpoint: its processor and template
+        gm.em.processor.save_pretrained(str(out / PROCESSOR_DIR))
+        encoder = "chat"
+    elif gm.em.model.feature_extractor is not None:
         gm.em.model.feature_extractor.save_pretrained(str(out / PROCESSOR_DIR))
-    spec = graph.spec
     extra = {
-        "opset": OPSET, "graph": asdict(spec),
-        "quantization": {"op": "MatMulNBits", "bits": 8, "block_size": block_size,
-                         "symmetric": QUANT["symmetric"], "accuracy_level": accuracy_level,
-                         "fp32_nodes": KEEP_FP32,
-                         "weight_only_int8": {"ops": list(WEIGHT_ONLY_OPS),
-                                              "scale": "symmetric, per output channel"}},
+        "opset": OPSET, "graph": asdict(spec), "graphs": files, "encoder": encoder,
+        "family": gm.em.model.family.name,
+        "quantization": {p: asdict(r) | {"op": "MatMulNBits", "fp32_nodes": GATE_SELECT
+                                         + ("" if r.head_bits else f"|{HEAD}"),
+                                         "weight_only_int8": {"ops": list(WEIGHT_ONLY_OPS),
+                                                              "scale": "symmetric, per row"}}
+                         for p, r in recipes.items()},
         "router_weights": [gm.cfg.dmole.router_vision_weight, 1.0, gm.cfg.dmole.router_audio_weight],
-        "max_length": gm.cfg.model.max_length, "max_new_tokens": gm.cfg.train.max_new_tokens,
+        "max_length": gm.em.enc.max_length, "max_new_tokens": gm.cfg.train.max_new_tokens,
         "eos_token_id": int(gm.em.enc.eos_id), "pad_token_id": int(gm.em.enc.pad_id),
         "method": gm.cfg.federation.method,
         "shared_weights": shared,

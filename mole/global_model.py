@@ -50,6 +50,7 @@ class EdgeModel:
             p.requires_grad = False
         self.cfg = cfg
         self.model = model
+        self.processor = tok  # the checkpoint's processor (or the own base's tokenizer)
         self.enc = Encoder.for_any(tok, model, cfg.model.max_length)
         self.experts = ExpertModel(model)
         self.mmap = modality_map(model)

@@ -1,4 +1,5 @@
-"""The exportable form of the global model: base + every task's experts + the routers, one graph.
+"""The exportable form of the global model: base + every task's experts + the routers, as the
+field lays a VLM out for the edge (transformers.js / optimum ship SmolVLM this way).
 
 ``MoleModel`` + PEFT switches experts per *batch* (``set_adapter``) and groups samples by route;
 an exported graph must take the expert choice as data. Every targeted ``nn.Linear`` becomes a
@@ -12,29 +13,34 @@ where R = Σ_e r_e and S (E, R) spreads expert e's gate over its r_e rank slots 
 scale α/r. With a one-hot-plus-partners gate this is exactly PEFT's sum of the active experts'
 B·A·x; a batch may mix tasks freely.
 
-The module exports as two graphs (``decoder_only``) serving three calls of the runtime
-(:mod:`edge.ort_runtime`):
+The graphs (:data:`GRAPHS`; the runtime, :mod:`edge.ort_runtime`, glues them):
 
-* **routing** (full graph) — the instruction text alone (placeholders dropped, gate 0, no past)
-  plus the sample's image/audio: ``route_errors`` (B, K) are each task autoencoder's
-  reconstruction error of the router features z = norm([w_v·norm(max_P vision) |
-  norm(h_LM(<sep>)) | w_a·norm(max_Q audio)]) — mole.router's features, computed in the graph
-  with experts off.
-* **prefill** (full graph) — the full prompt with the routed gate; returns the last position's
-  logits and the KV cache ``present.*`` (B, kv_heads, T, head_dim) per layer.
-* **decode** (decoder graph: no towers, no routers) — one new token per row (B, 1) with the
-  past KV cache: the prefix is never recomputed. A separate graph because a tower cannot run on
-  zero images (reshapes with −1 over 0 elements fail in torch and in onnxruntime), and a dummy
-  image per step would cost more than the step itself at batch 1.
+* ``vision_encoder`` — pixel_values (N, 3, H, W) + each image's gate (N, E) → the projected
+  image features (N, P, d) that replace the image placeholders' embeddings;
+* ``audio_encoder`` (bases with an audio tower) — log-mel (N, M, F) + gate → (N, Q, d);
+* ``embed_tokens`` — input_ids (B, T) → inputs_embeds (B, T, d);
+* ``decoder_model_merged`` — inputs_embeds (B, T, d), attention_mask (B, P+T), position_ids
+  (B, T), gate (B, E) and the past KV cache ``past_key_values.{i}.key|value`` (B, kv_heads, P,
+  head_dim) → logits of the last position (B, V), its final-norm hidden state (B, d) and the
+  cache ``present.{i}.key|value`` (B, kv_heads, P+T, head_dim). Prefill (P = 0, T = the
+  prompt) and decode (T = 1) are the same graph: its input is embeddings, so it needs neither
+  towers nor dummy images, and every weight of the LM is stored once;
+* ``router`` — the pooled features of mole.router, z = norm([w_v·norm(image_pool) |
+  norm(text_state) | w_a·norm(audio_pool)]), → each task autoencoder's reconstruction error
+  (B, K). ``image_pool`` is the max over a row's image features from the vision encoder with
+  the gate off, ``text_state`` the decoder's final hidden state on the instruction alone with
+  the gate off — mole.router's features, from the same graphs that answer.
 
-A batch with no image (or no audio) at all passes one zero dummy whose row index no sample
-points at.
-
-The language model's forward is written out here (Qwen2: RMSNorm, rotary positions, grouped
-KV heads, SiLU MLP) over the base's own modules, because an explicit KV cache as graph
-inputs/outputs with left padding exports cleanly this way; the vision and audio towers run
-through transformers' own modules. tests/test_onnx_export.py checks logits and answers against
-``MoleModel`` with PEFT experts.
+Where this differs from the published layout, and why: the decoder returns the last position's
+logits (B, V) — a (B, T, V) prefill output is 49 k floats a token for SmolLM2 and greedy
+decoding reads one row — plus the hidden state the router needs; and every graph that holds a
+targeted layer takes the per-sample ``gate``. optimum's exporters trace the stock HF classes,
+which switch adapters per batch, not per sample: they cannot express the gate, so the graphs are
+traced here with ``torch.onnx.export``. The language model's forward is written out (Llama /
+Qwen2: RMSNorm, rotary positions, grouped KV heads, SiLU MLP) over the base's own modules,
+because an explicit KV cache as graph inputs/outputs with left padding exports cleanly this way;
+the towers run through transformers' own modules. tests/test_onnx_export.py checks logits and
+answers against ``MoleModel`` with PEFT experts.
 """
 
 from __future__ import annotations
@@ -118,9 +124,12 @@ def _gate_tower(module: nn.Module, order: Mapping[str, int], holder: GateHolder)
     return out
 
 
+GRAPHS = ("vision_encoder", "audio_encoder", "embed_tokens", "decoder_model_merged", "router")
+
+
 @dataclass(frozen=True)
 class GraphSpec:
-    """What the runtime needs to feed the graph (stored in the bundle manifest)."""
+    """What the runtime needs to feed the graphs (stored in the bundle manifest)."""
 
     tasks: tuple[str, ...]
     layers: int
@@ -135,34 +144,42 @@ class GraphSpec:
     image_size: int
     audio_shape: tuple[int, int] | None  # (mels, frames)
 
-    def input_names(self, decoder: bool = False) -> list[str]:
-        names = ["input_ids", "attention_mask", "position_ids", "gate"]
-        if not decoder:
-            names += ["pixel_values", "image_row"]
-            if self.audio_token_id is not None:
-                names += ["input_features", "audio_row"]
-        for i in range(self.layers):
-            names += [f"past.{i}.key", f"past.{i}.value"]
-        return names
+    def graphs(self, routed: bool = True) -> list[str]:
+        """The graphs a bundle of this model holds (no audio encoder without an audio tower, no
+        router before a task has one)."""
+        return [g for g in GRAPHS if (g != "audio_encoder" or self.audio_token_id is not None)
+                and (g != "router" or routed)]
 
-    def output_names(self, decoder: bool = False) -> list[str]:
-        names = ["logits"] if decoder else ["logits", "route_errors"]
-        for i in range(self.layers):
-            names += [f"present.{i}.key", f"present.{i}.value"]
-        return names
+    def cache_names(self, prefix: str) -> list[str]:
+        """``prefix.{i}.key``, ``prefix.{i}.value`` per layer (past_key_values / present)."""
+        return [f"{prefix}.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def input_names(self, graph: str) -> list[str]:
+        return {
+            "vision_encoder": ["pixel_values", "gate"],
+            "audio_encoder": ["input_features", "gate"],
+            "embed_tokens": ["input_ids"],
+            "decoder_model_merged": ["inputs_embeds", "attention_mask", "position_ids", "gate",
+                                     *self.cache_names("past_key_values")],
+            "router": ["image_pool", "text_state", "audio_pool"],
+        }[graph]
+
+    def output_names(self, graph: str) -> list[str]:
+        return {
+            "vision_encoder": ["image_features"],
+            "audio_encoder": ["audio_features"],
+            "embed_tokens": ["inputs_embeds"],
+            "decoder_model_merged": ["logits", "last_hidden_state", *self.cache_names("present")],
+            "router": ["route_errors"],
+        }[graph]
 
 
-class ExportGraph(nn.Module):
-    """forward(input_ids (B,T), attention_mask (B,P+T), position_ids (B,T), gate (B,E),
-    pixel_values (Ni,3,H,W), image_row (B,) [, input_features (Na,M,F), audio_row (B,)],
-    past k/v (B,kvh,P,hd) × 2·layers) → logits (B,V) of the last position, route_errors (B,K),
-    present k/v (B,kvh,P+T,hd) × 2·layers.  ``image_row[b]`` = 1 + the index of row b's image
-    in pixel_values, 0 for a row without one (same for audio)."""
+class ExportParts:
+    """Gated copies of the base's modules (one deep copy each), shared by the graphs traced
+    from them; one :class:`GateHolder` carries the gate of whichever graph runs."""
 
     def __init__(self, experts: ExpertModel, tasks: Sequence[str], router: TaskRouter,
-                 router_weights: Sequence[float], decoder_only: bool = False):
-        super().__init__()
-        self.decoder_only = decoder_only
+                 router_weights: Sequence[float]):
         model = experts.model
         order = {t: i for i, t in enumerate(tasks)}
         self.holder = GateHolder()
@@ -172,55 +189,98 @@ class ExportGraph(nn.Module):
         self.lm: Any = _gate_tower(llava.model.language_model, order, self.holder)
         self.lm_head: Any = copy.deepcopy(llava.lm_head)
         self.audio_tower: Any = (None if model.audio_tower is None
-                            else _gate_tower(model.audio_tower, order, self.holder))
+                                 else _gate_tower(model.audio_tower, order, self.holder))
         cfg = llava.config
         self.feature_layer = cfg.vision_feature_layer
         tc = cfg.text_config
-        self.n_heads = int(tc.num_attention_heads)
-        self.kv_heads = int(tc.num_key_value_heads)
-        self.head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
-        self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", self.lm.rotary_emb.inv_freq.detach().clone())
-        self.rope_scale = float(getattr(self.lm.rotary_emb, "attention_scaling", 1.0))
         if set(router.tasks) - set(tasks):
             raise ValueError(f"router tasks {list(router.tasks)} are not all in {list(tasks)}")
         self.routed = [t for t in tasks if t in router.tasks]
-        self.router = RouterErrors([router.tasks[t].autoencoder for t in self.routed])
+        self.autoencoders = [router.tasks[t].autoencoder for t in self.routed]
         self.router_weights = [float(w) for w in router_weights]
+        self.n_heads = int(tc.num_attention_heads)
         self.spec = GraphSpec(
-            tasks=tuple(tasks), layers=len(self.lm.layers), kv_heads=self.kv_heads,
-            head_dim=self.head_dim, hidden=int(tc.hidden_size), vocab=int(tc.vocab_size),
+            tasks=tuple(tasks), layers=len(self.lm.layers), kv_heads=int(tc.num_key_value_heads),
+            head_dim=int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads),
+            hidden=int(tc.hidden_size), vocab=int(tc.vocab_size),
             image_token_id=model.image_token_id, audio_token_id=model.audio_token_id,
             n_image_tokens=model.n_image_tokens, n_audio_tokens=model.n_audio_tokens,
             image_size=model.image_size,
             audio_shape=None if model.audio_tower is None
             else (model.audio_tower.n_mels, model.audio_tower.n_frames))
-        if decoder_only:  # the decode step needs no towers and no routers
-            self.vision_tower = self.projector = self.audio_tower = None
-            self.router = RouterErrors([])
+
+    def graph(self, name: str) -> nn.Module:
+        """The module traced as graph ``name`` (one of :data:`GRAPHS`)."""
+        if name == "vision_encoder":
+            return VisionEncoder(self)
+        if name == "audio_encoder":
+            return AudioEncoder(self)
+        if name == "embed_tokens":
+            return EmbedTokens(self)
+        if name == "decoder_model_merged":
+            return Decoder(self)
+        if name == "router":
+            return RouterErrors(self.autoencoders, self.router_weights)
+        raise ValueError(f"unknown graph {name!r}; graphs: {', '.join(GRAPHS)}")
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values (N, 3, H, W), gate (N, E) of each image's row → image_features (N, P, d)."""
+
+    def __init__(self, parts: ExportParts):
+        super().__init__()
+        self.vision_tower, self.projector = parts.vision_tower, parts.projector
+        self.holder, self.feature_layer = parts.holder, parts.feature_layer
         self.eval()
 
-    # -- perception ------------------------------------------------------------------------
-
-    def _vision(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (Ni,3,H,W) → (Ni,P,d)
+    def forward(self, pixel_values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        self.holder.value = gate
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.feature_layer]  # "full": every patch, no CLS to drop
-        return self.projector(feats)
+        return self.projector(feats)  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _place(tok: torch.Tensor, slots: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scatter per-row media features into their placeholder slots.
 
-        tok (B,T,d), slots (B,T) bool, feats (N,P,d), rows (B,) in 0..N → embeds (B,T,d) and the
-        per-row max-pool (B,d) (zeros for rows without media: index 0 is a zero block)."""
-        padded = torch.cat([feats.new_zeros(1, feats.shape[1], feats.shape[2]), feats])
-        per_row = padded.index_select(0, rows)  # (B, P, d)
-        k = (torch.cumsum(slots.long(), dim=1) - 1).clamp(0, per_row.shape[1] - 1)  # (B, T)
-        gathered = torch.gather(per_row, 1, k.unsqueeze(-1).expand(-1, -1, per_row.shape[-1]))
-        return torch.where(slots.unsqueeze(-1), gathered, tok), per_row.amax(dim=1)
+class AudioEncoder(nn.Module):
+    """input_features (N, M, F), gate (N, E) → audio_features (N, Q, d)."""
 
-    # -- language model --------------------------------------------------------------------
+    def __init__(self, parts: ExportParts):
+        super().__init__()
+        self.audio_tower, self.holder = parts.audio_tower, parts.holder
+        self.n_tokens = parts.spec.n_audio_tokens
+        self.eval()
+
+    def forward(self, input_features: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        self.holder.value = gate
+        return self.audio_tower(input_features).reshape(  # type: ignore[no-any-return]
+            input_features.shape[0], self.n_tokens, -1)
+
+
+class EmbedTokens(nn.Module):
+    """input_ids (B, T) → inputs_embeds (B, T, d)."""
+
+    def __init__(self, parts: ExportParts):
+        super().__init__()
+        self.embed_tokens = parts.lm.embed_tokens
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # type: ignore[no-any-return]
+
+
+class Decoder(nn.Module):
+    """forward(inputs_embeds (B,T,d), attention_mask (B,P+T), position_ids (B,T), gate (B,E),
+    past k/v (B,kvh,P,hd) × 2·layers) → logits (B,V) and final-norm hidden state (B,d) of the
+    last position, present k/v (B,kvh,P+T,hd) × 2·layers. Prefill is P = 0."""
+
+    def __init__(self, parts: ExportParts):
+        super().__init__()
+        self.lm, self.lm_head, self.holder = parts.lm, parts.lm_head, parts.holder
+        spec = parts.spec
+        self.n_heads, self.kv_heads, self.head_dim = parts.n_heads, spec.kv_heads, spec.head_dim
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", self.lm.rotary_emb.inv_freq.detach().clone())
+        self.rope_scale = float(getattr(self.lm.rotary_emb, "attention_scaling", 1.0))
+        self.eval()
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -232,43 +292,10 @@ class ExportGraph(nn.Module):
         var = x.pow(2).mean(-1, keepdim=True)
         return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, gate: torch.Tensor, *rest: torch.Tensor
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, gate: torch.Tensor, *past: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        if self.decoder_only:
-            embed = self.lm.embed_tokens(input_ids)  # (B, T, d)
-            return self._lm(embed, attention_mask, position_ids, gate, rest)[0]
-        pixel_values, image_row = rest[0], rest[1]
-        input_features: torch.Tensor | None = None
-        audio_row: torch.Tensor | None = None
-        past = rest[2:]
-        if self.audio_tower is not None:
-            input_features, audio_row, past = rest[2], rest[3], rest[4:]
-        b = input_ids.shape[0]
-        embed = self.lm.embed_tokens(input_ids)  # (B, T, d)
-        # Each tower reads the gate of its own batch: the rows its inputs belong to.
-        self.holder.value = torch.cat([gate.new_zeros(1, gate.shape[1]), gate]).index_select(
-            0, _inverse_rows(image_row, pixel_values.shape[0]))
-        img = self._vision(pixel_values)  # (Ni, P, d)
-        embed, vis_pool = self._place(embed, torch.eq(input_ids, self.spec.image_token_id), img,
-                                       image_row)
-        aud_pool = embed.new_zeros(b, embed.shape[-1])
-        if self.audio_tower is not None:
-            assert input_features is not None and audio_row is not None
-            self.holder.value = torch.cat([gate.new_zeros(1, gate.shape[1]), gate]).index_select(
-                0, _inverse_rows(audio_row, input_features.shape[0]))
-            n_tok = self.spec.n_audio_tokens
-            aud = self.audio_tower(input_features).reshape(input_features.shape[0], n_tok, -1)
-            embed, aud_pool = self._place(embed, torch.eq(input_ids, int(self.spec.audio_token_id or 0)), aud,
-                                          audio_row)
-        outs, last = self._lm(embed, attention_mask, position_ids, gate, past)
-        return (outs[0], self._route_errors(vis_pool, last, aud_pool), *outs[1:])
-
-    def _lm(self, embed: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            gate: torch.Tensor, past: Sequence[torch.Tensor]
-            ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The language model over embeddings (B, T, d) with the past cache → ((logits (B, V),
-        *present), last hidden state (B, d))."""
+        embed = inputs_embeds
         b, t = embed.shape[0], embed.shape[1]
         self.holder.value = gate
         # Rotary tables for the new positions: (B, 1, T, hd).
@@ -306,29 +333,25 @@ class ExportGraph(nn.Module):
             mlp = layer.mlp
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         last = self._rms(self.lm.norm, h)[:, -1]  # (B, d)
-        return (self.lm_head(last), *presents), last  # logits (B, V)
-
-    def _route_errors(self, vis: torch.Tensor, text: torch.Tensor, aud: torch.Tensor
-                      ) -> torch.Tensor:
-        """(B, K): mole.router's reconstruction errors (meaningful on the routing call)."""
-        blocks = [vis, text, aud]  # a base without audio has a zero block, as in mole.router
-        w = self.router_weights
-        z = F.normalize(torch.cat([wi * F.normalize(x, dim=1) for wi, x in zip(w, blocks, strict=True)],
-                                  1), dim=1)
-        return self.router(z)
+        return (self.lm_head(last), last, *presents)  # logits (B, V)
 
 
 class RouterErrors(nn.Module):
-    """The task autoencoders on router features z (B, D) → errors (B, K); a module of its own
-    so its nodes are named ``/router/…`` in the graph (the quantiser can tell them apart)."""
+    """(image_pool, text_state, audio_pool) (B, d) each → router features z (B, 3d) as in
+    mole.router → each task autoencoder's reconstruction error (B, K)."""
 
-    def __init__(self, aes: Sequence[nn.Module]):
+    def __init__(self, aes: Sequence[nn.Module], weights: Sequence[float]):
         super().__init__()
         self.aes = nn.ModuleList([copy.deepcopy(ae) for ae in aes])
+        self.weights = [float(w) for w in weights]
+        self.eval()
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not len(self.aes):
-            return z.new_zeros(z.shape[0], 0)
+    def forward(self, image_pool: torch.Tensor, text_state: torch.Tensor,
+                audio_pool: torch.Tensor) -> torch.Tensor:
+        # a base without audio feeds a zero block, as mole.router does
+        blocks = [image_pool, text_state, audio_pool]
+        z = F.normalize(torch.cat([w * F.normalize(x, dim=1)
+                                   for w, x in zip(self.weights, blocks, strict=True)], 1), dim=1)
         # Written out as MatMul + Add (not Gemm), so a weight-only quantiser sees it too.
         errs = []
         for ae in self.aes:
@@ -338,13 +361,3 @@ class RouterErrors(nn.Module):
             recon = 2.0 * torch.sigmoid(h @ dec.weight.t() + dec.bias) - 1.0  # (B, D)
             errs.append(((recon - z) ** 2).mean(dim=1))
         return torch.stack(errs, dim=1)
-
-
-def _inverse_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """row index (B,) of media 1..n → for each media item its row + 1, i.e. (n,) with the
-    position of media k in ``rows`` shifted by one (the gate table has a zero row first)."""
-    b = rows.shape[0]
-    idx = torch.arange(1, b + 1, device=rows.device)  # (B,)
-    # media k (1-based) sits in the row whose rows[·] == k: a (n, B) match, argmax per item.
-    match = rows.unsqueeze(0) == torch.arange(1, n + 1, device=rows.device).unsqueeze(1)
-    return (match.long() * idx.unsqueeze(0)).sum(dim=1)  # (n,)

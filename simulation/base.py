@@ -34,7 +34,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -200,16 +201,25 @@ def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: lis
     return loss, list(head.parameters())
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads (restored after): torch splits float sums by thread
+    count, so a pretraining's weights depend on it — pinned, a base does not depend on whoever
+    pretrained it first (a bench child with OMP_NUM_THREADS=1 made a different base)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pretrain_base(cfg: RunConfig, data_root: Path, progress: bool = True
                   ) -> tuple[MoleModel, object, dict]:
     """Build the backbone from configs and train all its weights until the held-out bar, on
-    ``pretrain.threads`` torch threads (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.pretrain.threads)
-    try:
+    ``pretrain.threads`` torch threads."""
+    with torch_threads(cfg.pretrain.threads):
         return _pretrain_base(cfg, data_root, progress)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _pretrain_base(cfg: RunConfig, data_root: Path, progress: bool) -> tuple[MoleModel, object, dict]:

@@ -54,13 +54,21 @@ def _image_rows(samples: TaskSamples) -> list[int]:
 
 
 def ensure_smol_base(cfg: RunConfig, progress: bool = True) -> Path:
-    """The pretrained SmolLM2 base's folder, pretrained first when it is not cached."""
-    from simulation.base import _mean, data_digest, heldout_accuracy, machine_info, zero_shot_row
+    """The pretrained SmolLM2 base's folder, pretrained first (on ``pretrain.threads`` torch
+    threads, as the project's own base) when it is not cached."""
+    from simulation.base import torch_threads
 
-    root = cache_root(cfg.data) / "smol"
-    final = root / "bases" / smol_key(cfg)
+    final = cache_root(cfg.data) / "smol" / "bases" / smol_key(cfg)
     if (final / BASE_INFO).is_file():
         return final
+    with torch_threads(cfg.pretrain.threads):
+        return _pretrain_smol(cfg, final, progress)
+
+
+def _pretrain_smol(cfg: RunConfig, final: Path, progress: bool) -> Path:
+    from simulation.base import _mean, data_digest, heldout_accuracy, machine_info, zero_shot_row
+
+    root = final.parent.parent
     t0 = time.perf_counter()
     lm_dir = convert_lm(root / "lm")
     data_root = ensure_benchmark(cfg.data)

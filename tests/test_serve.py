@@ -143,7 +143,7 @@ def test_tampered_or_unsigned_bundle_is_refused_and_the_old_one_keeps_serving(se
     root, _, second = bundles
     tampered = tmp_path / "tampered"
     shutil.copytree(second, tampered)
-    with open(tampered / "model_int8.onnx", "r+b") as f:
+    with open(tampered / "decoder_model_merged_int8.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xff")
     other = tmp_path / "other"

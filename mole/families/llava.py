@@ -149,18 +149,24 @@ class LlavaFamily(Family):
 
     def encoder(self, model: Any, processor: Any, max_length: int) -> Any:
         from mole.batching import Encoder
-        from mole.chat import ChatEncoder
 
         if not hasattr(processor, "image_processor"):  # the project's own layout
             return Encoder.for_model(processor, model, max_length)
+        return chat_encoder(processor, context_length(model))
 
-        def process(text: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
-            out = processor(text=text, images=images or None, return_tensors="pt",
-                            add_special_tokens=not starts_with_bos(processor.tokenizer, text))
-            media = {"pixel_values": out["pixel_values"]} if images else {}
-            return out["input_ids"][0].tolist(), media
 
-        return ChatEncoder(processor.tokenizer, process, context_length(model))
+def chat_encoder(processor: Any, max_length: int) -> Any:
+    """A LLaVA checkpoint's samples → tensors through its own processor and chat template (also
+    what the edge runtime builds from the processor files a bundle carries)."""
+    from mole.chat import ChatEncoder
+
+    def process(text: str, images: list[Image.Image]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        out = processor(text=text, images=images or None, return_tensors="pt",
+                        add_special_tokens=not starts_with_bos(processor.tokenizer, text))
+        media = {"pixel_values": out["pixel_values"]} if images else {}
+        return out["input_ids"][0].tolist(), media
+
+    return ChatEncoder(processor.tokenizer, process, max_length)
 
 
 def fixed_image_geometry(hf: Any) -> dict[str, Any]:

@@ -10,7 +10,10 @@ the bench first runs the default scenario there, ~10 min) and the whole test set
 * ``speedup_p50_b1`` / ``speedup_b32`` — torch fp32 eager time over int8 ORT time for the same
   inputs, interleaved call by call, medians (single samples, and batches of 32 mixed samples);
   both on ``--threads`` threads. ``fp32_ort_*`` gives the fp32 ONNX figures beside them.
-* ``size_ratio`` — int8 / fp32 ONNX bytes (both graphs).
+* ``size_ratio`` — int8 / fp32 bytes a device stores (each precision's graphs and their
+  weights file); ``stored_bytes`` per precision, int4 included.
+* ``int4`` — the 4-bit decoder's agreement, accuracy and latencies beside int8 (the recipe is
+  chosen on the SmolLM2 base, bench/edge_llm.py; at 0.8 M parameters it only has to work).
 * ``quantization`` — the recipes compared on a subset before choosing (mole/export.py).
 * ``load_test`` — a ``python -m edge.serve`` child process on 127.0.0.1 (int8), 8 client
   threads × 200 single-sample requests over gRPC: errors, p50/p99 latency (ms), requests/s.
@@ -39,12 +42,6 @@ sys.path.insert(0, str(ROOT))
 from bench.targets import finish  # noqa: E402
 from edge.ort_runtime import OrtModel  # noqa: E402
 from mole.export import (  # noqa: E402
-    DATA_FP32,
-    DATA_INT8,
-    DEC_FP32,
-    DEC_INT8,
-    FP32,
-    INT8,
     KEEP_FP32,
     GlobalModel,
     export_bundle,
@@ -175,9 +172,11 @@ def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) ->
           "weight_only_ops": ("Gather",)}),
     ]
     rows = []
-    fp32_bytes = stored_bytes([work / FP32, work / DEC_FP32])
+    graphs = _graphs(work)
+    fp32_bytes = precision_bytes(work, "fp32")
     for name, kw in recipes:
-        for src, dst in ((FP32, INT8), (DEC_FP32, DEC_INT8)):
+        for g, src in graphs["fp32"].items():
+            dst = graphs["int8"][g]
             if "per_channel" in kw:
                 quantize_dynamic(str(work / src), str(work / dst), weight_type=QuantType.QInt8,
                                  op_types_to_quantize=["MatMul", "Gemm"], **kw)
@@ -190,12 +189,23 @@ def quantization_choices(bundle: Path, samples: list[Sample], ref: list[str]) ->
             "recipe": name, **kw,
             "agreement": float(np.mean([a == r for a, r in zip(ans, ref, strict=True)])),
             "acc": 100 * float(np.mean([a == s.answer for a, s in zip(ans, samples, strict=True)])),
-            "size_ratio": stored_bytes([work / INT8, work / DEC_INT8]) / fp32_bytes,
+            "size_ratio": precision_bytes(work, "int8") / fp32_bytes,
             "p50_ms_b1": 1000 * float(np.median(b1)),
         })
         print("  ", rows[-1], flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _graphs(bundle: Path) -> dict[str, dict[str, str]]:
+    import json
+
+    return json.loads((bundle / "manifest.json").read_text())["extra"]["graphs"]  # type: ignore[no-any-return]
+
+
+def precision_bytes(bundle: Path, precision: str) -> int:
+    """What a device stores for one precision: its graph files and the weights they reference."""
+    return stored_bytes([bundle / f for f in _graphs(bundle)[precision].values()])
 
 
 def _answer_all(m: OrtModel, samples: list[Sample], bs: int = 64) -> list[str]:
@@ -309,10 +319,16 @@ def main() -> None:
         "fp32_ort_agreement": float(np.mean([a == r for a, r in zip(got32, ref, strict=True)])),
         "acc_fp32": acc(ref), "acc_int8": acc([a.answer for a in got]),
     }
-    # what a device stores: each precision's two graphs with their shared weights file
-    stored = {"fp32": stored_bytes([bundle / FP32, bundle / DEC_FP32]),
-              "int8": stored_bytes([bundle / INT8, bundle / DEC_INT8])}
-    sizes = {f: (bundle / f).stat().st_size for f in (FP32, INT8, DEC_FP32, DEC_INT8, DATA_FP32, DATA_INT8)}
+    # what a device stores: each precision's graphs with their weights files
+    stored = {p: precision_bytes(bundle, p) for p in _graphs(bundle)}
+    sizes = {f.name: f.stat().st_size for f in sorted(bundle.iterdir()) if f.is_file()}
+    int4 = OrtModel(bundle, "int4", threads=args.threads)
+    got4 = [a for i in range(0, len(samples), 64) for a in int4.answer(samples[i:i + 64])]
+    res["int4"] = {
+        "agreement": float(np.mean([a.answer == r for a, r in zip(got4, ref, strict=True)])),
+        "route_agreement": float(np.mean([a.route == r for a, r in zip(got4, ref_routes, strict=True)])),
+        "acc": acc([a.answer for a in got4]), "size_ratio": stored["int4"] / stored["fp32"],
+    }
     margins = decision_margins(gm, samples, ref, ref_routes)
     clear = margins >= args.tie_margin
     same = np.array([a.answer == r for a, r in zip(got, ref, strict=True)])
@@ -325,12 +341,18 @@ def main() -> None:
     res["bytes"] = sizes
     print({k: res[k] for k in ("agreement", "agreement_clear", "near_tie_share", "route_agreement",
                                "acc_fp32", "acc_int8", "size_ratio")}, flush=True)
-    t = speed(gm, {"int8_ort": int8, "fp32_ort": fp32}, samples, args.n_b1, args.n_b32)
+    t = speed(gm, {"int8_ort": int8, "fp32_ort": fp32, "int4_ort": int4}, samples, args.n_b1,
+              args.n_b32)
     res["timing"] = t
     res["speedup_p50_b1"] = t["torch_p50_ms_b1"] / t["int8_ort_p50_ms_b1"]
     res["speedup_b32"] = t["torch_p50_ms_b32"] / t["int8_ort_p50_ms_b32"]
     res["fp32_ort_speedup_p50_b1"] = t["torch_p50_ms_b1"] / t["fp32_ort_p50_ms_b1"]
     res["fp32_ort_speedup_b32"] = t["torch_p50_ms_b32"] / t["fp32_ort_p50_ms_b32"]
+    # where int8 stands against the fp32 ONNX graph (> 1: int8 is faster)
+    res["int8_vs_fp32_ort_b1"] = t["fp32_ort_p50_ms_b1"] / t["int8_ort_p50_ms_b1"]
+    res["int8_vs_fp32_ort_b32"] = t["fp32_ort_p50_ms_b32"] / t["int8_ort_p50_ms_b32"]
+    res["int4"]["vs_fp32_ort_b1"] = t["fp32_ort_p50_ms_b1"] / t["int4_ort_p50_ms_b1"]
+    res["int4"]["vs_fp32_ort_b32"] = t["fp32_ort_p50_ms_b32"] / t["int4_ort_p50_ms_b32"]
     print({k: round(v, 2) for k, v in t.items()}, flush=True)
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(samples))[: args.quant_samples]

@@ -107,6 +107,11 @@ class OrtModel:
         """The Whisper features of a base with an audio tower (None for the others)."""
         return getattr(self.enc, "audio", None)
 
+    @property
+    def resizes_images(self) -> bool:
+        """True when the bundle's own image processor takes images of any size."""
+        return bool(self.manifest["extra"].get("encoder") == "chat")
+
     # -- graphs -----------------------------------------------------------------------------
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

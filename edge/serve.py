@@ -59,7 +59,9 @@ def limits_for(model: OrtModel, max_batch: int, max_request_bytes: int) -> Input
     s = model.spec
     audio = model.audio
     return InputLimits(
-        image_size=s.image_size, audio_rate=None if audio is None else audio.rate,
+        # a checkpoint's processor resizes any image itself (0: any size)
+        image_size=0 if model.resizes_images else s.image_size,
+        audio_rate=None if audio is None else audio.rate,
         max_audio_samples=0 if audio is None else audio.max_samples, max_batch=max_batch,
         max_request_bytes=max_request_bytes)
 

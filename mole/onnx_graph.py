@@ -192,6 +192,7 @@ class ExportParts:
                                  else _gate_tower(model.audio_tower, order, self.holder))
         cfg = llava.config
         self.feature_layer = cfg.vision_feature_layer
+        self.select_strategy = str(cfg.vision_feature_select_strategy)
         tc = cfg.text_config
         if set(router.tasks) - set(tasks):
             raise ValueError(f"router tasks {list(router.tasks)} are not all in {list(tasks)}")
@@ -231,13 +232,19 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.vision_tower, self.projector = parts.vision_tower, parts.projector
         self.holder, self.feature_layer = parts.holder, parts.feature_layer
+        self.drop_cls = parts.select_strategy == "default"
         self.eval()
 
     def forward(self, pixel_values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        # LlavaModel.get_image_features: the chosen hidden layer(s), the CLS token dropped under
+        # the "default" strategy (LLaVA-1.5's CLIP), concatenated when several layers are chosen.
         self.holder.value = gate
         out = self.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[self.feature_layer]  # "full": every patch, no CLS to drop
-        return self.projector(feats)  # type: ignore[no-any-return]
+        layers = (self.feature_layer if isinstance(self.feature_layer, list | tuple)
+                  else [self.feature_layer])
+        hs = [out.hidden_states[i][:, 1:] if self.drop_cls else out.hidden_states[i]
+              for i in layers]  # each (N, P, d_v)
+        return self.projector(torch.cat(hs, dim=-1))  # type: ignore[no-any-return]
 
 
 class AudioEncoder(nn.Module):

@@ -29,7 +29,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputLimits:
-    image_size: int
+    image_size: int  # 0: any (H, W, 3) — the bundle's own image processor resizes it
     audio_rate: int | None  # None: the model has no audio tower
     max_audio_samples: int
     max_batch: int = 64
@@ -50,7 +50,10 @@ def _media(inp: inference_pb2.Input, i: int, kind: str, limits: InputLimits) -> 
         raise InputError(f"{where}: dtype {m.dtype!r}; send {want.name} "
                          f"({'(H, W, 3) pixels' if kind == 'image' else 'mono samples in [-1, 1]'})")
     shape = tuple(int(d) for d in m.shape)
-    if kind == "image":
+    if kind == "image" and not limits.image_size:
+        if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+            raise InputError(f"{where}: shape {shape}; send (H, W, 3) uint8 RGB pixels")
+    elif kind == "image":
         expect = (limits.image_size, limits.image_size, 3)
         if shape != expect:
             raise InputError(f"{where}: shape {shape}; the model takes {expect} uint8: resize the "

@@ -77,11 +77,12 @@ def make_samples(n_img: int = 6, n_txt: int = 3, n_aud: int = 0):
     return out
 
 
-def build_tiny_run(root: Path, tiny_cfg) -> Path:
+def build_tiny_run(root: Path, tiny_cfg, overrides: dict | None = None) -> Path:
     """A federated run folder (metrics.json + checkpoint.safetensors) of the tiny stream: the
     real base, plan and routers, experts with random non-zero factors (so each one changes the
     answers), routers fitted on each task's real router features with τ at their 0.9 quantile,
-    and a co-activation partner — what `fedmole simulate` leaves, in seconds."""
+    and a co-activation partner — what `fedmole simulate` leaves, in seconds. ``overrides``:
+    more config keys (a checkpoint as ``model.base-path``, its tasks)."""
     import json
 
     import torch
@@ -97,7 +98,7 @@ def build_tiny_run(root: Path, tiny_cfg) -> Path:
 
     cfg = parse_config({"data.cache-dir": str(root / "cache"), "federation.clients": 2,
                         "federation.dirichlet-alpha": 100.0, "federation.min-samples": 1,
-                        "federation.no-audio-fraction": 0.0}, base=tiny_cfg)
+                        "federation.no-audio-fraction": 0.0, **(overrides or {})}, base=tiny_cfg)
     run = root / "run"
     cfg, _, _ = prepare(cfg, run, progress=False)
     em = EdgeModel(cfg, Path(cfg.model.base_path))

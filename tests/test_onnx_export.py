@@ -197,3 +197,75 @@ def test_int8_keeps_the_lm_head_fp32_and_int4_holds_4_bit_layers_with_an_8_bit_h
     head = [k for k in nb if k.startswith("/lm_head/")]
     assert head and {nb[k] for k in head} == {8}
     assert {v for k, v in nb.items() if k not in head} == {4}
+
+
+@pytest.fixture(scope="module")
+def exported_checkpoint(tmp_path_factory, tiny_cfg):
+    """A run on a tiny LLaVA-1.5-layout checkpoint (CLIP tower whose CLS token is dropped, a
+    Llama LM, its own LlavaProcessor and chat template), exported and signed."""
+    from edge.runtime import load_local_data
+    from mole.export import export_bundle, load_run
+    from protocol.bundle import generate_keypair
+    from tests.vlm_fixtures import build_llava15
+
+    root = tmp_path_factory.mktemp("export-ckpt")
+    base = build_llava15(root / "llava15")
+    run = build_tiny_run(root, tiny_cfg, {"model.base-path": str(base),
+                                          "data.tasks": ["color", "arith", "count"]})
+    gm = load_run(run)
+    generate_keypair(root / "bundle.key", root / "bundle.pub")
+    bundle = export_bundle(gm, root / "bundle", signing_key=root / "bundle.key")
+    data = load_local_data(run / "clients" / "client-01", gm.tasks)
+    return gm, bundle, [s for t in gm.tasks for s in data.test[t]], root / "bundle.pub"
+
+
+def test_a_checkpoint_bundle_preprocesses_with_its_own_processor_and_answers_as_torch(
+        exported_checkpoint):
+    import json
+
+    from edge.ort_runtime import OrtModel
+    from mole.chat import ChatEncoder
+
+    gm, bundle, samples, _ = exported_checkpoint
+    man = json.loads((Path(bundle) / "manifest.json").read_text())
+    assert man["extra"]["encoder"] == "chat" and man["extra"]["family"] == "llava"
+    proc = Path(bundle) / "processor"
+    assert (proc / "preprocessor_config.json").is_file()
+    assert any((proc / f).is_file() for f in ("chat_template.json", "chat_template.jinja",
+                                               "tokenizer_config.json"))
+    assert "audio_encoder" not in man["extra"]["graphs"]["fp32"]
+    m = OrtModel(bundle, "fp32", threads=1)
+    assert isinstance(m.enc, ChatEncoder)
+    # the bundle's processor encodes exactly as the checkpoint's own did in training
+    ours, theirs = m.enc.prompt_batch(samples), gm.em.enc.prompt_batch(samples)
+    assert torch.equal(ours.input_ids, theirs.input_ids)
+    assert torch.equal(ours.pixel_values, theirs.pixel_values)
+    ref, routes = _torch_answers(gm, samples)
+    got = m.answer(samples)
+    assert [a.route for a in got] == routes and len(set(routes)) > 1
+    assert [a.answer for a in got] == ref
+
+
+def test_an_int4_checkpoint_bundle_serves_over_grpc(exported_checkpoint):
+    import grpc
+
+    from edge.ort_runtime import OrtModel
+    from edge.serve import start_service
+    from protocol.inference_codec import encode_input, encode_request
+    from protocol.proto import inference_pb2, inference_pb2_grpc
+
+    _, bundle, samples, pub = exported_checkpoint
+    svc = start_service(bundle, pub, port=0, precision="int4")
+    channel = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    try:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        some = samples[:4]
+        req = encode_request([encode_input(s.instruction, image=s.image, id=s.id) for s in some])
+        resp = stub.Predict(req, timeout=60)
+        direct = OrtModel(bundle, "int4", threads=1).answer(some)
+        assert [p.answer for p in resp.predictions] == [a.answer for a in direct]
+        info = stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+        assert info.precision == "int4"
+    finally:
+        channel.close()
+        svc.stop(grace=0)

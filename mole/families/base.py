@@ -203,12 +203,14 @@ def context_length(model: Any) -> int:
 
 
 def require_edge_bundle(model: Any, base: str | Path) -> None:
-    """The edge's ONNX bundle (edge/onnx_graph) is built for the project's own fixed-resolution
-    LLaVA layout; other checkpoints are refused before any work instead of failing half-way."""
+    """The edge's ONNX bundle (mole.onnx_graph) is built for LLaVA-layout bases (the project's
+    own and LLaVA checkpoints such as the SmolLM2 base: a fixed-resolution tower, one run of
+    placeholders per image); other families are refused before any work instead of failing
+    half-way."""
     if model.family.name == "llava" and model.n_image_tokens > 0:
         return
     raise CheckpointError(
-        f"the edge ONNX bundle supports the project's own LLaVA base only so far; {str(base)!r} "
-        f"is a {model.family.name} checkpoint. Its experts are written as PEFT adapters (RUN/peft, "
-        "or `fedmole export --peft`) for PeftModel.from_pretrained on its own Hugging Face class; "
-        "drop `app.registry-dir` / the bundle export for this base")
+        f"the edge ONNX bundle supports LLaVA-layout bases so far; {str(base)!r} is a "
+        f"{model.family.name} checkpoint (dynamic image resolution). Its experts are written as "
+        "PEFT adapters (RUN/peft, or `fedmole export --peft`) for PeftModel.from_pretrained on "
+        "its own Hugging Face class; drop `app.registry-dir` / the bundle export for this base")

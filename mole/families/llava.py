@@ -143,8 +143,10 @@ class LlavaFamily(Family):
             raise CheckpointError(f"{str(p)!r}: an audio tower beside a chat-layout checkpoint "
                                   "is not supported yet")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # The geometry is fixed here too (the processor resizes every image to the tower's
+        # size): the edge bundle's graphs are traced at it.
         model = MoleModel(hf, LlavaAdapter(hf), self, eos_token_id=int(tok.eos_token_id),
-                          pad_token_id=int(pad))
+                          pad_token_id=int(pad), **fixed_image_geometry(hf))
         return model.eval().to(device), proc
 
     def encoder(self, model: Any, processor: Any, max_length: int) -> Any:

@@ -3,7 +3,9 @@
 A bundle is a folder the cloud exports after a round (docs/design.md §2 step 6) and an edge runs::
 
     <bundle_id>/
-      model.onnx  model_int8.onnx  tokenizer/...  (any files, any sub-folders)
+      vision_encoder.onnx  embed_tokens.onnx  decoder_model_merged.onnx  router.onnx
+      *_int8.onnx  decoder_model_merged_q4.onnx  weights*.onnx_data  tokenizer/  processor/
+      (any files, any sub-folders: mole/export.py writes them)
       manifest.json   every other file with its size and sha256, the tasks, router thresholds…
       manifest.sig    detached Ed25519 signature (64 raw bytes) of manifest.json's exact bytes
 

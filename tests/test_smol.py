@@ -56,3 +56,45 @@ def test_the_gguf_lm_behind_a_siglip_tower_keeps_its_logits_and_answers(built):
     assert int((b.input_ids[0] == model.image_token_id).sum()) == 16
     learnt = proc.tokenizer.decode(b.labels[0][b.labels[0] >= 0])
     assert learnt.startswith("red<|im_end|>")
+
+
+@pytest.mark.slow
+def test_the_smol_base_exports_answers_as_torch_and_serves_int4_over_grpc(built, tmp_path,
+                                                                          tiny_cfg):
+    """The SmolLM2 base with experts → the field's edge layout: ORT fp32 answers and routes equal
+    torch fp32's; the int4 bundle (4-bit decoder) loads and serves over gRPC."""
+    import grpc
+
+    from edge.ort_runtime import OrtModel
+    from edge.runtime import load_local_data
+    from edge.serve import start_service
+    from mole.export import export_bundle, load_run
+    from protocol.bundle import generate_keypair
+    from protocol.inference_codec import encode_input, encode_request
+    from protocol.proto import inference_pb2_grpc
+    from tests.conftest import build_tiny_run
+    from tests.test_onnx_export import _torch_answers
+
+    _, vlm = built
+    run = build_tiny_run(tmp_path, tiny_cfg, {"model.base-path": str(vlm),
+                                              "data.tasks": ["color", "arith", "count"]})
+    gm = load_run(run)
+    generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    bundle = export_bundle(gm, tmp_path / "bundle", tmp_path / "k")
+    data = load_local_data(run / "clients" / "client-01", gm.tasks)
+    samples = [s for t in gm.tasks for s in data.test[t][:3]]
+    ref, routes = _torch_answers(gm, samples)
+    got = OrtModel(bundle, "fp32", threads=2).answer(samples)
+    assert [a.route for a in got] == routes
+    assert [a.answer for a in got] == ref
+    svc = start_service(bundle, tmp_path / "k.pub", port=0, precision="int4", threads=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    try:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        req = encode_request([encode_input(s.instruction, image=s.image, id=s.id) for s in samples])
+        resp = stub.Predict(req, timeout=120)
+        direct = OrtModel(bundle, "int4", threads=2).answer(samples)
+        assert [p.answer for p in resp.predictions] == [a.answer for a in direct]
+    finally:
+        channel.close()
+        svc.stop(grace=0)

@@ -45,7 +45,9 @@ def prepare(cfg: RunConfig, out: Path, progress: bool = True
     stream = open_stream(cfg)
     tasks = open_tasks(cfg, stream)
     base = ensure_base(cfg, tasks, progress)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base)))
+    # The base is now a checkpoint folder; `model.lm` (what built it) goes with that, as a
+    # config naming both is refused (the checkpoint brings its own LM).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_path=str(base), lm=""))
     partition = split_stream(tasks, cfg.federation)
     materialize(partition, tasks, out / "clients")
     return cfg, partition, data_summary(stream, tasks, cfg.train.max_new_tokens)

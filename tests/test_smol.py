@@ -98,3 +98,21 @@ def test_the_smol_base_exports_answers_as_torch_and_serves_int4_over_grpc(built,
     finally:
         channel.close()
         svc.stop(grace=0)
+
+
+def test_a_federated_run_on_the_smol_profile_hands_its_apps_a_config_that_parses(
+        tmp_path, monkeypatch, tiny_cfg):
+    """`fedmole simulate -c conf/smol.toml` failed before any round: prepare set the built base
+    as `model.base-path` but kept `model.lm`, a pair every later parse refuses."""
+    import simulation.federated as fed
+    from protocol.config import parse_config
+
+    base = tmp_path / "smol-base"
+    base.mkdir()
+    monkeypatch.setattr(fed, "ensure_base", lambda cfg, tasks, progress=True: base)
+    cfg = parse_config({"model.lm": "smollm2-135m", "data.tasks": ["color", "arith"],
+                        "data.cache-dir": str(tmp_path / "cache"), "federation.clients": 2},
+                       base=tiny_cfg)
+    out, _, _ = fed.prepare(cfg, tmp_path / "run", progress=False)
+    again = parse_config(out.to_flat())  # what the ServerApp / ClientApp / export parse
+    assert again.model.base_path == str(base) and again.model.lm == ""

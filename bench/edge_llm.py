@@ -24,7 +24,10 @@ Figures (``engines.<name>``):
 * ``first_token_agreement`` — share of the ``--prompts`` real prompts (the run's test sets, then
   the held-out pretraining split's image samples) whose first generated token equals torch
   fp32's, on torch's routes; ``answer_agreement`` — greedy answers (``max_new_tokens`` of the
-  run) equal to torch fp32's, each engine routing for itself; ``route_agreement``.
+  run) equal to torch fp32's, each engine routing for itself; ``route_agreement``; each also
+  ``_clear``: on the prompts whose torch fp32 margin (top-1 minus top-2 logit; for answers the
+  smallest along the answer) is at least ``--tie-margin`` — a near-tie flips under any
+  quantisation, so the raw figure says as much about the model's certainty as about the recipe.
 
 ``int4_recipes`` compares MatMulNBits 4-bit recipes (block 32/128, symmetric or not, accuracy
 level 1 = fp32 compute / 4 = int8 compute) on the decoder: first-token agreement on 200
@@ -52,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.edge_inference import precision_bytes, torch_answers  # noqa: E402
+from bench.edge_inference import decision_margins, precision_bytes, torch_answers  # noqa: E402
 from bench.targets import finish  # noqa: E402
 from edge.ort_runtime import OrtModel  # noqa: E402
 from mole.export import (  # noqa: E402
@@ -65,7 +68,7 @@ from mole.export import (  # noqa: E402
     quantize_graph,
 )
 from mole.inference import active_set  # noqa: E402
-from mole.shared_weights import stored_bytes  # noqa: E402
+from mole.shared_weights import graph_bytes  # noqa: E402
 from protocol.manifest import Sample  # noqa: E402
 
 ENGINES = ("torch", "fp32", "int8", "int4")
@@ -132,8 +135,11 @@ class TorchEngine:
                                     pad_token_id=self.model.pad_token_id, **kw)
 
     @torch.no_grad()
-    def first_tokens(self, samples: list[Sample], routes: list[str | None]) -> np.ndarray:
+    def first_tokens(self, samples: list[Sample], routes: list[str | None]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """First greedy token per sample and its top-1 minus top-2 logit margin."""
         out = np.zeros(len(samples), dtype=np.int64)
+        margin = np.zeros(len(samples))
         for route in dict.fromkeys(routes):
             idx = [i for i, r in enumerate(routes) if r == route]
             with self.gm.em.experts.only(active_set(route, self.gm.tasks, self.gm.partners)):
@@ -143,7 +149,9 @@ class TorchEngine:
                     logits, _ = self.model(b.input_ids, b.attention_mask, b.pixel_values, None,
                                            b.input_features)
                     out[chunk] = logits[:, -1].argmax(-1).numpy()
-        return out
+                    top = logits[:, -1].float().topk(2, dim=-1).values
+                    margin[chunk] = (top[:, 0] - top[:, 1]).numpy()
+        return out, margin
 
 
 def ort_first_tokens(m: OrtModel, samples: list[Sample], routes: list[str | None]) -> np.ndarray:
@@ -255,14 +263,15 @@ INT4_GRID = [QuantRecipe(4, block, sym, acc, head_bits=8, graphs=(DECODER,))
 
 
 def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
-                 ref_first: np.ndarray, threads: int, n_new: int) -> list[dict[str, Any]]:
+                 ref_first: np.ndarray, clear: np.ndarray, threads: int, n_new: int
+                 ) -> list[dict[str, Any]]:
     work = bundle.parent / (bundle.name + "-int4")
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(bundle, work, copy_function=os.link)  # hard links: nothing copied
+    shutil.copytree(bundle, work)  # copies: onnx refuses hard-linked external data
     q4 = work / graph_file(DECODER, "int4")
     rows = []
     for r in INT4_GRID:
-        q4.unlink()  # a hard link: never write through it into the bundle's file
+        q4.unlink()
         quantize_graph(work / graph_file(DECODER, "fp32"), q4, r, weight_only_ops=())
         m = OrtModel(work, "int4", threads=threads)
         first = ort_first_tokens(m, samples, routes)
@@ -276,7 +285,8 @@ def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
         rows.append({"bits": r.bits, "block_size": r.block_size, "symmetric": r.symmetric,
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
                      "first_token_agreement": float(np.mean(first == ref_first)),
-                     "decoder_mb": stored_bytes([q4]) / 1e6,
+                     "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
+                     "decoder_mb": graph_bytes(q4) / 1e6,
                      "decode_tok_s_b1": float(np.median(tok_s))})
         print("  ", rows[-1], flush=True)
         del m
@@ -294,6 +304,8 @@ def main() -> None:
     ap.add_argument("--n-b8", type=int, default=4)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per timed call")
     ap.add_argument("--no-recipes", action="store_true", help="skip the int4 recipe grid")
+    ap.add_argument("--tie-margin", type=float, default=0.5,
+                    help="fp32 top-1 minus top-2 logit gap below which a prompt is a near-tie")
     ap.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -313,7 +325,10 @@ def main() -> None:
     # torch fp32 references: answers with its own routing, first tokens on those routes
     ref, routes = torch_answers(gm, samples)
     torch_engine = TorchEngine(gm)
-    ref_first = torch_engine.first_tokens(samples, routes)
+    ref_first, first_margin = torch_engine.first_tokens(samples, routes)
+    # near-ties: a quantised copy flips them either way (bench/edge_inference.py does the same)
+    clear_first = first_margin >= args.tie_margin
+    clear_answer = decision_margins(gm, samples, ref, routes) >= args.tie_margin
     ort = {p: OrtModel(bundle, p, threads=args.threads) for p in ("fp32", "int8", "int4")}
     engines: dict[str, dict[str, Any]] = {"torch": {}}
     for p, m in ort.items():
@@ -323,9 +338,12 @@ def main() -> None:
             "answer_agreement": float(np.mean([a.answer == r for a, r in zip(got, ref, strict=True)])),
             "route_agreement": float(np.mean([a.route == r for a, r in zip(got, routes, strict=True)])),
             "first_token_agreement": float(np.mean(first == ref_first)),
+            "first_token_agreement_clear": float(np.mean((first == ref_first)[clear_first])),
+            "answer_agreement_clear": float(np.mean(
+                [a.answer == r for a, r, c in zip(got, ref, clear_answer, strict=True) if c])),
             "acc": 100 * float(np.mean([a.answer == s.answer for a, s in zip(got, samples, strict=True)])),
             "stored_mb": precision_bytes(bundle, p) / 1e6,
-            "decoder_mb": stored_bytes([bundle / graph_file(DECODER, p)]) / 1e6,
+            "decoder_mb": graph_bytes(bundle / graph_file(DECODER, p)) / 1e6,
         }
         print(p, engines[p], flush=True)
     engines["torch"]["acc"] = 100 * float(np.mean([a == s.answer for a, s in zip(ref, samples, strict=True)]))
@@ -340,14 +358,16 @@ def main() -> None:
         "run": str(args.run), "bundle": str(bundle), "prompts": len(samples),
         "threads": args.threads, "new_tokens": args.new, "export_s": export_s,
         "params": sum(p.numel() for p in gm.em.model.parameters()),
-        "tasks": gm.tasks, "engines": engines,
+        "tasks": gm.tasks, "engines": engines, "tie_margin": args.tie_margin,
+        "first_token_clear_share": float(clear_first.mean()),
+        "answer_clear_share": float(clear_answer.mean()),
         "quantization": json.loads((bundle / "manifest.json").read_text())["extra"]["quantization"],
     }
     if not args.no_recipes:
         sub = list(range(min(200, len(samples))))
         res["int4_recipes"] = int4_recipes(bundle, [samples[i] for i in sub],
                                            [routes[i] for i in sub], ref_first[sub],
-                                           args.threads, args.new)
+                                           clear_first[sub], args.threads, args.new)
     e = engines
     res["int4_vs_fp32_ort_b1"] = e["int4"]["decode_tok_s_b1"] / e["fp32"]["decode_tok_s_b1"]
     res["int4_vs_torch_b1"] = e["int4"]["decode_tok_s_b1"] / e["torch"]["decode_tok_s_b1"]
@@ -359,6 +379,7 @@ def main() -> None:
         "int4_decoder_mb": (e["int4"]["decoder_mb"], "<=", 100.0),
         "int8_answer_agreement": (e["int8"]["answer_agreement"], ">=", 0.98),
         "int4_answer_agreement": (e["int4"]["answer_agreement"], ">=", 0.95),
+        "int8_first_token_agreement": (e["int8"]["first_token_agreement"], ">=", 0.98),
     })
 
 

@@ -96,13 +96,13 @@ class QuantRecipe:
     symmetric: bool  # False: a zero point per block
     accuracy_level: int  # 1: compute in fp32 from the dequantised weights; 4: int8 activations
     head_bits: int  # the LM head (decides every greedy token): 0 keeps it fp32
-    graphs: tuple[str, ...]  # the graphs this precision quantises; the others use their int8 file
+    graphs: tuple[str, ...]  # the graphs quantised with this recipe; the others with INT8's
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4).
-INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=1, head_bits=0,
+INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=0,
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
-INT4 = QuantRecipe(bits=4, block_size=32, symmetric=True, accuracy_level=4, head_bits=8,
+INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, head_bits=8,
                    graphs=(DECODER,))
 RECIPES = {"int8": INT8, "int4": INT4}
 QUANT: dict[str, Any] = {"block_size": INT8.block_size, "accuracy_level": INT8.accuracy_level,
@@ -111,7 +111,7 @@ WEIGHT_ONLY_OPS = ("Gather",)
 HEAD = r"^/lm_head/"
 # Each GatedLinear's gate·select product is a (E, R) table of exact 0/α-r values, not worth a
 # quantiser.
-GATE_SELECT = r"_proj/MatMul_1$"
+GATE_SELECT = r"_proj(?:_\d+)?/MatMul_1$"  # the exporter names layer i's q_proj "q_proj_i"
 KEEP_FP32 = rf"{HEAD}|{GATE_SELECT}"
 
 
@@ -370,14 +370,13 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     for g in graphs:
         export_onnx(parts, g, out / files["fp32"][g])
     for precision, recipe in recipes.items():
-        files[precision], made[precision] = {}, []
+        # every precision has a file of every graph, so a device that runs one precision stores
+        # its files and one weights file, nothing of the others
+        files[precision] = {g: graph_file(g, precision) for g in graphs}
+        made[precision] = list(files[precision].values())
         for g in graphs:
-            if g in recipe.graphs:
-                files[precision][g] = graph_file(g, precision)
-                made[precision].append(files[precision][g])
-                quantize_graph(out / files["fp32"][g], out / files[precision][g], recipe)
-            else:  # this precision runs the graph's int8 file
-                files[precision][g] = files["int8"][g]
+            quantize_graph(out / files["fp32"][g], out / files[precision][g],
+                           recipe if g in recipe.graphs else INT8)
     shared = {DATA[p]: share_weights([out / f for f in fs], DATA[p]) for p, fs in made.items()}
     for f in {f for m in files.values() for f in m.values()}:
         onnx.checker.check_model(str(out / f))

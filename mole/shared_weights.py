@@ -93,3 +93,20 @@ def stored_bytes(graphs: Sequence[Path]) -> int:
                 if loc:
                     files.add(g.parent / loc)
     return sum(f.stat().st_size for f in files)
+
+
+def graph_bytes(graph: Path) -> int:
+    """Bytes of one graph: its file and the external tensors it references (each (file, offset)
+    once) — its own share of a weights file other graphs also use."""
+    g = Path(graph)
+    model = onnx.load(str(g), load_external_data=False)
+    seen: set[tuple[str, str]] = set()
+    total = g.stat().st_size
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            key = (info.get("location", ""), info.get("offset", "0"))
+            if key not in seen:
+                seen.add(key)
+                total += int(info.get("length", 0))
+    return total

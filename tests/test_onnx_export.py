@@ -156,9 +156,9 @@ def test_bundle_has_the_field_layout_and_lists_every_file_with_its_hash(exported
     graphs = ["vision_encoder", "audio_encoder", "embed_tokens", "decoder_model_merged", "router"]
     assert man.extra["graphs"]["fp32"] == {g: f"{g}.onnx" for g in graphs}
     assert man.extra["graphs"]["int8"] == {g: f"{g}_int8.onnx" for g in graphs}
-    # int4: a 4-bit decoder, the other graphs' int8 files
-    assert man.extra["graphs"]["int4"] == {g: graph_file(g, "int4" if g == "decoder_model_merged"
-                                                         else "int8") for g in graphs}
+    # int4: a file of every graph (4-bit decoder, the others int8), so a device running it
+    # stores its own files and weights only
+    assert man.extra["graphs"]["int4"] == {g: graph_file(g, "int4") for g in graphs}
     files = {f for m in man.extra["graphs"].values() for f in m.values()}
     for name in files | {"weights.onnx_data", "weights_int8.onnx_data", "weights_q4.onnx_data"}:
         assert man.files[name].sha256 == sha256_file(Path(bundle) / name)

@@ -48,6 +48,7 @@ The int4 recipe (:data:`INT4`) was chosen on the SmolLM2 base by bench/edge_llm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -56,7 +57,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -99,14 +99,28 @@ class QuantRecipe:
     graphs: tuple[str, ...]  # the graphs quantised with this recipe; the others with INT8's
 
 
-# Chosen by measurement (module docstring; bench/edge_llm.py for int4).
+# Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
+# MatMulNBits kernels compute fast only with int8 activations (accuracy level 4): on the SmolLM2
+# base's decoder (d = 576) level 1 decodes 12 tokens/s against fp32's 45 and level 4's 67, with
+# the same first-token agreement on clear-margin prompts (1.00). On the own 0.8 M-parameter base
+# (d = 128) speed is per-node overhead either way and level 1 agrees more (0.990 vs 0.978 of
+# 1,800 answers), so small models keep it: :func:`recipes_for`.
 INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=0,
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
+INT8_WEIGHT_ONLY = dataclasses.replace(INT8, accuracy_level=1)
 INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, head_bits=8,
                    graphs=(DECODER,))
 RECIPES = {"int8": INT8, "int4": INT4}
-QUANT: dict[str, Any] = {"block_size": INT8.block_size, "accuracy_level": INT8.accuracy_level,
-                         "symmetric": INT8.symmetric}
+SMALL_HIDDEN = 256  # below: the weight-only int8 recipe
+
+
+def recipes_for(spec: GraphSpec) -> dict[str, QuantRecipe]:
+    """The int8 / int4 recipes for a model of this size (the comment above says why)."""
+    if spec.hidden < SMALL_HIDDEN:
+        return {"int8": INT8_WEIGHT_ONLY, "int4": INT4}
+    return dict(RECIPES)
+
+
 WEIGHT_ONLY_OPS = ("Gather",)
 HEAD = r"^/lm_head/"
 # Each GatedLinear's gate·select product is a (E, R) table of exact 0/α-r values, not worth a
@@ -353,7 +367,6 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     from protocol.bundle import sign_bundle, write_manifest
 
     t0 = time.perf_counter()
-    recipes = dict(RECIPES if recipes is None else recipes)
     try:
         require_edge_bundle(gm.em.model, gm.cfg.model.base_path)
     except CheckpointError as e:
@@ -363,6 +376,7 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     out.mkdir(parents=True)
     parts = export_parts(gm)
     spec = parts.spec
+    recipes = recipes_for(spec) if recipes is None else dict(recipes)
     graphs = spec.graphs(routed=bool(parts.routed))
     # precision → graph → file; ``made`` holds the files each precision wrote itself
     files: dict[str, dict[str, str]] = {"fp32": {g: graph_file(g, "fp32") for g in graphs}}
@@ -376,7 +390,7 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
         made[precision] = list(files[precision].values())
         for g in graphs:
             quantize_graph(out / files["fp32"][g], out / files[precision][g],
-                           recipe if g in recipe.graphs else INT8)
+                           recipe if g in recipe.graphs else recipes["int8"])
     shared = {DATA[p]: share_weights([out / f for f in fs], DATA[p]) for p, fs in made.items()}
     for f in {f for m in files.values() for f in m.values()}:
         onnx.checker.check_model(str(out / f))

@@ -11,8 +11,9 @@ differently in the two traces), and points each graph's initializers there. onnx
 and the bundle manifest hashes the shared file like any other. The same split keeps each graph
 file far below protobuf's 2 GB limit whatever the model's size.
 
-Offsets are aligned to :data:`ALIGN` bytes (onnxruntime can then map the file instead of
-copying it).
+Offsets of tensors of at least :data:`PAGE_FROM` bytes are aligned to :data:`ALIGN` bytes
+(onnxruntime can then map them instead of copying); smaller ones to 64 bytes — page-aligning
+every 1 KB bias cost the own base's int8 weights file ~10% in padding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 ALIGN = 4096
+PAGE_FROM = 64 << 10
 MIN_BYTES = 1024  # smaller initializers stay inside their graph (shapes, scalars, small biases)
 
 
@@ -59,7 +61,7 @@ def share_weights(graphs: Sequence[Path], data_name: str, min_bytes: int = MIN_B
                 if digest in where:
                     saved += len(raw)
                 else:
-                    f.write(b"\0" * (-f.tell() % ALIGN))
+                    f.write(b"\0" * (-f.tell() % (ALIGN if len(raw) >= PAGE_FROM else 64)))
                     where[digest] = (f.tell(), len(raw))
                     f.write(raw)
                 offset, length = where[digest]

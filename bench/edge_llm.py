@@ -16,7 +16,7 @@ Figures (``engines.<name>``):
   first argmax), median over ``--n-b1`` prompts;
 * ``decode_tok_s_b1`` / ``decode_tok_s_b8`` — decode tokens/s after the first token, ``--new``
   tokens forced (EOS ignored) at batch 1 and batch 8 (tokens of all rows / second), medians;
-* ``peak_rss_mb`` — peak resident memory of a fresh child process that loads only that engine
+* ``peak_rss_mb`` — peak resident memory (VmHWM) of a fresh child process that loads only that engine
   and answers 8 prompts (the Python interpreter, torch and transformers included: the edge
   runtime imports them for preprocessing);
 * ``stored_mb`` / ``decoder_mb`` — what a device stores for the precision, and the decoder graph
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -252,8 +251,12 @@ def _child(engine: str, run: Path, bundle: Path, threads: int) -> None:
         data = open_tasks(cfg)
         samples = [s for t in man["tasks"] for s in data[t].test][:8]
         m.answer(samples)
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": rss_kb / 1024}))
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's high-water mark over fork
+    # and exec into ru_maxrss (every child reported the bench's own 3.3 GB); exec gives the
+    # child a new address space, whose VmHWM starts at zero.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 # -- int4 recipes ----------------------------------------------------------------------------

@@ -169,14 +169,9 @@ def ort_generate(m: OrtModel, samples: list[Sample], routes: list[str | None], n
     batch = m.enc.prompt_batch(samples)
     gate = m._gate(routes)
     out, pos = m.prefill(batch, gate)
-    nxt = out[0].argmax(-1)
+    out[0].argmax(-1)  # the first token
     ttft = time.perf_counter() - t0
-    mask = batch.attention_mask.numpy()
-    cache, next_pos = out[2:], pos[:, -1:] + 1
-    for _ in range(n_new - 1):
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
-        out = m.decoder(m.embed(nxt[:, None]), mask, next_pos, gate, cache)
-        nxt, cache, next_pos = out[0].argmax(-1), out[2:], next_pos + 1
+    m.greedy(out, pos, batch.attention_mask.numpy(), gate, n_new, stop_at_eos=False)
     return ttft
 
 

@@ -214,6 +214,30 @@ class OrtModel:
         pos = positions(mask)
         return self.decoder(embeds, mask, pos, gate), pos
 
+    def greedy(self, out: list[np.ndarray], pos: np.ndarray, mask: np.ndarray, gate: np.ndarray,
+               n_new: int, stop_at_eos: bool = True) -> list[np.ndarray]:
+        """Greedy tokens (B,) per step after a prefill's outputs ``out`` at positions ``pos``;
+        the KV cache grows one token a step. ``stop_at_eos`` False: all ``n_new`` steps (the
+        bench's fixed-length decode)."""
+        b = mask.shape[0]
+        logits, cache = out[0], out[2:]
+        next_pos = pos[:, -1:] + 1  # (B, 1)
+        done = np.zeros(b, dtype=bool)
+        generated: list[np.ndarray] = []
+        for step in range(n_new):
+            nxt = logits.argmax(-1)
+            if stop_at_eos:
+                nxt = np.where(done, self.pad, nxt)
+                done |= nxt == self.eos
+            generated.append(nxt)
+            if done.all() or step == n_new - 1:
+                break
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=mask.dtype)], axis=1)
+            out = self.decoder(self.embed(nxt[:, None]), mask, next_pos, gate, cache)
+            logits, cache = out[0], out[2:]
+            next_pos = next_pos + 1
+        return generated
+
     def answer(self, samples: Sequence[Sample], max_new_tokens: int | None = None,
                routes: Sequence[str | None] | None = None) -> list[Answer]:
         """Greedy answers in sample order (``routes`` given → skip the router, e.g. an oracle)."""
@@ -222,26 +246,11 @@ class OrtModel:
         n_new = max_new_tokens or self.max_new_tokens
         batch = self.enc.prompt_batch(samples)
         mask = batch.attention_mask.numpy()
-        b = mask.shape[0]
         if routes is None:
             routes = self.route(self.route_errors(batch))
         gate = self._gate(routes)
         out, pos = self.prefill(batch, gate)
-        logits, cache = out[0], out[2:]
-        next_pos = pos[:, -1:] + 1  # (B, 1)
-        done = np.zeros(b, dtype=bool)
-        generated: list[np.ndarray] = []
-        for step in range(n_new):
-            nxt = logits.argmax(-1)
-            nxt = np.where(done, self.pad, nxt)
-            generated.append(nxt)
-            done |= nxt == self.eos
-            if done.all() or step == n_new - 1:
-                break
-            mask = np.concatenate([mask, np.ones((b, 1), dtype=mask.dtype)], axis=1)
-            out = self.decoder(self.embed(nxt[:, None]), mask, next_pos, gate, cache)
-            logits, cache = out[0], out[2:]
-            next_pos = next_pos + 1
+        generated = self.greedy(out, pos, mask, gate, n_new)
         rows = np.stack(generated, axis=1).tolist()  # (B, n)
         return [Answer(self.enc.decode(r[: r.index(self.eos)] if self.eos in r else r), route)
                 for r, route in zip(rows, routes, strict=True)]

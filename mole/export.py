@@ -13,8 +13,8 @@ base — the torch fp32 reference. ``export_bundle`` writes (layout: protocol.bu
     OUT/decoder_model_merged.onnx   prefill and KV-cache decode in one graph
     OUT/router.onnx                 the task autoencoders (once a task has a router)
     OUT/<graph>_int8.onnx           each graph with int8 weights (recipe INT8 below)
-    OUT/decoder_model_merged_q4.onnx  the decoder with 4-bit weights (recipe INT4); the int4
-                                    precision runs it with the other graphs' int8 files
+    OUT/<graph>_q4.onnx             the int4 precision: the decoder with 4-bit weights (recipe
+                                    INT4), the other graphs with int8 ones
     OUT/weights.onnx_data           each precision's graphs keep their weights in one external-
     OUT/weights_int8.onnx_data      data file, each distinct tensor once (mole.shared_weights:
     OUT/weights_q4.onnx_data        SmolLM2's tied embedding and LM head are one tensor)

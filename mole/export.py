@@ -123,9 +123,14 @@ def recipes_for(spec: GraphSpec) -> dict[str, QuantRecipe]:
 
 WEIGHT_ONLY_OPS = ("Gather",)
 HEAD = r"^/lm_head/"
-# Each GatedLinear's gate·select product is a (E, R) table of exact 0/α-r values, not worth a
-# quantiser.
-GATE_SELECT = r"_proj(?:_\d+)?/MatMul_1$"  # the exporter names layer i's q_proj "q_proj_i"
+# A GatedLinear's gate·select product (MatMul_1) is a (E, R) table of exact 0/α-r values, not
+# worth a quantiser; its A (MatMul_2) and B (MatMul_3) are rank-r matrices (B has 16 inputs:
+# less than one block) whose bytes are a rounding error of the graph's, so they get 8 bits even
+# in the int4 recipe. The exporter names layer i's q_proj "q_proj_i" and the decoder's fused
+# projections "qkv.i" and "gate_up.i".
+_GATED = r"/(?:\w+_proj(?:_\d+)?|qkv\.\d+|gate_up\.\d+)/MatMul"
+GATE_SELECT = rf"{_GATED}_1$"
+EXPERT = rf"{_GATED}_[23]$"
 KEEP_FP32 = rf"{HEAD}|{GATE_SELECT}"
 
 
@@ -283,13 +288,17 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     head as ``recipe.head_bits``), then the weights of ``weight_only_ops`` (embedding tables) as
     int8 per row behind a DequantizeLinear."""
     model = onnx.load(str(src))
-    head = [n.name for n in model.graph.node if re.search(HEAD, n.name)]
-    keep = [n.name for n in model.graph.node if re.search(GATE_SELECT, n.name)]
+    names = [n.name for n in model.graph.node]
+    head = [n for n in names if re.search(HEAD, n)]
+    keep = [n for n in names if re.search(GATE_SELECT, n)]
+    # below 8 bits the experts' A and B go with the head's 8-bit pass
+    experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n)]
     out = _nbits(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
-                 exclude=keep + head)
-    if head and recipe.head_bits:
-        out = _nbits(out, recipe.head_bits, INT8.block_size, recipe.symmetric,
-                     recipe.accuracy_level, exclude=keep, include=head)
+                 exclude=keep + head + experts)
+    eight = experts + (head if recipe.head_bits else [])
+    if eight:
+        out = _nbits(out, recipe.head_bits or 8, INT8.block_size, recipe.symmetric,
+                     recipe.accuracy_level, exclude=keep, include=eight)
     if weight_only_ops:
         int8_weight_only(out, weight_only_ops)
     onnx.save(out, str(dst))
@@ -406,6 +415,9 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
         "family": gm.em.model.family.name,
         "quantization": {p: asdict(r) | {"op": "MatMulNBits", "fp32_nodes": GATE_SELECT
                                          + ("" if r.head_bits else f"|{HEAD}"),
+                                         "eight_bit_nodes": (EXPERT + (f"|{HEAD}" if r.head_bits
+                                                                       else "")
+                                                             if r.bits < 8 else ""),
                                          "weight_only_int8": {"ops": list(WEIGHT_ONLY_OPS),
                                                               "scale": "symmetric, per row"}}
                          for p, r in recipes.items()},

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mole.export import EXPERT, GATE_SELECT
 from tests.conftest import build_tiny_run
 
 
@@ -195,8 +197,13 @@ def test_int8_keeps_the_lm_head_fp32_and_int4_holds_4_bit_layers_with_an_8_bit_h
     m4 = onnx.load(str(Path(bundle) / "decoder_model_merged_q4.onnx"))
     nb = {n.name: _nbits(n) for n in m4.graph.node if n.op_type == "MatMulNBits"}
     head = [k for k in nb if k.startswith("/lm_head/")]
+    experts = [k for k in nb if re.search(EXPERT, k.removesuffix("_Q8").removesuffix("_Q4"))]
     assert head and {nb[k] for k in head} == {8}
-    assert {v for k, v in nb.items() if k not in head} == {4}
+    assert experts and {nb[k] for k in experts} == {8}  # rank-r A and B: 8 bits
+    assert {v for k, v in nb.items() if k not in head + experts} == {4}
+    # the expert paths' gate·select tables stay fp32 in both
+    for m in (m8, m4):
+        assert any(n.op_type == "MatMul" and re.search(GATE_SELECT, n.name) for n in m.graph.node)
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,9 @@ answers against ``MoleModel`` with PEFT experts.
 
 The decoder is written for few nodes, because a decode step (one token a row) of a small LM
 costs onnxruntime mostly per-node overhead, not arithmetic: q/k/v and gate/up are one
-projection each (:meth:`GatedLinear.concat`), rotary positions take one Gather per tensor
-(rotate_half's sign lives in the sin table), and grouped-query attention views the query heads
+projection each (:meth:`GatedLinear.concat`), rotary positions take one Gather, two Muls and
+an Add a layer on the fused q|k|v (rotate_half's sign lives in the sin table), and
+grouped-query attention views the query heads
 as (kv_heads, rep·T) rows instead of repeating k and v. On the SmolLM2 base's decoder this took
 onnxruntime's optimised graph from 2,276 to 1,523 nodes.
 """
@@ -331,15 +332,17 @@ class Decoder(nn.Module):
         self.gate_up = nn.ModuleList([GatedLinear.concat([la.mlp.gate_proj, la.mlp.up_proj],
                                                          self.holder)
                                       for la in self.lm.layers])
-        half = self.head_dim // 2
-        self.swap: torch.Tensor  # (hd,) the two halves exchanged
-        self.register_buffer("swap", torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
+        # Rotary positions on the fused q|k|v channels at once: rotate_half(x)·sin =
+        # x[..., swap]·(±sin), one Gather, the sign in the sin table; the v channels pass with
+        # cos 1, sin 0 (tables made once a forward, not a layer).
+        half, hd = self.head_dim // 2, self.head_dim
+        one = torch.cat([torch.arange(half, hd), torch.arange(half)])  # (hd,) halves exchanged
+        rotated = self.n_heads + self.kv_heads  # q and k heads
+        self.swap: torch.Tensor  # ((H + 2·kvh)·hd,)
+        self.register_buffer("swap", torch.cat(
+            [one + j * hd for j in range(rotated)]
+            + [torch.arange(rotated * hd, (rotated + self.kv_heads) * hd)]))
         self.eval()
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # rotate_half(x) · sin = x[..., swap] · (±sin): one Gather instead of Slice, Slice, Neg,
-        # Concat (the sign is in the table, made once for every layer).
-        return x * cos + x.index_select(-1, self.swap) * sin
 
     @staticmethod
     def _rms(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -352,13 +355,15 @@ class Decoder(nn.Module):
         embed = inputs_embeds
         b, t = embed.shape[0], embed.shape[1]
         self.holder.value = gate
-        # Rotary tables for the new positions: (B, 1, T, hd).
+        # Rotary tables for the new positions over the q|k|v channels: (B, T, (H + 2·kvh)·hd).
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos = (emb.cos() * self.rope_scale).unsqueeze(1)
-        half = self.head_dim // 2
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+        half, rotated = self.head_dim // 2, self.n_heads + self.kv_heads
         sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half's sign, (hd,)
-        sin = (emb.sin() * self.rope_scale * sign).unsqueeze(1)
+        cos = emb.cos() * self.rope_scale
+        sin = emb.sin() * self.rope_scale * sign
+        cos = torch.cat([cos.repeat(1, 1, rotated), torch.ones_like(cos).repeat(1, 1, self.kv_heads)], -1)
+        sin = torch.cat([sin.repeat(1, 1, rotated), torch.zeros_like(sin).repeat(1, 1, self.kv_heads)], -1)
         p = past[0].shape[2]
         s = attention_mask.shape[1]  # = P + T
         q_pos = torch.arange(t, device=embed.device) + p  # (T,)
@@ -375,12 +380,12 @@ class Decoder(nn.Module):
             attn = layer.self_attn
             x = self._rms(layer.input_layernorm, h)
             qkv = self.qkv[i](x)  # (B, T, (H + 2·kvh)·hd)
+            qkv = qkv * cos + qkv.index_select(-1, self.swap) * sin
             q, k, v = qkv.split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
                                  self.kv_heads * self.head_dim], dim=-1)
             q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k = torch.cat([past[2 * i], k], dim=2)  # (B, kvh, P+T, hd)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]

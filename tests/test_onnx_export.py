@@ -187,10 +187,13 @@ def test_int8_keeps_the_lm_head_fp32_and_int4_holds_4_bit_layers_with_an_8_bit_h
     _, bundle, _ = exported
     emb = onnx.load(str(Path(bundle) / "embed_tokens_int8.onnx"))
     inits = {i.name: i for i in emb.graph.initializer}
-    gathers = {n.input[0] for n in emb.graph.node if n.op_type == "Gather"}
-    dq = {n.output[0]: n for n in emb.graph.node if n.op_type == "DequantizeLinear"}
-    embedding = [w for w in gathers if w in dq]  # the token table, int8 per row
-    assert embedding and all(inits[dq[w].input[0]].data_type == TensorProto.INT8 for w in embedding)
+    # the token table, int8 per row: the lookup gathers int8 rows and their scales (a
+    # DequantizeLinear of the whole table would run every call)
+    tables = [inits[n.input[0]] for n in emb.graph.node
+              if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+              and inits[n.input[0]].dims[1] > 1]  # not the (V, 1) row scales
+    assert tables and all(t.data_type == TensorProto.INT8 for t in tables)
+    assert not any(n.op_type == "DequantizeLinear" for n in emb.graph.node)
     m8 = onnx.load(str(Path(bundle) / "decoder_model_merged_int8.onnx"))
     assert {_nbits(n) for n in m8.graph.node if n.op_type == "MatMulNBits"} == {8}
     assert any(n.op_type == "MatMul" and n.name.startswith("/lm_head/") for n in m8.graph.node)
@@ -276,3 +279,40 @@ def test_an_int4_checkpoint_bundle_serves_over_grpc(exported_checkpoint):
     finally:
         channel.close()
         svc.stop(grace=0)
+
+
+def test_int8_table_lookup_gathers_rows_then_scales_and_other_readers_see_the_whole_table():
+    """An int8 embedding is dequantised per gathered row (not the whole table a call); a
+    non-Gather reader of the same table still gets it back through a DequantizeLinear; both
+    equal the dequantised table exactly."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mole.export import int8_weight_only
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((64, 48)).astype(np.float32)  # (V, d)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0, name="lookup"),
+             helper.make_node("MatMul", ["x", "table"], ["proj"], name="reader")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["B", "T", 48]),
+         helper.make_tensor_value_info("proj", TensorProto.FLOAT, ["N", 48])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert int8_weight_only(model, ("Gather",)) == ["table"]
+    onnx.checker.check_model(model)
+    kinds = [n.op_type for n in model.graph.node]
+    assert kinds.count("DequantizeLinear") == 1  # for the MatMul reader only
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    deq = inits["table_int8"].astype(np.float32) * inits["table_row_scale"]  # (V, 1) scales
+    assert np.abs(deq - table).max() <= np.abs(table).max(axis=1).max() / 127  # one step
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 0, 63], [7, 7, 1]], dtype=np.int64)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    emb, proj = sess.run(None, {"ids": ids, "x": x})
+    np.testing.assert_array_equal(emb, deq[ids])
+    np.testing.assert_allclose(proj, x @ deq, rtol=1e-5, atol=1e-5)

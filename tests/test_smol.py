@@ -13,6 +13,8 @@ from mole.backbone import load_backbone
 from mole.batching import Encoder
 from protocol.manifest import Sample
 
+ROOT = Path(__file__).resolve().parents[1]
+
 smol = pytest.importorskip("mole.smol")
 
 
@@ -116,3 +118,22 @@ def test_a_federated_run_on_the_smol_profile_hands_its_apps_a_config_that_parses
     out, _, _ = fed.prepare(cfg, tmp_path / "run", progress=False)
     again = parse_config(out.to_flat())  # what the ServerApp / ClientApp / export parse
     assert again.model.base_path == str(base) and again.model.lm == ""
+
+
+def test_the_smol_base_key_ignores_the_streams_tasks_but_not_its_pretraining_split():
+    """The SmolLM2 base's weights depend on the pretraining split, not on which tasks a run
+    takes from the stream: `--set data.tasks=…` must reuse the cached base (20 min on 2 cores)."""
+    from protocol.config import load_config, parse_config
+    from simulation.smol_base import smol_key
+
+    cfg = load_config(ROOT / "conf" / "smol.toml")
+    flat = cfg.to_flat()
+    same = [{"data.tasks": ["color"]}, {"data.test-per-task": 7}, {"data.train-per-task": 9},
+            {"federation.clients": 3}, {"train.steps-per-task": 5}]
+    other = [{"data.seed": 1}, {"data.pretrain-size": 4000}, {"data.image-size": 64},
+             {"pretrain.steps": 10}, {"pretrain.seed": 3}, {"model.vision-hidden": 32}]
+    key = smol_key(cfg)
+    for change in same:
+        assert smol_key(parse_config({**flat, **change})) == key, change
+    for change in other:
+        assert smol_key(parse_config({**flat, **change})) != key, change

@@ -285,8 +285,8 @@ def export_onnx(parts: ExportParts, graph: str, path: Path, opset: int = OPSET) 
 def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
                    weight_only_ops: tuple[str, ...] = WEIGHT_ONLY_OPS) -> None:
     """``src`` with ``recipe``'s MatMulNBits weights (the gate·select tables stay fp32; the LM
-    head as ``recipe.head_bits``), then the weights of ``weight_only_ops`` (embedding tables) as
-    int8 per row behind a DequantizeLinear."""
+    head as ``recipe.head_bits``; below 8 bits the experts' A and B in 8), then the weights of
+    ``weight_only_ops`` (embedding tables) as int8 per row (:func:`int8_weight_only`)."""
     model = onnx.load(str(src))
     names = [n.name for n in model.graph.node]
     head = [n for n in names if re.search(HEAD, n)]

@@ -256,8 +256,12 @@ def _child(engine: str, run: Path, bundle: Path, threads: int) -> None:
 
 # -- int4 recipes ----------------------------------------------------------------------------
 
-INT4_GRID = [QuantRecipe(4, block, sym, acc, head_bits=8, graphs=(DECODER,))
-             for block in (32, 128) for sym in (True, False) for acc in (4, 1)]
+# float_min: the GGUF's own Q4_1 grid kept exactly (mole.export.block_quantize); the others
+# onnxruntime's quantiser with an integer zero point (asymmetric) or none (symmetric)
+INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), float_min=True)
+             for acc in (4, 1)] + [
+             QuantRecipe(4, block, sym, 4, head_bits=8, graphs=(DECODER,))
+             for block in (32, 128) for sym in (True, False)]
 
 
 def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
@@ -282,6 +286,7 @@ def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
                 tok_s.append((n_new - 1) / (time.perf_counter() - t0 - ttft))
         rows.append({"bits": r.bits, "block_size": r.block_size, "symmetric": r.symmetric,
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
+                     "float_min": r.float_min,
                      "first_token_agreement": float(np.mean(first == ref_first)),
                      "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
                      "decoder_mb": graph_bytes(q4) / 1e6,

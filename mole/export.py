@@ -97,6 +97,9 @@ class QuantRecipe:
     accuracy_level: int  # 1: compute in fp32 from the dequantised weights; 4: int8 activations
     head_bits: int  # the LM head (decides every greedy token): 0 keeps it fp32
     graphs: tuple[str, ...]  # the graphs quantised with this recipe; the others with INT8's
+    # True: each block keeps a float minimum (GGUF's Q4_1 layout: w = d·q + m) carried by a
+    # per-block correction (:func:`block_quantize`) instead of MatMulNBits' integer zero point
+    float_min: bool = False
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
@@ -109,7 +112,7 @@ INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, hea
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
 INT8_WEIGHT_ONLY = dataclasses.replace(INT8, accuracy_level=1)
 INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, head_bits=8,
-                   graphs=(DECODER,))
+                   graphs=(DECODER,), float_min=True)
 RECIPES = {"int8": INT8, "int4": INT4}
 SMALL_HIDDEN = 256  # below: the weight-only int8 recipe
 
@@ -128,6 +131,7 @@ HEAD = r"^/lm_head/"
 # less than one block) whose bytes are a rounding error of the graph's, so they get 8 bits even
 # in the int4 recipe. The exporter names layer i's q_proj "q_proj_i" and the decoder's fused
 # projections "qkv.i" and "gate_up.i".
+EXPERT_BITS = 8
 _GATED = r"/(?:\w+_proj(?:_\d+)?|qkv\.\d+|gate_up\.\d+)/MatMul"
 GATE_SELECT = rf"{_GATED}_1$"
 EXPERT = rf"{_GATED}_[23]$"
@@ -291,17 +295,127 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     names = [n.name for n in model.graph.node]
     head = [n for n in names if re.search(HEAD, n)]
     keep = [n for n in names if re.search(GATE_SELECT, n)]
-    # below 8 bits the experts' A and B go with the head's 8-bit pass
+    # below 8 bits the experts' A and B get 8 (EXPERT_BITS)
     experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n)]
+    done: list[str] = []
+    if recipe.float_min:
+        done += block_quantize(model, [n for n in names if n not in {*head, *keep, *experts}],
+                               recipe.bits, recipe.block_size, recipe.accuracy_level,
+                               float_min=True)
+    if recipe.head_bits:
+        # symmetric blocks of 32: GGUF's Q8_0 layout (SmolLM2's token table), exact for it
+        done += block_quantize(model, head, recipe.head_bits, INT8.block_size,
+                               recipe.accuracy_level, float_min=False)
     out = _nbits(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
-                 exclude=keep + head + experts)
-    eight = experts + (head if recipe.head_bits else [])
-    if eight:
-        out = _nbits(out, recipe.head_bits or 8, INT8.block_size, recipe.symmetric,
-                     recipe.accuracy_level, exclude=keep, include=eight)
+                 exclude=keep + head + experts + done)
+    if experts:
+        out = _nbits(out, EXPERT_BITS, INT8.block_size, recipe.symmetric, recipe.accuracy_level,
+                     exclude=keep, include=experts)
     if weight_only_ops:
         int8_weight_only(out, weight_only_ops)
     onnx.save(out, str(dst))
+
+
+def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_size: int,
+                   accuracy_level: int, float_min: bool) -> list[str]:
+    """In place: each MatMul of ``names`` whose weight is a constant fp32 (K, N) initializer
+    with K a multiple of ``block_size`` becomes a MatMulNBits written here (the others are left
+    to onnxruntime's quantiser). Returns the names converted.
+
+    Blocks run along K. ``float_min=False``: symmetric, w ≈ d·(q − 2^(b−1)), d = max|w| / (2^(b−1)
+    − 1) — GGUF's Q8_0 at 8 bits. ``float_min=True``: w ≈ d·q + m with m the block's minimum
+    and d = (max − min) / (2^b − 1) — GGUF's Q4_1 at 4 bits. MatMulNBits knows only integer zero
+    points (a float one runs ~50× slower in onnxruntime 1.32), so the kernel computes
+    d·(q − 2^(b−1)) and a correction adds the rest, r = m + 2^(b−1)·d per block and column:
+    y = x·W_q + (x·S)·R, S (K, K/32) summing x over each block, R (K/32, N). Weights already on
+    such a grid (the dequantised GGUF) come back exactly; an integer zero point moves every block
+    by up to half a step, which cost SmolLM2 more than half its task accuracy at 4 bits.
+
+    Scales and R are stored fp16 (the GGUF's own precision) behind a Cast that onnxruntime
+    folds when the session loads, so the kernel still gets fp32 constants; that halves their
+    bytes (3.3 MB each for SmolLM2's layers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    wanted, done = set(names), []
+    zp = 2 ** (bits - 1)
+    nodes = list(model.graph.node)
+    cast_done: set[str] = set()
+    out_nodes: list[onnx.NodeProto] = []
+
+    def const16(name: str, value: np.ndarray) -> tuple[str, list[onnx.NodeProto]]:
+        # fp16 initializer + Cast to fp32; fp32 if a value is not finite in fp16
+        if name in cast_done:
+            return name, []
+        cast_done.add(name)
+        v16 = value.astype(np.float16)
+        if not np.isfinite(v16).all():
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+            return name, []
+        model.graph.initializer.append(numpy_helper.from_array(v16, f"{name}_fp16"))
+        return name, [helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT,
+                                       name=f"{name}_Cast")]
+
+    for node in nodes:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if (node.name not in wanted or init is None or init.data_type != TensorProto.FLOAT
+                or len(init.dims) != 2 or init.dims[0] % block_size):
+            out_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(init)  # (K, N)
+        k, n = w.shape
+        nb = k // block_size
+        wb = w.reshape(nb, block_size, n)  # (K/32, 32, N)
+        if float_min:
+            lo = wb.min(axis=1)  # (K/32, N)
+            d = (wb.max(axis=1) - lo) / (2 ** bits - 1)
+        else:
+            d = np.abs(wb).max(axis=1) / (zp - 1)
+        d = np.where(d > 0, d, 1.0).astype(np.float16).astype(np.float32)  # what the kernel gets
+        if float_min:
+            q = np.clip(np.rint((wb - lo[:, None]) / d[:, None]), 0, 2 ** bits - 1)
+        else:
+            q = np.clip(np.rint(wb / d[:, None]), 1 - zp, zp - 1) + zp
+        qn = q.astype(np.uint8).transpose(2, 0, 1)  # (N, K/32, 32)
+        if bits == 4:  # two per byte, the first in the low nibble
+            qn = qn[..., 0::2] | (qn[..., 1::2] << 4)
+        base = node.name.strip("/").replace("/", "_")
+        scales, casts = const16(f"{base}_scales", d.T.reshape(-1))  # (N·K/32,), column-major
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(qn),
+                                                               f"{base}_q{bits}"))
+        y = node.output[0]
+        mm = helper.make_node("MatMulNBits", [node.input[0], f"{base}_q{bits}", scales],
+                              [f"{y}_nbits" if float_min else y], name=f"{node.name}_Q{bits}",
+                              domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
+                              accuracy_level=accuracy_level)
+        new = [*casts, mm]
+        if float_min:
+            r, c_r = const16(f"{base}_offsets", lo + zp * d)  # (K/32, N)
+            s_name, c_s = const16(f"block_sum_{k}x{block_size}",
+                                  np.kron(np.eye(nb, dtype=np.float32),
+                                          np.ones((block_size, 1), np.float32)))  # (K, K/32)
+            new += [*c_r, *c_s,
+                    helper.make_node("MatMul", [node.input[0], s_name], [f"{y}_block_sums"],
+                                     name=f"{node.name}_block_sums"),
+                    helper.make_node("MatMul", [f"{y}_block_sums", r], [f"{y}_offsets"],
+                                     name=f"{node.name}_offsets"),
+                    helper.make_node("Add", [f"{y}_nbits", f"{y}_offsets"], [y],
+                                     name=f"{node.name}_add_offsets")]
+        out_nodes.extend(new)
+        readers[init.name] -= 1
+        if readers[init.name] == 0:
+            model.graph.initializer.remove(init)
+        done.append(node.name)
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(out_nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
 
 
 def _nbits(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool,

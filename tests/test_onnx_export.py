@@ -316,3 +316,62 @@ def test_int8_table_lookup_gathers_rows_then_scales_and_other_readers_see_the_wh
     emb, proj = sess.run(None, {"ids": ids, "x": x})
     np.testing.assert_array_equal(emb, deq[ids])
     np.testing.assert_allclose(proj, x @ deq, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,float_min", [(4, True), (8, False)])
+def test_block_quantize_is_exact_on_weights_already_on_a_gguf_grid(bits, float_min):
+    """Weights on GGUF's Q4_1 grid (w = d·q + m per block of 32, fp16 d and m) or Q8_0 grid
+    (w = d·q) come back exactly from the MatMulNBits + offset correction; onnxruntime's own
+    quantiser (integer zero point) does not, and an off-grid weight still gets a fair 4 bits."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mole.export import _nbits, block_quantize
+
+    rng = np.random.default_rng(1)
+    k, n, blk = 128, 48, 32
+    d = (rng.uniform(0.002, 0.05, (k // blk, 1, n))).astype(np.float16).astype(np.float32)
+    if float_min:
+        m = (-rng.uniform(0, 16, (k // blk, 1, n)) * d).astype(np.float16).astype(np.float32)
+        q = rng.integers(0, 16, (k // blk, blk, n))
+    else:
+        m, q = np.zeros_like(d), rng.integers(-127, 128, (k // blk, blk, n))
+    # as ggml quantises: a block's minimum is q = 0 and its maximum 15 (Q8_0: |q| = 127 once)
+    q[:, 0], q[:, 1] = (0, 15) if float_min else (127, -5)
+    w = (d * q + m).astype(np.float32).reshape(k, n)
+
+    def graph(weight: np.ndarray) -> onnx.ModelProto:
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", n])],
+            [numpy_helper.from_array(weight, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+        onnx.checker.check_model(model)
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x})[0]
+
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    ref = x @ w
+    mine = graph(w)
+    assert block_quantize(mine, ["/proj/MatMul"], bits, blk, 1, float_min) == ["/proj/MatMul"]
+    assert "MatMulNBits" in [nd.op_type for nd in mine.graph.node]
+    # exact but for the fp16 rounding of an offset m + 8·d (2 of SmolLM2's 3.3 M are not fp16)
+    err_mine = np.abs(run(mine, x) - ref)
+    r_round = np.abs(m + 2 ** (bits - 1) * d) * 2.0 ** -11 if float_min else 0 * d  # (K/32, 1, N)
+    bound = np.abs(x).reshape(2, 3, k // blk, blk).sum(-1) @ r_round[:, 0] + 1e-5 * np.abs(ref)
+    assert (err_mine <= bound).all()
+    theirs = _nbits(graph(w), bits, blk, False, 1)
+    err_theirs = np.abs(run(theirs, x) - ref).max()
+    assert err_theirs > 20 * err_mine.max()  # the integer zero point leaves the grid
+    # off the grid: the float-minimum 4 bits are no worse than the integer zero point's
+    if float_min:
+        w2 = rng.standard_normal((k, n)).astype(np.float32)
+        mine2 = graph(w2)
+        block_quantize(mine2, ["/proj/MatMul"], bits, blk, 1, float_min)
+        e_mine = np.abs(run(mine2, x) - x @ w2).mean()
+        e_theirs = np.abs(run(_nbits(graph(w2), bits, blk, False, 1), x) - x @ w2).mean()
+        assert e_mine <= 1.05 * e_theirs

@@ -258,8 +258,9 @@ def _child(engine: str, run: Path, bundle: Path, threads: int) -> None:
 
 # float_min: the GGUF's own Q4_1 grid kept exactly (mole.export.block_quantize); the others
 # onnxruntime's quantiser with an integer zero point (asymmetric) or none (symmetric)
-INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), float_min=True)
-             for acc in (4, 1)] + [
+# head_rescore: the head's top 8 recomputed with fp32 activations (mole.export.rescore_top_k)
+INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), float_min=True,
+                         head_rescore=k) for acc, k in ((1, 8), (4, 8), (4, 0))] + [
              QuantRecipe(4, block, sym, 4, head_bits=8, graphs=(DECODER,))
              for block in (32, 128) for sym in (True, False)]
 
@@ -286,7 +287,7 @@ def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
                 tok_s.append((n_new - 1) / (time.perf_counter() - t0 - ttft))
         rows.append({"bits": r.bits, "block_size": r.block_size, "symmetric": r.symmetric,
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
-                     "float_min": r.float_min,
+                     "float_min": r.float_min, "head_rescore": r.head_rescore,
                      "first_token_agreement": float(np.mean(first == ref_first)),
                      "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
                      "decoder_mb": graph_bytes(q4) / 1e6,

@@ -100,19 +100,26 @@ class QuantRecipe:
     # True: each block keeps a float minimum (GGUF's Q4_1 layout: w = d·q + m) carried by a
     # per-block correction (:func:`block_quantize`) instead of MatMulNBits' integer zero point
     float_min: bool = False
+    # > 0: the LM head's k best candidates re-scored exactly (:func:`rescore_top_k`)
+    head_rescore: int = 0
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
-# MatMulNBits kernels compute fast only with int8 activations (accuracy level 4): on the SmolLM2
-# base's decoder (d = 576) level 1 decodes 12 tokens/s against fp32's 45 and level 4's 67, with
-# the same first-token agreement on clear-margin prompts (1.00). On the own 0.8 M-parameter base
-# (d = 128) speed is per-node overhead either way and level 1 agrees more (0.990 vs 0.978 of
-# 1,800 answers), so small models keep it: :func:`recipes_for`.
+# 8-bit MatMulNBits is fast only with int8 activations (accuracy level 4): on the SmolLM2 base's
+# decoder (d = 576) level 1 decodes 12 tokens/s against fp32's 45 and level 4's 67, with the same
+# first-token agreement on clear-margin prompts (1.00). On the own 0.8 M-parameter base (d = 128)
+# speed is per-node overhead either way and level 1 agrees more (0.990 vs 0.978 of 1,800
+# answers), so small models keep it: :func:`recipes_for`.
+# int4: 4-bit kernels do have a fast level 1 (~2x level 4's time, not 50x), and on SmolLM2 (200
+# prompts, greedy answers against ORT fp32 = torch fp32) each part of the recipe counts: integer
+# zero points 0.74 (accuracy 16% vs 41.5%), the GGUF's grid kept (float_min) 0.755, + head top-8
+# rescored 0.79, + fp32 activations in the layers (level 1) 1.00 at ~1.7x ORT fp32's decode
+# speed (level 4: ~2.2x).
 INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=0,
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
 INT8_WEIGHT_ONLY = dataclasses.replace(INT8, accuracy_level=1)
-INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, head_bits=8,
-                   graphs=(DECODER,), float_min=True)
+INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=1, head_bits=8,
+                   graphs=(DECODER,), float_min=True, head_rescore=8)
 RECIPES = {"int8": INT8, "int4": INT4}
 SMALL_HIDDEN = 256  # below: the weight-only int8 recipe
 
@@ -132,6 +139,10 @@ HEAD = r"^/lm_head/"
 # in the int4 recipe. The exporter names layer i's q_proj "q_proj_i" and the decoder's fused
 # projections "qkv.i" and "gate_up.i".
 EXPERT_BITS = 8
+# onnxruntime 1.32 has fast fp32-activation MatMulNBits kernels (accuracy level 1) for 4 bits
+# only: at 8 bits level 1 dequantises the whole weight every call (SmolLM2's head: 219 ms against
+# 3.1 ms at level 4), so the 8-bit parts of a 4-bit recipe (head, experts) run at level 4.
+EIGHT_BIT_LEVEL = 4
 _GATED = r"/(?:\w+_proj(?:_\d+)?|qkv\.\d+|gate_up\.\d+)/MatMul"
 GATE_SELECT = rf"{_GATED}_1$"
 EXPERT = rf"{_GATED}_[23]$"
@@ -304,12 +315,16 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
                                float_min=True)
     if recipe.head_bits:
         # symmetric blocks of 32: GGUF's Q8_0 layout (SmolLM2's token table), exact for it
-        done += block_quantize(model, head, recipe.head_bits, INT8.block_size,
-                               recipe.accuracy_level, float_min=False)
+        heads = block_quantize(model, head, recipe.head_bits, INT8.block_size, EIGHT_BIT_LEVEL,
+                               float_min=False)
+        if recipe.head_rescore:
+            for h in heads:
+                rescore_top_k(model, f"{h}_Q{recipe.head_bits}", recipe.head_rescore)
+        done += heads
     out = _nbits(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
                  exclude=keep + head + experts + done)
     if experts:
-        out = _nbits(out, EXPERT_BITS, INT8.block_size, recipe.symmetric, recipe.accuracy_level,
+        out = _nbits(out, EXPERT_BITS, INT8.block_size, recipe.symmetric, EIGHT_BIT_LEVEL,
                      exclude=keep, include=experts)
     if weight_only_ops:
         int8_weight_only(out, weight_only_ops)
@@ -344,7 +359,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     wanted, done = set(names), []
     zp = 2 ** (bits - 1)
     nodes = list(model.graph.node)
-    cast_done: set[str] = set()
+    # constants made here (block_sum_* is shared by every projection of a width, and by calls)
+    cast_done = {o for n in nodes for o in n.output} | set(inits)
     out_nodes: list[onnx.NodeProto] = []
 
     def const16(name: str, value: np.ndarray) -> tuple[str, list[onnx.NodeProto]]:
@@ -416,6 +432,65 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int) -> None:
+    """In place: the logits of the 8-bit symmetric MatMulNBits ``node_name`` (written by
+    :func:`block_quantize`) get their ``k`` largest entries recomputed from the same 8-bit
+    weights with fp32 activations.
+
+    At accuracy level 4 the kernel quantises its input to int8 per block of 32 (the only fast
+    8-bit kernel, :data:`EIGHT_BIT_LEVEL`), which moves logits by ~1e-2 — enough to flip a near-
+    tied greedy token. The k candidates' columns are gathered from the packed weights ((N, K/32,
+    32) uint8 and the (N·K/32,) scales), dequantised and dotted with the fp32 input, and written
+    back over the approximate ones: the argmax is then that of the 8-bit weights in fp32 unless
+    the true best token is outside the approximate top k. 14 nodes once per graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    at = next(i for i, n in enumerate(model.graph.node) if n.name == node_name)
+    mm = model.graph.node[at]
+    attrs = {a.name: a.i for a in mm.attribute}
+    if attrs["bits"] != 8 or len(mm.input) > 3:  # symmetric 8-bit: w = d·(q − 128)
+        raise ExportError(f"rescore_top_k needs a symmetric 8-bit MatMulNBits, not {node_name}")
+    x, packed, scales = mm.input[:3]
+    kk, n, blk = attrs["K"], attrs["N"], attrs["block_size"]
+    y = mm.output[0]
+    mm.output[0] = f"{y}_approx"
+    p = f"{node_name}_rescore"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([k], np.int64), f"{p}_k"),
+        numpy_helper.from_array(np.array([n, kk // blk, 1], np.int64), f"{p}_scale_shape"),
+        numpy_helper.from_array(np.array([1, kk // blk, blk], np.int64), f"{p}_block_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{p}_zero"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
+        numpy_helper.from_array(np.array([-2, -1], np.int64), f"{p}_blocks"),
+        numpy_helper.from_array(np.array(128.0, np.float32), f"{p}_zero_point")])
+    nodes = [
+        helper.make_node("TopK", [f"{y}_approx", f"{p}_k"], [f"{p}_vals", f"{p}_ids"], axis=-1,
+                         name=f"{p}_topk"),  # (B, T, k)
+        helper.make_node("Reshape", [scales, f"{p}_scale_shape"], [f"{p}_scales"],
+                         name=f"{p}_scales"),  # (N, K/32, 1), folded at load
+        helper.make_node("Gather", [packed, f"{p}_ids"], [f"{p}_q"], axis=0,
+                         name=f"{p}_gather_q"),  # (B, T, k, K/32, 32) uint8
+        helper.make_node("Gather", [f"{p}_scales", f"{p}_ids"], [f"{p}_d"], axis=0,
+                         name=f"{p}_gather_d"),  # (B, T, k, K/32, 1)
+        helper.make_node("Cast", [f"{p}_q"], [f"{p}_qf"], to=TensorProto.FLOAT, name=f"{p}_cast"),
+        helper.make_node("Sub", [f"{p}_qf", f"{p}_zero_point"], [f"{p}_qc"], name=f"{p}_center"),
+        helper.make_node("Mul", [f"{p}_qc", f"{p}_d"], [f"{p}_w"], name=f"{p}_dequant"),
+        # x (…, K) → (…, 1, K/32, 32), whatever its rank (the decoder's head reads (B, K))
+        helper.make_node("Shape", [x], [f"{p}_x_shape"], name=f"{p}_x_shape"),
+        helper.make_node("Slice", [f"{p}_x_shape", f"{p}_zero", f"{p}_last"], [f"{p}_lead"],
+                         name=f"{p}_lead"),
+        helper.make_node("Concat", [f"{p}_lead", f"{p}_block_shape"], [f"{p}_xb_shape"], axis=0,
+                         name=f"{p}_xb_shape"),
+        helper.make_node("Reshape", [x, f"{p}_xb_shape"], [f"{p}_xb"], name=f"{p}_xb"),
+        helper.make_node("Mul", [f"{p}_w", f"{p}_xb"], [f"{p}_prod"], name=f"{p}_prod"),
+        helper.make_node("ReduceSum", [f"{p}_prod", f"{p}_blocks"], [f"{p}_exact"], keepdims=0,
+                         name=f"{p}_exact"),  # (…, k)
+        helper.make_node("ScatterElements", [f"{y}_approx", f"{p}_ids", f"{p}_exact"], [y],
+                         axis=-1, name=f"{p}_scatter")]
+    for j, node in enumerate(nodes):
+        model.graph.node.insert(at + 1 + j, node)
 
 
 def _nbits(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool,

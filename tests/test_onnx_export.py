@@ -375,3 +375,45 @@ def test_block_quantize_is_exact_on_weights_already_on_a_gguf_grid(bits, float_m
         e_mine = np.abs(run(mine2, x) - x @ w2).mean()
         e_theirs = np.abs(run(_nbits(graph(w2), bits, blk, False, 1), x) - x @ w2).mean()
         assert e_mine <= 1.05 * e_theirs
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_the_8_bit_heads_top_candidates_are_rescored_exactly(lead):
+    """Accuracy level 4 quantises the head's input to int8 (logits move by ~1e-2); after
+    rescore_top_k the k best logits are the 8-bit weights' in fp32, whatever the input's rank."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mole.export import block_quantize, rescore_top_k
+
+    rng = np.random.default_rng(2)
+    k, n = 64, 500
+    d = rng.uniform(0.001, 0.01, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    q = rng.integers(-127, 128, (k // 32, 32, n))
+    q[:, 0] = 127
+    w = (d * q).astype(np.float32).reshape(k, n)  # on the Q8_0 grid: 8 bits keep it exactly
+    shape = [*("ABC"[:len(lead)]), k]
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="/lm_head/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape[:-1], n])],
+        [numpy_helper.from_array(w, "w")])
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    exact = x @ w
+    out = {}
+    for rescore in (False, True):
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        assert block_quantize(m, ["/lm_head/MatMul"], 8, 32, 4, float_min=False)
+        if rescore:
+            rescore_top_k(m, "/lm_head/MatMul_Q8", 4)
+        onnx.checker.check_model(m)
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[rescore] = s.run(None, {"x": x})[0]
+    top = np.argsort(-exact, axis=-1)[..., :4]  # (…, 4)
+    got = np.take_along_axis(out[True], top, axis=-1)
+    want = np.take_along_axis(exact, top, axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (out[True].argmax(-1) == exact.argmax(-1)).all()
+    # without it the int8 activations move the same logits well past that tolerance
+    assert np.abs(np.take_along_axis(out[False], top, axis=-1) - want).max() > 1e-3

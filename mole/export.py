@@ -342,7 +342,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     and d = (max − min) / (2^b − 1) — GGUF's Q4_1 at 4 bits. MatMulNBits knows only integer zero
     points (a float one runs ~50× slower in onnxruntime 1.32), so the kernel computes
     d·(q − 2^(b−1)) and a correction adds the rest, r = m + 2^(b−1)·d per block and column:
-    y = x·W_q + (x·S)·R, S (K, K/32) summing x over each block, R (K/32, N). Weights already on
+    y = x·W_q + Σ_blocks(x)·R, R (K/32, N) (Reshape + ReduceSum; MatMul with a 0/1 (K, K/32) matrix
+    where x's rank is unknown). Weights already on
     such a grid (the dequantised GGUF) come back exactly; an integer zero point moves every block
     by up to half a step, which cost SmolLM2 more than half its task accuracy at 4 bits.
 
@@ -362,6 +363,13 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     # constants made here (block_sum_* is shared by every projection of a width, and by calls)
     cast_done = {o for n in nodes for o in n.output} | set(inits)
     out_nodes: list[onnx.NodeProto] = []
+    ranks = _ranks(model) if float_min else {}
+
+    def const_i64(name: str, value: list[int]) -> str:
+        if name not in cast_done:
+            cast_done.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+        return name
 
     def const16(name: str, value: np.ndarray) -> tuple[str, list[onnx.NodeProto]]:
         # fp16 initializer + Cast to fp32; fp32 if a value is not finite in fp16
@@ -411,12 +419,22 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
         new = [*casts, mm]
         if float_min:
             r, c_r = const16(f"{base}_offsets", lo + zp * d)  # (K/32, N)
-            s_name, c_s = const16(f"block_sum_{k}x{block_size}",
-                                  np.kron(np.eye(nb, dtype=np.float32),
-                                          np.ones((block_size, 1), np.float32)))  # (K, K/32)
-            new += [*c_r, *c_s,
-                    helper.make_node("MatMul", [node.input[0], s_name], [f"{y}_block_sums"],
-                                     name=f"{node.name}_block_sums"),
+            rank = ranks.get(node.input[0])
+            if rank:  # x (…, K) → (…, K/32, 32) → Σ over each block: reads x only
+                shape = const_i64(f"block_shape_{rank}_{nb}x{block_size}",
+                                  [0] * (rank - 1) + [nb, block_size])
+                sums = [helper.make_node("Reshape", [node.input[0], shape], [f"{y}_blocks"],
+                                         name=f"{node.name}_blocks"),
+                        helper.make_node("ReduceSum", [f"{y}_blocks", const_i64("last_axis", [-1])],
+                                         [f"{y}_block_sums"], keepdims=0,
+                                         name=f"{node.name}_block_sums")]
+            else:  # rank unknown: x·S with S (K, K/32) of ones per block (S is read every call)
+                s_name, c_s = const16(f"block_sum_{k}x{block_size}",
+                                      np.kron(np.eye(nb, dtype=np.float32),
+                                              np.ones((block_size, 1), np.float32)))
+                sums = [*c_s, helper.make_node("MatMul", [node.input[0], s_name],
+                                               [f"{y}_block_sums"], name=f"{node.name}_block_sums")]
+            new += [*c_r, *sums,
                     helper.make_node("MatMul", [f"{y}_block_sums", r], [f"{y}_offsets"],
                                      name=f"{node.name}_offsets"),
                     helper.make_node("Add", [f"{y}_nbits", f"{y}_offsets"], [y],
@@ -432,6 +450,14 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor onnx's shape inference can tell (contrib ops' outputs it cannot)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input, *g.output]
+            if v.type.tensor_type.HasField("shape")}
 
 
 def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int) -> None:

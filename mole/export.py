@@ -326,6 +326,10 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     if experts:
         out = _nbits(out, EXPERT_BITS, INT8.block_size, recipe.symmetric, EIGHT_BIT_LEVEL,
                      exclude=keep, include=experts)
+    left = [h for h in head if recipe.head_bits and h not in done]  # K not a multiple of 32
+    if left:
+        out = _nbits(out, recipe.head_bits, INT8.block_size, True, EIGHT_BIT_LEVEL,
+                     exclude=keep, include=left)
     if weight_only_ops:
         int8_weight_only(out, weight_only_ops)
     onnx.save(out, str(dst))
@@ -360,7 +364,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     wanted, done = set(names), []
     zp = 2 ** (bits - 1)
     nodes = list(model.graph.node)
-    # constants made here (block_sum_* is shared by every projection of a width, and by calls)
+    # names taken; the constants made here are shared by every projection of a width and
+    # across calls (block_shape_*, last_axis, block_sum_*)
     cast_done = {o for n in nodes for o in n.output} | set(inits)
     out_nodes: list[onnx.NodeProto] = []
     ranks = _ranks(model) if float_min else {}

@@ -424,3 +424,23 @@ def test_the_8_bit_heads_top_candidates_are_rescored_exactly(lead):
     assert (out[True].argmax(-1) == exact.argmax(-1)).all()
     # without it the int8 activations move the same logits well past that tolerance
     assert np.abs(np.take_along_axis(out[False], top, axis=-1) - want).max() > 1e-3
+
+
+def test_int4_quantises_a_head_whose_width_is_not_a_multiple_of_32_with_onnxruntimes_quantiser(
+        tmp_path):
+    """block_quantize takes K in whole blocks only; such a head still gets its 8 bits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mole.export import INT4, quantize_graph
+
+    w = np.random.default_rng(3).standard_normal((40, 300)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="/lm_head/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 40])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 300])],
+        [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    quantize_graph(tmp_path / "g.onnx", tmp_path / "q.onnx", INT4, weight_only_ops=())
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert [_nbits(n) for n in q.graph.node if n.op_type == "MatMulNBits"] == [8]

@@ -366,21 +366,21 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     nodes = list(model.graph.node)
     # names taken; the constants made here are shared by every projection of a width and
     # across calls (block_shape_*, last_axis, block_sum_*)
-    cast_done = {o for n in nodes for o in n.output} | set(inits)
+    taken = {o for n in nodes for o in n.output} | set(inits)
     out_nodes: list[onnx.NodeProto] = []
     ranks = _ranks(model) if float_min else {}
 
     def const_i64(name: str, value: list[int]) -> str:
-        if name not in cast_done:
-            cast_done.add(name)
+        if name not in taken:
+            taken.add(name)
             model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
         return name
 
     def const16(name: str, value: np.ndarray) -> tuple[str, list[onnx.NodeProto]]:
         # fp16 initializer + Cast to fp32; fp32 if a value is not finite in fp16
-        if name in cast_done:
+        if name in taken:
             return name, []
-        cast_done.add(name)
+        taken.add(name)
         v16 = value.astype(np.float16)
         if not np.isfinite(v16).all():
             model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))

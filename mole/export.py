@@ -102,11 +102,6 @@ class QuantRecipe:
     float_min: bool = False
     # > 0: the LM head's k best candidates re-scored exactly (:func:`rescore_top_k`)
     head_rescore: int = 0
-    # True: those candidates come from the 8-bit head's high 4 bits alone (rescore_top_k)
-    head_coarse: bool = False
-    # True (8 symmetric bits, level 1): the layers as two 4-bit halves on onnxruntime's fast
-    # fp32-activation kernel (:func:`block_quantize`); the head and experts as below 8 bits
-    nibbles: bool = False
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
@@ -311,22 +306,20 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     names = [n.name for n in model.graph.node]
     head = [n for n in names if re.search(HEAD, n)]
     keep = [n for n in names if re.search(GATE_SELECT, n)]
-    # below 8 bits (and as nibbles) the experts' A and B get 8 (EXPERT_BITS) at level 4
-    own = recipe.bits < 8 or recipe.nibbles
-    experts = [n for n in names if own and re.search(EXPERT, n)]
+    # below 8 bits the experts' A and B get 8 (EXPERT_BITS)
+    experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n)]
     done: list[str] = []
-    if recipe.float_min or recipe.nibbles:
+    if recipe.float_min:
         done += block_quantize(model, [n for n in names if n not in {*head, *keep, *experts}],
                                recipe.bits, recipe.block_size, recipe.accuracy_level,
-                               float_min=recipe.float_min, nibbles=recipe.nibbles)
+                               float_min=True)
     if recipe.head_bits:
         # symmetric blocks of 32: GGUF's Q8_0 layout (SmolLM2's token table), exact for it
         heads = block_quantize(model, head, recipe.head_bits, INT8.block_size, EIGHT_BIT_LEVEL,
                                float_min=False)
         if recipe.head_rescore:
             for h in heads:
-                rescore_top_k(model, f"{h}_Q{recipe.head_bits}", recipe.head_rescore,
-                              coarse=recipe.head_coarse)
+                rescore_top_k(model, f"{h}_Q{recipe.head_bits}", recipe.head_rescore)
         done += heads
     out = _nbits(model, recipe.bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level,
                  exclude=keep + head + experts + done)
@@ -343,7 +336,7 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
 
 
 def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_size: int,
-                   accuracy_level: int, float_min: bool, nibbles: bool = False) -> list[str]:
+                   accuracy_level: int, float_min: bool) -> list[str]:
     """In place: each MatMul of ``names`` whose weight is a constant fp32 (K, N) initializer
     with K a multiple of ``block_size`` becomes a MatMulNBits written here (the others are left
     to onnxruntime's quantiser). Returns the names converted.
@@ -358,13 +351,6 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     such a grid (the dequantised GGUF) come back exactly; an integer zero point moves every block
     by up to half a step, which cost SmolLM2 more than half its task accuracy at 4 bits.
 
-    ``nibbles`` (8 bits, symmetric, accuracy level 1): onnxruntime 1.32's 8-bit kernel with fp32
-    activations dequantises the whole weight every call (:data:`EIGHT_BIT_LEVEL`), its 4-bit one
-    does not. So the 8-bit code u = q + 128 = 16·hi + lo is written as a 4-bit MatMulNBits over
-    K' = 2K: the input twice (Concat, one per input tensor), blocks 0…K/32−1 hold hi with scale
-    16·d and zero point 8, the next K/32 hold lo with scale d and zero point 0, so the sum is
-    d·(16·hi − 128 + lo) = d·q — the same weights, exactly, on the fast kernel.
-
     Scales and R are stored fp16 (the GGUF's own precision) behind a Cast that onnxruntime
     folds when the session loads, so the kernel still gets fp32 constants; that halves their
     bytes (3.3 MB each for SmolLM2's layers)."""
@@ -375,12 +361,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     for n in model.graph.node:
         for x in n.input:
             readers[x] = readers.get(x, 0) + 1
-    if nibbles and (bits != 8 or float_min or accuracy_level != 1):
-        raise ValueError(f"nibbles: 8 symmetric bits at accuracy level 1 only, not bits={bits} "
-                         f"float_min={float_min} accuracy_level={accuracy_level}")
     wanted, done = set(names), []
     zp = 2 ** (bits - 1)
-    twice: dict[str, str] = {}  # input → its Concat(x, x) (nibbles)
     nodes = list(model.graph.node)
     # names taken; the constants made here are shared by every projection of a width and
     # across calls (block_shape_*, last_axis, block_sum_*)
@@ -428,32 +410,18 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
         else:
             q = np.clip(np.rint(wb / d[:, None]), 1 - zp, zp - 1) + zp
         qn = q.astype(np.uint8).transpose(2, 0, 1)  # (N, K/32, 32)
-        base = node.name.strip("/").replace("/", "_")
-        x, kbits, new = node.input[0], bits, []
-        if nibbles:  # (N, K/32, 32) in [1, 255] → hi then lo blocks: (N, 2K/32, 32) in [0, 15]
-            qn = np.concatenate([qn >> 4, qn & 15], axis=1)
-            d = np.concatenate([16 * d, d])  # (2K/32, N)
-            zps = np.zeros((n, 2 * nb + 1), np.uint8)  # (N, 2K/32) + a pad nibble, packed below
-            zps[:, :nb] = 8
-            zps = zps[:, 0:2 * nb:2] | (zps[:, 1:2 * nb + 1:2] << 4)  # (N, K/32): two per byte
-            model.graph.initializer.append(numpy_helper.from_array(zps.reshape(-1), f"{base}_zp"))
-            if x not in twice:
-                twice[x] = f"{base}_input_twice"
-                new.append(helper.make_node("Concat", [x, x], [twice[x]], axis=-1,
-                                            name=f"{node.name}_input_twice"))
-            x, k, kbits = twice[x], 2 * k, 4
-        if kbits == 4:  # two per byte, the first in the low nibble
+        if bits == 4:  # two per byte, the first in the low nibble
             qn = qn[..., 0::2] | (qn[..., 1::2] << 4)
+        base = node.name.strip("/").replace("/", "_")
         scales, casts = const16(f"{base}_scales", d.T.reshape(-1))  # (N·K/32,), column-major
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(qn),
                                                                f"{base}_q{bits}"))
         y = node.output[0]
-        mm = helper.make_node("MatMulNBits", [x, f"{base}_q{bits}", scales]
-                              + ([f"{base}_zp"] if nibbles else []),
+        mm = helper.make_node("MatMulNBits", [node.input[0], f"{base}_q{bits}", scales],
                               [f"{y}_nbits" if float_min else y], name=f"{node.name}_Q{bits}",
-                              domain="com.microsoft", K=k, N=n, bits=kbits, block_size=block_size,
+                              domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
                               accuracy_level=accuracy_level)
-        new += [*casts, mm]
+        new = [*casts, mm]
         if float_min:
             r, c_r = const16(f"{base}_offsets", lo + zp * d)  # (K/32, N)
             rank = ranks.get(node.input[0])
@@ -497,7 +465,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
-def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int, coarse: bool = False) -> None:
+def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int) -> None:
     """In place: the logits of the 8-bit symmetric MatMulNBits ``node_name`` (written by
     :func:`block_quantize`) get their ``k`` largest entries recomputed from the same 8-bit
     weights with fp32 activations.
@@ -507,13 +475,7 @@ def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int, coarse: bool =
     tied greedy token. The k candidates' columns are gathered from the packed weights ((N, K/32,
     32) uint8 and the (N·K/32,) scales), dequantised and dotted with the fp32 input, and written
     back over the approximate ones: the argmax is then that of the 8-bit weights in fp32 unless
-    the true best token is outside the approximate top k.
-
-    ``coarse``: the 8-bit code u = q + 128 is split into two 4-bit planes, u = 16·hi + lo (the
-    same bytes); the approximate logits come from the hi plane alone (a 4-bit MatMulNBits, scale
-    16·d, zero point 8: w − 15·d ≤ w_hi ≤ w), which reads half the bytes, and the k candidates
-    are rescored from both planes. Whether the true best token stays in the coarse top k is
-    measured (bench/edge_llm.py), not assumed."""
+    the true best token is outside the approximate top k. 14 nodes once per graph."""
     from onnx import TensorProto, helper, numpy_helper
 
     at = next(i for i, n in enumerate(model.graph.node) if n.name == node_name)
@@ -523,67 +485,30 @@ def rescore_top_k(model: onnx.ModelProto, node_name: str, k: int, coarse: bool =
         raise ExportError(f"rescore_top_k needs a symmetric 8-bit MatMulNBits, not {node_name}")
     x, packed, scales = mm.input[:3]
     kk, n, blk = attrs["K"], attrs["N"], attrs["block_size"]
-    nb = kk // blk
     y = mm.output[0]
     mm.output[0] = f"{y}_approx"
     p = f"{node_name}_rescore"
-    half = [blk // 2, 2] if coarse else [blk]  # a block as bytes × values per byte
     model.graph.initializer.extend([
         numpy_helper.from_array(np.array([k], np.int64), f"{p}_k"),
-        numpy_helper.from_array(np.array([n, nb, *[1] * len(half)], np.int64), f"{p}_scale_shape"),
-        numpy_helper.from_array(np.array([1, nb, *half], np.int64), f"{p}_block_shape"),
+        numpy_helper.from_array(np.array([n, kk // blk, 1], np.int64), f"{p}_scale_shape"),
+        numpy_helper.from_array(np.array([1, kk // blk, blk], np.int64), f"{p}_block_shape"),
         numpy_helper.from_array(np.array([0], np.int64), f"{p}_zero"),
         numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
-        numpy_helper.from_array(np.arange(-1 - len(half), 0, dtype=np.int64), f"{p}_blocks")])
+        numpy_helper.from_array(np.array([-2, -1], np.int64), f"{p}_blocks"),
+        numpy_helper.from_array(np.array(128.0, np.float32), f"{p}_zero_point")])
     nodes = [
         helper.make_node("TopK", [f"{y}_approx", f"{p}_k"], [f"{p}_vals", f"{p}_ids"], axis=-1,
                          name=f"{p}_topk"),  # (B, T, k)
         helper.make_node("Reshape", [scales, f"{p}_scale_shape"], [f"{p}_scales"],
-                         name=f"{p}_scales"),  # (N, K/32, 1[, 1]), folded at load
+                         name=f"{p}_scales"),  # (N, K/32, 1), folded at load
+        helper.make_node("Gather", [packed, f"{p}_ids"], [f"{p}_q"], axis=0,
+                         name=f"{p}_gather_q"),  # (B, T, k, K/32, 32) uint8
         helper.make_node("Gather", [f"{p}_scales", f"{p}_ids"], [f"{p}_d"], axis=0,
-                         name=f"{p}_gather_d")]  # (B, T, k, K/32, 1[, 1])
-    if coarse:
-        inits = {i.name: i for i in model.graph.initializer}
-        u = numpy_helper.to_array(inits[packed])  # (N, K/32, 32) in [1, 255]
-        planes = {"hi": u >> 4, "lo": u & 15}
-        for name, v in planes.items():  # two per byte, the first in the low nibble
-            model.graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(v[..., 0::2] | (v[..., 1::2] << 4)), f"{p}_{name}"))
-        if not any(packed in nd.input for nd in model.graph.node if nd is not mm):
-            model.graph.initializer.remove(inits[packed])
-        nib = np.arange(256)[:, None] >> np.array([0, 4]) & 15  # byte → its (first, second) value
-        model.graph.initializer.extend([
-            numpy_helper.from_array((16.0 * nib - 128).astype(np.float32), f"{p}_hi_table"),
-            numpy_helper.from_array(nib.astype(np.float32), f"{p}_lo_table"),
-            numpy_helper.from_array(np.array(16.0, np.float32), f"{p}_sixteen")])
-        model.graph.node.insert(at, helper.make_node(  # before the head; folded at load
-            "Mul", [scales, f"{p}_sixteen"], [f"{p}_scales16"], name=f"{p}_scales16"))
-        at += 1
-        mm.input[1], mm.input[2] = f"{p}_hi", f"{p}_scales16"
-        for a in mm.attribute:
-            if a.name == "bits":
-                a.i = 4
-        for name in planes:  # (B, T, k, K/32, 16) bytes → (…, 16, 2) values
-            nodes += [
-                helper.make_node("Gather", [f"{p}_{name}", f"{p}_ids"], [f"{p}_{name}_b"], axis=0,
-                                 name=f"{p}_gather_{name}"),
-                helper.make_node("Cast", [f"{p}_{name}_b"], [f"{p}_{name}_i"], to=TensorProto.INT32,
-                                 name=f"{p}_cast_{name}"),
-                helper.make_node("Gather", [f"{p}_{name}_table", f"{p}_{name}_i"], [f"{p}_{name}_v"],
-                                 axis=0, name=f"{p}_unpack_{name}")]
-        nodes.append(helper.make_node("Add", [f"{p}_hi_v", f"{p}_lo_v"], [f"{p}_qc"],
-                                      name=f"{p}_center"))  # 16·hi − 128 + lo = q
-    else:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(128.0, np.float32),
-                                                               f"{p}_zero_point"))
-        nodes += [
-            helper.make_node("Gather", [packed, f"{p}_ids"], [f"{p}_q"], axis=0,
-                             name=f"{p}_gather_q"),  # (B, T, k, K/32, 32) uint8
-            helper.make_node("Cast", [f"{p}_q"], [f"{p}_qf"], to=TensorProto.FLOAT, name=f"{p}_cast"),
-            helper.make_node("Sub", [f"{p}_qf", f"{p}_zero_point"], [f"{p}_qc"], name=f"{p}_center")]
-    nodes += [
+                         name=f"{p}_gather_d"),  # (B, T, k, K/32, 1)
+        helper.make_node("Cast", [f"{p}_q"], [f"{p}_qf"], to=TensorProto.FLOAT, name=f"{p}_cast"),
+        helper.make_node("Sub", [f"{p}_qf", f"{p}_zero_point"], [f"{p}_qc"], name=f"{p}_center"),
         helper.make_node("Mul", [f"{p}_qc", f"{p}_d"], [f"{p}_w"], name=f"{p}_dequant"),
-        # x (…, K) → (…, 1, K/32, 32[/2, 2]), whatever its rank (the decoder's head reads (B, K))
+        # x (…, K) → (…, 1, K/32, 32), whatever its rank (the decoder's head reads (B, K))
         helper.make_node("Shape", [x], [f"{p}_x_shape"], name=f"{p}_x_shape"),
         helper.make_node("Slice", [f"{p}_x_shape", f"{p}_zero", f"{p}_last"], [f"{p}_lead"],
                          name=f"{p}_lead"),

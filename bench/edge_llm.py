@@ -30,8 +30,9 @@ Figures (``engines.<name>``):
   quantisation, so the raw figure says as much about the model's certainty as about the recipe.
 
 ``int4_recipes`` compares MatMulNBits 4-bit recipes (block 32/128, symmetric or not, accuracy
-level 1 = fp32 compute / 4 = int8 compute) on the decoder: first-token agreement on 200
-prompts, decoder size and decode tokens/s at batch 1 — how mole/export.py's INT4 was chosen.
+level 1 = fp32 compute / 4 = int8 compute, for all projections or some: ``fast_projections``)
+on the decoder: first-token agreement on 200 prompts, decoder size and decode tokens/s at
+batch 1 — how mole/export.py's INT4 was chosen.
 
     .venv/bin/python bench/edge_llm.py --out runs/bench/edge_llm.json [--run runs/bench/smol-fed]
 """
@@ -259,8 +260,12 @@ def _child(engine: str, run: Path, bundle: Path, threads: int) -> None:
 # float_min: the GGUF's own Q4_1 grid kept exactly (mole.export.block_quantize); the others
 # onnxruntime's quantiser with an integer zero point (asymmetric) or none (symmetric)
 # head_rescore: the head's top 8 recomputed with fp32 activations (mole.export.rescore_top_k)
+# fast_projections: those layer projections with int8 activations, the others with fp32
 INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), float_min=True,
                          head_rescore=k) for acc, k in ((1, 8), (4, 8), (4, 0))] + [
+             QuantRecipe(4, 32, False, 1, head_bits=8, graphs=(DECODER,), float_min=True,
+                         head_rescore=8, fast_projections=fast)
+             for fast in (r"/(o_proj|gate_up)", r"/down_proj")] + [
              QuantRecipe(4, block, sym, 4, head_bits=8, graphs=(DECODER,))
              for block in (32, 128) for sym in (True, False)]
 
@@ -288,6 +293,7 @@ def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
         rows.append({"bits": r.bits, "block_size": r.block_size, "symmetric": r.symmetric,
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
                      "float_min": r.float_min, "head_rescore": r.head_rescore,
+                     "fast_projections": r.fast_projections,
                      "first_token_agreement": float(np.mean(first == ref_first)),
                      "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
                      "decoder_mb": graph_bytes(q4) / 1e6,

@@ -102,6 +102,9 @@ class QuantRecipe:
     float_min: bool = False
     # > 0: the LM head's k best candidates re-scored exactly (:func:`rescore_top_k`)
     head_rescore: int = 0
+    # float_min only: the layers' projections whose names match this regex take int8
+    # activations (accuracy level 4) whatever accuracy_level says — speed for agreement
+    fast_projections: str = ""
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
@@ -312,7 +315,7 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     if recipe.float_min:
         done += block_quantize(model, [n for n in names if n not in {*head, *keep, *experts}],
                                recipe.bits, recipe.block_size, recipe.accuracy_level,
-                               float_min=True)
+                               float_min=True, fast=recipe.fast_projections)
     if recipe.head_bits:
         # symmetric blocks of 32: GGUF's Q8_0 layout (SmolLM2's token table), exact for it
         heads = block_quantize(model, head, recipe.head_bits, INT8.block_size, EIGHT_BIT_LEVEL,
@@ -336,7 +339,7 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
 
 
 def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_size: int,
-                   accuracy_level: int, float_min: bool) -> list[str]:
+                   accuracy_level: int, float_min: bool, fast: str = "") -> list[str]:
     """In place: each MatMul of ``names`` whose weight is a constant fp32 (K, N) initializer
     with K a multiple of ``block_size`` becomes a MatMulNBits written here (the others are left
     to onnxruntime's quantiser). Returns the names converted.
@@ -350,6 +353,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
     where x's rank is unknown). Weights already on
     such a grid (the dequantised GGUF) come back exactly; an integer zero point moves every block
     by up to half a step, which cost SmolLM2 more than half its task accuracy at 4 bits.
+
+    Nodes whose names match ``fast`` get accuracy level 4 (int8 activations) instead.
 
     Scales and R are stored fp16 (the GGUF's own precision) behind a Cast that onnxruntime
     folds when the session loads, so the kernel still gets fp32 constants; that halves their
@@ -420,7 +425,8 @@ def block_quantize(model: onnx.ModelProto, names: list[str], bits: int, block_si
         mm = helper.make_node("MatMulNBits", [node.input[0], f"{base}_q{bits}", scales],
                               [f"{y}_nbits" if float_min else y], name=f"{node.name}_Q{bits}",
                               domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
-                              accuracy_level=accuracy_level)
+                              accuracy_level=4 if fast and re.search(fast, node.name)
+                              else accuracy_level)
         new = [*casts, mm]
         if float_min:
             r, c_r = const16(f"{base}_offsets", lo + zp * d)  # (K/32, N)

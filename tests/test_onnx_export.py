@@ -444,3 +444,28 @@ def test_int4_quantises_a_head_whose_width_is_not_a_multiple_of_32_with_onnxrunt
     quantize_graph(tmp_path / "g.onnx", tmp_path / "q.onnx", INT4, weight_only_ops=())
     q = onnx.load(str(tmp_path / "q.onnx"))
     assert [_nbits(n) for n in q.graph.node if n.op_type == "MatMulNBits"] == [8]
+
+
+def test_fast_projections_take_int8_activations_and_the_others_keep_fp32():
+    """QuantRecipe.fast_projections: the matching projections run MatMulNBits at accuracy level
+    4, the rest at the recipe's level; both stay on the float-minimum grid."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mole.export import block_quantize
+
+    rng = np.random.default_rng(3)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/o_proj/MatMul"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="/down_proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert len(block_quantize(m, ["/o_proj/MatMul", "/down_proj/MatMul"], 4, 32, 1, True,
+                              fast=r"/o_proj")) == 2
+    onnx.checker.check_model(m)
+    levels = {nd.name: {a.name: a.i for a in nd.attribute}["accuracy_level"]
+              for nd in m.graph.node if nd.op_type == "MatMulNBits"}
+    assert levels == {"/o_proj/MatMul_Q4": 4, "/down_proj/MatMul_Q4": 1}

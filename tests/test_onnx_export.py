@@ -469,3 +469,4 @@ def test_fast_projections_take_int8_activations_and_the_others_keep_fp32():
     levels = {nd.name: {a.name: a.i for a in nd.attribute}["accuracy_level"]
               for nd in m.graph.node if nd.op_type == "MatMulNBits"}
     assert levels == {"/o_proj/MatMul_Q4": 4, "/down_proj/MatMul_Q4": 1}
+    assert [nd.op_type for nd in m.graph.node].count("ReduceSum") == 2  # both corrected

@@ -262,10 +262,9 @@ def _child(engine: str, run: Path, bundle: Path, threads: int) -> None:
 # head_rescore: the head's top 8 recomputed with fp32 activations (mole.export.rescore_top_k)
 # fast_projections: those layer projections with int8 activations, the others with fp32
 INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), float_min=True,
-                         head_rescore=k) for acc, k in ((1, 8), (4, 8), (4, 0))] + [
-             QuantRecipe(4, 32, False, 1, head_bits=8, graphs=(DECODER,), float_min=True,
-                         head_rescore=8, fast_projections=fast)
-             for fast in (r"/(o_proj|gate_up)", r"/down_proj")] + [
+                         head_rescore=k, fast_projections=fast)
+             for acc, k, fast in ((1, 8, ""), (4, 8, ""), (4, 0, ""), (1, 8, r"/(o_proj|gate_up)"),
+                                  (1, 8, r"/down_proj"))] + [
              QuantRecipe(4, block, sym, 4, head_bits=8, graphs=(DECODER,))
              for block in (32, 128) for sym in (True, False)]
 

@@ -117,7 +117,7 @@ class QuantRecipe:
 # (greedy answers against ORT fp32 = torch fp32) each part of the recipe counts: integer zero
 # points 0.24 (500 prompts; accuracy 16% vs 37%), then on 200 prompts the GGUF's grid kept
 # (float_min) 0.755, + head top-8 rescored 0.79, + fp32 activations in the layers (level 1)
-# 1.00 — at 1.76x ORT fp32's decode speed (level 4: ~2.2x; bench/edge_llm.py's grid).
+# 1.00 — at 1.73-1.76x ORT fp32's decode speed (two runs; level 4: ~2.2x; bench/edge_llm.py).
 INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=0,
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
 INT8_WEIGHT_ONLY = dataclasses.replace(INT8, accuracy_level=1)

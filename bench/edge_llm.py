@@ -40,6 +40,7 @@ batch 1 — how mole/export.py's INT4 was chosen.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -60,16 +61,20 @@ from bench.targets import finish  # noqa: E402
 from edge.ort_runtime import OrtModel  # noqa: E402
 from mole.export import (  # noqa: E402
     DECODER,
+    INT8,
     GlobalModel,
     QuantRecipe,
     export_bundle,
     graph_file,
     load_run,
     quantize_graph,
+    smoothed_decoder,
 )
 from mole.inference import active_set  # noqa: E402
 from mole.shared_weights import graph_bytes  # noqa: E402
 from protocol.manifest import Sample  # noqa: E402
+from simulation.benchmark import ensure_benchmark  # noqa: E402
+from simulation.smol_base import write_calibration  # noqa: E402
 
 ENGINES = ("torch", "fp32", "int8", "int4")
 # The bench's own federated run on the SmolLM2 base: two tasks (an image one, a text one), two
@@ -269,18 +274,32 @@ INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), floa
              for block in (32, 128) for sym in (True, False)]
 
 
-def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
-                 ref_first: np.ndarray, clear: np.ndarray, threads: int, n_new: int
-                 ) -> list[dict[str, Any]]:
-    work = bundle.parent / (bundle.name + "-int4")
+# int8 (accuracy level 4 = int8 activations, per block of block_size input channels): blocks of
+# 32 or 16, with or without the activation outliers migrated into the weights first
+# (smooth_alpha, mole.smoothing, calibrated on the prompts the base ships)
+INT8_GRID = [dataclasses.replace(INT8, block_size=block, smooth_alpha=alpha)
+             for alpha in (0.0, 0.5) for block in (32, 16)]
+
+
+def recipe_grid(gm: GlobalModel, bundle: Path, precision: str, grid: list[QuantRecipe],
+                samples: list[Sample], routes: list[str | None], ref_first: np.ndarray,
+                clear: np.ndarray, threads: int, n_new: int) -> list[dict[str, Any]]:
+    """Each recipe of ``grid`` as ``precision``'s decoder: first-token agreement with torch fp32,
+    decoder size, decode tokens/s at batch 1."""
+    work = bundle.parent / (bundle.name + f"-{precision}")
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(bundle, work)  # copies: onnx refuses hard-linked external data
-    q4 = work / graph_file(DECODER, "int4")
+    q = work / graph_file(DECODER, precision)
+    sources: dict[float, Path] = {0.0: work / graph_file(DECODER, "fp32")}
     rows = []
-    for r in INT4_GRID:
-        q4.unlink()
-        quantize_graph(work / graph_file(DECODER, "fp32"), q4, r, weight_only_ops=())
-        m = OrtModel(work, "int4", threads=threads)
+    for r in grid:
+        if r.smooth_alpha not in sources:
+            sources[r.smooth_alpha] = work / f".smoothed-{r.smooth_alpha}.onnx"
+            if smoothed_decoder(gm, r.smooth_alpha, None, sources[r.smooth_alpha]) is None:
+                raise SystemExit("the base ships no calibration prompts")
+        q.unlink()
+        quantize_graph(sources[r.smooth_alpha], q, r, weight_only_ops=())
+        m = OrtModel(work, precision, threads=threads)
         first = ort_first_tokens(m, samples, routes)
         one = samples[:6]
         tok_s = []
@@ -292,10 +311,10 @@ def int4_recipes(bundle: Path, samples: list[Sample], routes: list[str | None],
         rows.append({"bits": r.bits, "block_size": r.block_size, "symmetric": r.symmetric,
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
                      "float_min": r.float_min, "head_rescore": r.head_rescore,
-                     "fast_projections": r.fast_projections,
+                     "fast_projections": r.fast_projections, "smooth_alpha": r.smooth_alpha,
                      "first_token_agreement": float(np.mean(first == ref_first)),
                      "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
-                     "decoder_mb": graph_bytes(q4) / 1e6,
+                     "decoder_mb": graph_bytes(q) / 1e6,
                      "decode_tok_s_b1": float(np.median(tok_s))})
         print("  ", rows[-1], flush=True)
         del m
@@ -326,6 +345,9 @@ def main() -> None:
     work = args.out.parent / "edge_llm"
     work.mkdir(parents=True, exist_ok=True)
     gm = load_run(args.run)
+    # a base cached before bases shipped calibration prompts gets them now (as its next use
+    # by `fedmole` would give them): the int8 decoder's smoothing is calibrated on them
+    write_calibration(Path(gm.cfg.model.base_path), ensure_benchmark(gm.cfg.data))
     t0 = time.perf_counter()
     bundle = export_bundle(gm, work / "bundle", None)
     export_s = time.perf_counter() - t0
@@ -374,9 +396,11 @@ def main() -> None:
     }
     if not args.no_recipes:
         sub = list(range(min(200, len(samples))))
-        res["int4_recipes"] = int4_recipes(bundle, [samples[i] for i in sub],
-                                           [routes[i] for i in sub], ref_first[sub],
-                                           clear_first[sub], args.threads, args.new)
+        for precision, grid in (("int4", INT4_GRID), ("int8", INT8_GRID)):
+            print(f"{precision} recipes", flush=True)
+            res[f"{precision}_recipes"] = recipe_grid(
+                gm, bundle, precision, grid, [samples[i] for i in sub], [routes[i] for i in sub],
+                ref_first[sub], clear_first[sub], args.threads, args.new)
     e = engines
     res["int4_vs_fp32_ort_b1"] = e["int4"]["decode_tok_s_b1"] / e["fp32"]["decode_tok_s_b1"]
     res["int4_vs_torch_b1"] = e["int4"]["decode_tok_s_b1"] / e["torch"]["decode_tok_s_b1"]

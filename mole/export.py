@@ -55,8 +55,10 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -69,6 +71,7 @@ from mole.router import TaskRouter, ae_from_state
 from mole.shared_weights import share_weights
 from protocol.config import RunConfig, parse_config
 from protocol.instructions import is_shared
+from protocol.manifest import Sample
 from protocol.state import CHECKPOINT, GlobalState, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,9 @@ class QuantRecipe:
     # float_min only: the layers' projections whose names match this regex take int8
     # activations (accuracy level 4) whatever accuracy_level says — speed for agreement
     fast_projections: str = ""
+    # > 0: the decoder's activation outliers migrated into its weights first (SmoothQuant's α,
+    # :mod:`mole.smoothing`), calibrated on the prompts shipped with the base
+    smooth_alpha: float = 0.0
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
@@ -118,12 +124,16 @@ class QuantRecipe:
 # points 0.24 (500 prompts; accuracy 16% vs 37%), then on 200 prompts the GGUF's grid kept
 # (float_min) 0.755, + head top-8 rescored 0.79, + fp32 activations in the layers (level 1)
 # 1.00 — at 1.73-1.76x ORT fp32's decode speed (two runs; level 4: ~2.2x; bench/edge_llm.py).
+# At level 4 the kernel quantises its input per block of ``block_size`` channels, so the int8
+# decoder migrates activation outliers into the weights (smooth_alpha, mole.smoothing) and uses
+# blocks of 16 (bench/edge_llm.py's int8 grid).
 INT8 = QuantRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=0,
                    graphs=("vision_encoder", "audio_encoder", "embed_tokens", DECODER, "router"))
+INT8_LM = dataclasses.replace(INT8, block_size=16, smooth_alpha=0.5)
 INT8_WEIGHT_ONLY = dataclasses.replace(INT8, accuracy_level=1)
 INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=1, head_bits=8,
                    graphs=(DECODER,), float_min=True, head_rescore=8)
-RECIPES = {"int8": INT8, "int4": INT4}
+RECIPES = {"int8": INT8_LM, "int4": INT4}
 SMALL_HIDDEN = 256  # below: the weight-only int8 recipe
 
 
@@ -630,9 +640,43 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
 
 
+def smoothed_decoder(gm: GlobalModel, alpha: float, calibration: Sequence[Sample] | None,
+                      path: Path) -> dict[str, Any] | None:
+    """Export the decoder of a smoothed copy of the model to ``path`` (mole.smoothing); None
+    (and nothing written) when there are no calibration prompts."""
+    from mole.inference import active_set
+    from mole.router import router_features
+    from mole.smoothing import CALIBRATION, activation_maxima, read_calibration, smooth_layers
+
+    source = "given"
+    if calibration is None:
+        base = gm.cfg.model.base_path
+        calibration = read_calibration(Path(base)) if base else None
+        source = f"{base}/{CALIBRATION}"
+    if not calibration:
+        log.warning("no calibration prompts (the base has no %s): the int8 decoder is quantised "
+                    "without smoothing, so its answers agree less with fp32", CALIBRATION)
+        return None
+    d, em = gm.cfg.dmole, gm.em
+    z = router_features(em.experts, em.enc, calibration, gm.cfg.train.eval_batch_size,
+                        weights=[d.router_vision_weight, 1.0, d.router_audio_weight])
+    routes = gm.router.route(z)  # each prompt with the experts the edge would give it
+    maxima = activation_maxima(em.model, em.enc, calibration, routes,
+                               lambda r: em.experts.only(active_set(r, gm.tasks, gm.partners)))
+    parts = export_parts(gm)  # a fresh copy: the fp32 graphs keep the unsmoothed weights
+    smooth_layers(parts.lm, maxima, alpha, parts.n_heads, parts.spec.kv_heads)
+    export_onnx(parts, DECODER, path)
+    return {"alpha": alpha, "calibration": source, "prompts": len(calibration)}
+
+
 def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_id: str | None = None,
-                  recipes: dict[str, QuantRecipe] | None = None) -> Path:
-    """Write the bundle folder ``out`` (replaced if it exists); sign it when a key is given."""
+                  recipes: dict[str, QuantRecipe] | None = None,
+                  calibration: Sequence[Sample] | None = None) -> Path:
+    """Write the bundle folder ``out`` (replaced if it exists); sign it when a key is given.
+
+    ``calibration``: prompts for a recipe's ``smooth_alpha`` (default: the base's
+    ``calibration.json``; without any, the decoder is quantised unsmoothed and the manifest
+    says so)."""
     from protocol.bundle import sign_bundle, write_manifest
 
     t0 = time.perf_counter()
@@ -652,14 +696,20 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     made: dict[str, list[str]] = {"fp32": list(files["fp32"].values())}
     for g in graphs:
         export_onnx(parts, g, out / files["fp32"][g])
+    smoothing: dict[str, dict[str, Any] | None] = {}
     for precision, recipe in recipes.items():
         # every precision has a file of every graph, so a device that runs one precision stores
         # its files and one weights file, nothing of the others
         files[precision] = {g: graph_file(g, precision) for g in graphs}
         made[precision] = list(files[precision].values())
+        smoothed = out / f".{DECODER}_smoothed.onnx"  # the smoothed fp32 source, then deleted
+        smoothing[precision] = (smoothed_decoder(gm, recipe.smooth_alpha, calibration, smoothed)
+                                if recipe.smooth_alpha > 0 and DECODER in recipe.graphs else None)
         for g in graphs:
-            quantize_graph(out / files["fp32"][g], out / files[precision][g],
+            src = smoothed if g == DECODER and smoothing[precision] else out / files["fp32"][g]
+            quantize_graph(src, out / files[precision][g],
                            recipe if g in recipe.graphs else recipes["int8"])
+        smoothed.unlink(missing_ok=True)
     shared = {DATA[p]: share_weights([out / f for f in fs], DATA[p]) for p, fs in made.items()}
     for f in {f for m in files.values() for f in m.values()}:
         onnx.checker.check_model(str(out / f))
@@ -673,7 +723,8 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
     extra = {
         "opset": OPSET, "graph": asdict(spec), "graphs": files, "encoder": encoder,
         "family": gm.em.model.family.name,
-        "quantization": {p: asdict(r) | {"op": "MatMulNBits", "fp32_nodes": GATE_SELECT
+        "quantization": {p: asdict(r) | {"op": "MatMulNBits", "smoothing": smoothing.get(p),
+                                         "fp32_nodes": GATE_SELECT
                                          + ("" if r.head_bits else f"|{HEAD}"),
                                          "eight_bit_nodes": (EXPERT + (f"|{HEAD}" if r.head_bits
                                                                        else "")

@@ -30,13 +30,16 @@ import torch
 from mole.backbone import BASE_INFO, load_backbone, pick_device, weights_digest
 from mole.batching import Encoder
 from mole.smol import build_smol_vlm, convert_lm
+from mole.smoothing import CALIBRATION
 from mole.steps import train_steps
 from protocol.config import RunConfig
-from protocol.llava_format import TaskSamples
+from protocol.llava_format import TaskSamples, read_records, record_to_json, write_records
 from simulation.benchmark import cache_root, ensure_benchmark
 from simulation.benchmark.generate import GENERATOR_VERSION, HELDOUT_FILE, PRETRAIN_FILE
 
 SMOL_VERSION = "2"  # 2: keyed on the pretraining split only, not the stream's tasks
+CALIBRATION_DIR = "calibration"
+CALIBRATION_PROMPTS = 128  # image and text prompts shipped with the base (write_calibration)
 log = logging.getLogger(__name__)
 
 
@@ -69,10 +72,31 @@ def ensure_smol_base(cfg: RunConfig, progress: bool = True) -> Path:
     from simulation.base import torch_threads
 
     final = cache_root(cfg.data) / "smol" / "bases" / smol_key(cfg)
-    if (final / BASE_INFO).is_file():
-        return final
-    with torch_threads(cfg.pretrain.threads):
-        return _pretrain_smol(cfg, final, progress)
+    if not (final / BASE_INFO).is_file():
+        with torch_threads(cfg.pretrain.threads):
+            _pretrain_smol(cfg, final, progress)
+    write_calibration(final, ensure_benchmark(cfg.data))
+    return final
+
+
+def write_calibration(base: Path, data_root: Path, n: int = CALIBRATION_PROMPTS) -> None:
+    """Ship ``n`` image and text prompts of the pretraining split with ``base``
+    (``calibration.json`` and its images under ``calibration/``, the field's format): the cloud
+    calibrates the int8 decoder's smoothing on them (mole.smoothing) without holding client
+    data. The training split, so no benchmark prompt (test sets, held-out split) is among them;
+    no audio (this base has no audio tower). Written once: an older cached base gets it on its
+    next use."""
+    if (base / CALIBRATION).is_file():
+        return
+    records = [r for r in read_records(data_root / PRETRAIN_FILE).records if r.audio is None][:n]
+    (base / CALIBRATION_DIR).mkdir(exist_ok=True)
+    out = []
+    for r in records:
+        images = [f"{CALIBRATION_DIR}/{r.id}-{k}{p.suffix}" for k, p in enumerate(r.images)]
+        for p, rel in zip(r.images, images, strict=True):
+            shutil.copyfile(p, base / rel)
+        out.append(record_to_json(r, images, None))
+    write_records(base / CALIBRATION, out)  # last and atomic: its presence means complete
 
 
 def _pretrain_smol(cfg: RunConfig, final: Path, progress: bool) -> Path:

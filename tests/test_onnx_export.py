@@ -470,3 +470,64 @@ def test_fast_projections_take_int8_activations_and_the_others_keep_fp32():
               for nd in m.graph.node if nd.op_type == "MatMulNBits"}
     assert levels == {"/o_proj/MatMul_Q4": 4, "/down_proj/MatMul_Q4": 1}
     assert [nd.op_type for nd in m.graph.node].count("ReduceSum") == 2  # both corrected
+
+
+def test_smoothing_moves_activation_scales_into_the_weights_and_keeps_the_decoders_function(
+        exported, tmp_path, caplog):
+    """mole.smoothing: after migrating the calibration maxima into the weights, the decoder
+    computes the same logits for every expert set; the projections' inputs are flatter (the
+    largest channel max over the median, per site); an int8 bundle records its smoothing in the
+    manifest, and without calibration prompts it says so and quantises unsmoothed."""
+    import json
+    import logging
+
+    from mole.export import INT8_LM, export_bundle, export_parts
+    from mole.inference import active_set
+    from mole.smoothing import SITES, activation_maxima, smooth_layers
+
+    gm, _, samples = exported
+    em = gm.em
+    _, routes = _torch_answers(gm, samples)
+    maxima = activation_maxima(em.model, em.enc, samples, routes,
+                               lambda r: em.experts.only(active_set(r, gm.tasks, gm.partners)))
+    layers = len(em.model.llava.model.language_model.layers)
+    assert set(maxima) == {(i, s) for i in range(layers) for s in SITES}
+    parts = export_parts(gm)
+    spec = parts.spec
+    before = export_parts(gm).graph("decoder_model_merged")  # its own copy of the weights
+    smooth_layers(parts.lm, maxima, 0.5, parts.n_heads, spec.kv_heads)
+    after = parts.graph("decoder_model_merged")
+    n, t = 3, 5
+    x = torch.randn(n, t, spec.hidden)
+    mask = torch.ones(n, t, dtype=torch.long)
+    pos = torch.arange(t).repeat(n, 1)
+    past = [torch.zeros(n, spec.kv_heads, 0, spec.head_dim)] * (2 * spec.layers)
+    for k in range(len(spec.tasks) + 1):
+        gate = torch.zeros(n, len(spec.tasks))
+        if k:
+            gate[:, k - 1] = 1
+        with torch.no_grad():
+            ref, got = before(x, mask, pos, gate, *past)[0], after(x, mask, pos, gate, *past)[0]
+        assert torch.allclose(got, ref, atol=1e-4 * float(ref.abs().max())), k
+    # the q|k|v input after smoothing is x / s, s = the norm weight before / after: its largest
+    # channel stands less far above the median than before, on average over the layers
+    def spread(m: torch.Tensor) -> float:
+        return float(m.max() / m.median().clamp(min=1e-6))
+
+    raw, flat = [], []
+    for i, la in enumerate(parts.lm.layers):
+        s = before.lm.layers[i].input_layernorm.weight / la.input_layernorm.weight  # (d,)
+        assert not torch.allclose(s, torch.ones_like(s))  # the weights did change
+        raw.append(spread(maxima[(i, "qkv")]))
+        flat.append(spread(maxima[(i, "qkv")] / s))
+    assert np.mean(flat) < np.mean(raw), (raw, flat)
+
+    out = export_bundle(gm, tmp_path / "b", None, recipes={"int8": INT8_LM}, calibration=samples[:8])
+    q = json.loads((out / "manifest.json").read_text())["extra"]["quantization"]["int8"]
+    assert q["smooth_alpha"] == 0.5 and q["smoothing"]["prompts"] == 8
+    assert not list(out.glob(".*"))  # the smoothed fp32 source is not left in the bundle
+    with caplog.at_level(logging.WARNING, logger="mole.export"):
+        out = export_bundle(gm, tmp_path / "c", None, recipes={"int8": INT8_LM})
+    assert "no calibration prompts" in caplog.text  # the own base ships none
+    assert json.loads((out / "manifest.json").read_text())["extra"]["quantization"]["int8"][
+        "smoothing"] is None

@@ -137,3 +137,34 @@ def test_the_smol_base_key_ignores_the_streams_tasks_but_not_its_pretraining_spl
         assert smol_key(parse_config({**flat, **change})) == key, change
     for change in other:
         assert smol_key(parse_config({**flat, **change})) != key, change
+
+
+def test_the_smol_base_ships_calibration_prompts_from_the_pretraining_split(tmp_path):
+    """simulation.smol_base.write_calibration: image and text prompts of the pretraining
+    training split (no audio: the base has no audio tower), their images copied beside the
+    records, read back by mole.smoothing; written once."""
+    from dataclasses import replace
+
+    from mole.smoothing import CALIBRATION, read_calibration
+    from protocol.config import DataConfig
+    from protocol.llava_format import read_records
+    from simulation.benchmark import ensure_benchmark
+    from simulation.benchmark.generate import HELDOUT_FILE, PRETRAIN_FILE
+    from simulation.smol_base import write_calibration
+
+    data = replace(DataConfig(), tasks=("color",), train_per_task=8, test_per_task=4,
+                   pretrain_size=60, pretrain_heldout=8, cache_dir=str(tmp_path / "cache"))
+    root = ensure_benchmark(data)
+    base = tmp_path / "base"
+    base.mkdir()
+    assert read_calibration(base) is None
+    write_calibration(base, root, n=12)
+    got = read_calibration(base)
+    assert got is not None and len(got) == 12
+    assert all(s.audio is None for s in got) and any(s.image is not None for s in got)
+    train = {r.id for r in read_records(root / PRETRAIN_FILE).records}
+    held = {r.id for r in read_records(root / HELDOUT_FILE).records}
+    assert {s.id for s in got} <= train and not {s.id for s in got} & held
+    stamp = (base / CALIBRATION).stat().st_mtime_ns
+    write_calibration(base, root, n=5)  # already there: kept
+    assert (base / CALIBRATION).stat().st_mtime_ns == stamp

@@ -1,10 +1,11 @@
 """Scale migration before int8 activations (SmoothQuant): outlier channels moved into the weights.
 
-onnxruntime's fast 8-bit MatMulNBits (accuracy level 4, :data:`mole.export.INT8`) quantises its
+onnxruntime's fast 8-bit MatMulNBits (accuracy level 4, :data:`mole.export.INT8_LM`) quantises its
 input to int8 per block of ``block_size`` input channels, one scale a block. In a language
-model's projection inputs a few channels run 10–30× the median (the SmolLM2 base: max/median of
-the per-channel maxima 10–29 at the q|k|v input, 8–34 at down_proj's), so they decide their
-block's scale and the other channels of the block keep a few levels. Per input channel j of a
+model's projection inputs a few channels run far above the median (the SmolLM2 base: max/median
+of the per-channel maxima 10–29 at the q|k|v input, 8–34 at down_proj's, 2.5–11 at o_proj's and
+gate|up's), so they decide their block's scale and the other channels of the block keep a few
+levels. Per input channel j of a
 projection, with a_j the largest |x_j| on calibration prompts and w_j the largest |W_ij| over
 the projections that read x:
 
@@ -22,9 +23,10 @@ graph gains no node:
 The experts travel with their base weight: a projection's LoRA A columns scale with its
 columns (A·(x/s)·... = A·x), v's and up's LoRA B rows with their rows. Exact in real arithmetic:
 the fp32 graph of a smoothed copy gives the same logits to rounding
-(tests/test_onnx_export.py). Measured on the SmolLM2 federated run (300 test prompts of six
-tasks, greedy answers against torch fp32): int8 blocks of 32, first-token agreement 0.947 →
-0.983 with α = 0.5; blocks of 16 0.963 → 0.993 (answers 0.843 → 0.933).
+(tests/test_onnx_export.py). Measured on the SmolLM2 federated six-task run (300 test prompts,
+greedy answers against torch fp32, calibrated on the base's prompts): first-token agreement
+with int8 blocks of 32 0.947 → 0.98 smoothed (α = 0.5), blocks of 16 0.963 → 0.993 (answers
+0.843 → 0.933); bench/edge_llm.py's int8 grid has the same comparison on its own run.
 
 Calibration prompts ship with the base (``calibration.json`` in the base folder, the field's
 LLaVA-style records): the cloud holds no client data, and activation maxima are a property of

@@ -175,6 +175,12 @@ class GlobalModel:
     partners: dict[str, list[str]]
     global_round: int
 
+    @property
+    def router_weights(self) -> list[float]:
+        """The router features' modality weights (image, text, audio), as mole.router takes them."""
+        d = self.cfg.dmole
+        return [d.router_vision_weight, 1.0, d.router_audio_weight]
+
 
 def load_run(run_dir: Path, base_path: Path | None = None) -> GlobalModel:
     """The global model of a federated D-MoLE run folder (``fedmole simulate --out RUN``)."""
@@ -250,9 +256,7 @@ def global_model_from_state(cfg: RunConfig, state: GlobalState, base: Path, wher
 
 
 def export_parts(gm: GlobalModel) -> ExportParts:
-    d = gm.cfg.dmole
-    return ExportParts(gm.em.experts, gm.tasks, gm.router,
-                       [d.router_vision_weight, 1.0, d.router_audio_weight])
+    return ExportParts(gm.em.experts, gm.tasks, gm.router, gm.router_weights)
 
 
 def example_inputs(spec: GraphSpec, graph: str, batch: int = 2, t: int = 3, past: int = 2
@@ -657,9 +661,9 @@ def smoothed_decoder(gm: GlobalModel, alpha: float, calibration: Sequence[Sample
         log.warning("no calibration prompts (the base has no %s): the int8 decoder is quantised "
                     "without smoothing, so its answers agree less with fp32", CALIBRATION)
         return None
-    d, em = gm.cfg.dmole, gm.em
+    em = gm.em
     z = router_features(em.experts, em.enc, calibration, gm.cfg.train.eval_batch_size,
-                        weights=[d.router_vision_weight, 1.0, d.router_audio_weight])
+                        weights=gm.router_weights)
     routes = gm.router.route(z)  # each prompt with the experts the edge would give it
     maxima = activation_maxima(em.model, em.enc, calibration, routes,
                                lambda r: em.experts.only(active_set(r, gm.tasks, gm.partners)))
@@ -732,7 +736,7 @@ def export_bundle(gm: GlobalModel, out: Path, signing_key: Path | None, bundle_i
                                          "weight_only_int8": {"ops": list(WEIGHT_ONLY_OPS),
                                                               "scale": "symmetric, per row"}}
                          for p, r in recipes.items()},
-        "router_weights": [gm.cfg.dmole.router_vision_weight, 1.0, gm.cfg.dmole.router_audio_weight],
+        "router_weights": gm.router_weights,
         "max_length": gm.em.enc.max_length, "max_new_tokens": gm.cfg.train.max_new_tokens,
         "eos_token_id": int(gm.em.enc.eos_id), "pad_token_id": int(gm.em.enc.pad_id),
         "method": gm.cfg.federation.method,

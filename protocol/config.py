@@ -193,6 +193,10 @@ class PretrainConfig:
     extend_lr_factor: float = 0.5
     # Weight of the vision tower's auxiliary loss on the image-only templates (simulation/base.py).
     vision_aux_weight: float = 1.0
+    # Weight of the LM-side supervision of colour–shape binding on the shape/exists templates
+    # (simulation/base.py: image tokens → their words, <sep>'s attention → the asked cells);
+    # 0 is the recipe without it.
+    binding_aux_weight: float = 0.0
     # torch threads while pretraining, whatever the machine or OMP_NUM_THREADS: float sums split
     # by thread count round differently, so the same key made with 1 thread (a bench that pins
     # OMP_NUM_THREADS=1) and with 2 gave two different bases (README: why results differ).
@@ -208,6 +212,8 @@ class PretrainConfig:
         _check(self.extend_steps > 0, "pretrain.extend-steps", "> 0", self.extend_steps)
         _check(self.vision_aux_weight >= 0, "pretrain.vision-aux-weight", ">= 0",
                self.vision_aux_weight)
+        _check(self.binding_aux_weight >= 0, "pretrain.binding-aux-weight", ">= 0",
+               self.binding_aux_weight)
         _check(0 < self.extend_lr_factor <= 1, "pretrain.extend-lr-factor", "in (0, 1]",
                self.extend_lr_factor)
         _check(self.batch_size > 0, "pretrain.batch-size", "> 0", self.batch_size)

@@ -331,7 +331,8 @@ def deploy_up(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     attack: Annotated[list[str] | None, typer.Option(
-        help="Fault injection: NODE=ATTACK makes SuperNode NODE malicious (nan, scale100, mixed)")
+        help="Fault injection: NODE=ATTACK makes SuperNode NODE malicious (nan, scale100, mixed) "
+             "or withholding (withhold: skips probes and training, still evaluates)")
     ] = None,
     workers: Annotated[bool, typer.Option(
         help="A long-lived worker per node keeps the model and data in memory between rounds "

@@ -64,8 +64,10 @@ from protocol.updates import (
 
 REPLAY_METHODS = ("dmole-replay", "fedavg-replay-lora")
 # Fault injection (node config `attack`, deployment tests only): a node that sends NaN experts,
-# or experts whose B is scaled ×100 — what a broken or malicious edge looks like to the cloud.
-ATTACKS = ("", "nan", "scale100", "mixed")
+# or experts whose B is scaled ×100 — what a broken or malicious edge looks like to the cloud;
+# or one that withholds its data (skips every probe and training round, still evaluates): the
+# yardstick of the other attacks, what the cloud can keep when it drops a node's updates.
+ATTACKS = ("", "nan", "scale100", "mixed", "withhold")
 
 
 @dataclass
@@ -119,6 +121,8 @@ def probe(c: Client, ins: Instruction, routers: dict[str, dict[str, np.ndarray]]
     train = c.data.train.get(task)
     if not train:
         return encode_skip(c.id, task, "no-data")
+    if c.attack == "withhold":
+        return encode_skip(c.id, task, "withheld")
     rng = c.rng(ins.global_round, 0)
     batches = [c.em.enc.train_batch(b) for b in proxy_samples(
         train, cfg.train.batch_size, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches, rng)]
@@ -156,6 +160,8 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     train_set = c.data.train.get(task)
     if not train_set:
         return encode_skip(c.id, task, "no-data")
+    if c.attack == "withhold":
+        return encode_skip(c.id, task, "withheld")
     name = SHARED if is_shared(ins.method) else task
     part = None
     if name == task and task in routers and cfg.dmole.router == "autoencoder":

@@ -276,9 +276,12 @@ INT4_GRID = [QuantRecipe(4, 32, False, acc, head_bits=8, graphs=(DECODER,), floa
 
 # int8 (accuracy level 4 = int8 activations, per block of block_size input channels): blocks of
 # 32 or 16, with or without the activation outliers migrated into the weights first
-# (smooth_alpha, mole.smoothing, calibrated on the prompts the base ships)
+# (smooth_alpha, mole.smoothing, calibrated on the prompts the base ships); then the chosen one
+# with down_proj (the projection with the widest activation outliers), or the whole MLP, fp32
 INT8_GRID = [dataclasses.replace(INT8, block_size=block, smooth_alpha=alpha)
-             for alpha in (0.0, 0.5) for block in (32, 16)]
+             for alpha in (0.0, 0.5) for block in (32, 16)] + [
+             dataclasses.replace(INT8, block_size=16, smooth_alpha=0.5, fp32_projections=fp32)
+             for fp32 in (r"/down_proj", r"/(gate_up|down_proj)")]
 
 
 def recipe_grid(gm: GlobalModel, bundle: Path, precision: str, grid: list[QuantRecipe],
@@ -312,6 +315,7 @@ def recipe_grid(gm: GlobalModel, bundle: Path, precision: str, grid: list[QuantR
                      "accuracy_level": r.accuracy_level, "head_bits": r.head_bits,
                      "float_min": r.float_min, "head_rescore": r.head_rescore,
                      "fast_projections": r.fast_projections, "smooth_alpha": r.smooth_alpha,
+                     "fp32_projections": r.fp32_projections,
                      "first_token_agreement": float(np.mean(first == ref_first)),
                      "first_token_agreement_clear": float(np.mean((first == ref_first)[clear])),
                      "decoder_mb": graph_bytes(q) / 1e6,

@@ -111,6 +111,8 @@ class QuantRecipe:
     # > 0: the decoder's activation outliers migrated into its weights first (SmoothQuant's α,
     # :mod:`mole.smoothing`), calibrated on the prompts shipped with the base
     smooth_alpha: float = 0.0
+    # the layer projections whose node names match this regex stay fp32 (not quantised)
+    fp32_projections: str = ""
 
 
 # Chosen by measurement (module docstring; bench/edge_llm.py for int4). onnxruntime 1.32's
@@ -325,6 +327,9 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     keep = [n for n in names if re.search(GATE_SELECT, n)]
     # below 8 bits the experts' A and B get 8 (EXPERT_BITS)
     experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n)]
+    keep += [n for n in names if recipe.fp32_projections and re.search(recipe.fp32_projections, n)
+             and n not in {*head, *keep}]
+    experts = [n for n in experts if n not in keep]
     done: list[str] = []
     if recipe.float_min:
         done += block_quantize(model, [n for n in names if n not in {*head, *keep, *experts}],

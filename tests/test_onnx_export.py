@@ -472,6 +472,42 @@ def test_fast_projections_take_int8_activations_and_the_others_keep_fp32():
     assert [nd.op_type for nd in m.graph.node].count("ReduceSum") == 2  # both corrected
 
 
+@pytest.mark.parametrize("recipe", ["INT8_LM", "INT4"])
+def test_fp32_projections_stay_unquantised_and_compute_exactly(tmp_path, recipe):
+    """QuantRecipe.fp32_projections: the matching MatMuls keep their fp32 weights (their output
+    is the fp32 graph's), the others become MatMulNBits, in the int8 and the int4 recipe."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import mole.export as E
+
+    rng = np.random.default_rng(5)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((64, 64), (64, 32)))
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/layers.0/mlp/gate_up.0/MatMul"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="/layers.0/mlp/down_proj_0/MatMul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    r = dataclasses.replace(getattr(E, recipe), fp32_projections=r"/down_proj")
+    E.quantize_graph(tmp_path / "g.onnx", tmp_path / "q.onnx", r, weight_only_ops=())
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    nbits = {n.name for n in q.graph.node if n.op_type == "MatMulNBits"}
+    assert nbits == {"/layers.0/mlp/gate_up.0/MatMul_Q" + str(r.bits)}
+    assert [n.op_type for n in q.graph.node if n.name == "/layers.0/mlp/down_proj_0/MatMul"] \
+        == ["MatMul"]
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    y, h = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["y", "h"], {"x": x})
+    np.testing.assert_allclose(y, h @ w2, rtol=1e-5, atol=1e-4)  # down_proj exact on its input
+    assert not np.allclose(h, x @ w1, atol=1e-5)  # and gate_up was quantised
+
+
 def test_smoothing_moves_activation_scales_into_the_weights_and_keeps_the_decoders_function(
         exported, tmp_path, caplog):
     """mole.smoothing: after migrating the calibration maxima into the weights, the decoder

@@ -284,6 +284,13 @@ def _binding_aux(model: MoleModel, samples: TaskSamples, enc: Encoder, weight: f
             f"{len(lm.layers)} layers of {lm.config.num_attention_heads} heads: set "
             f"model.text-layers >= {_BINDING_LAYER + 2} and model.text-heads >= 3, or "
             "pretrain.binding-aux-weight = 0")
+    vision = model.vlm.config.vision_config
+    if vision.image_size // vision.patch_size != GRID:
+        raise ConfigError(
+            f"pretrain.binding-aux-weight = {weight:g} labels one image token per cell of the "
+            f"generator's {GRID}×{GRID} grid, but data.image-size {vision.image_size} / "
+            f"model.patch-size {vision.patch_size} gives {vision.image_size // vision.patch_size} "
+            f"tokens a side: set them to a ratio of {GRID}, or pretrain.binding-aux-weight = 0")
 
     records = samples.records
     tmpl = []

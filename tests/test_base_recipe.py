@@ -113,6 +113,15 @@ def test_the_binding_loss_needs_three_layers_and_three_heads(tiny_cfg, tmp_path)
         pretrain_base(cfg, ensure_benchmark(cfg.data), progress=False)
 
 
+def test_the_binding_loss_needs_one_image_token_per_grid_cell(cfg, tmp_path):
+    from simulation.base import pretrain_base
+    from simulation.benchmark import ensure_benchmark
+
+    odd = parse_config({"model.patch-size": 4, "data.cache-dir": cfg.data.cache_dir}, base=cfg)
+    with pytest.raises(ConfigError, match="model.patch-size 4 gives 8 tokens a side"):
+        pretrain_base(odd, ensure_benchmark(odd.data), progress=False)
+
+
 def test_the_recipe_without_the_binding_loss_keeps_the_base_key(tiny_cfg):
     """Cached bases made before the key existed are the same recipe: their key must not move."""
     from simulation.base import base_key

@@ -284,7 +284,8 @@ def _binding_aux(model: MoleModel, samples: TaskSamples, enc: Encoder, weight: f
             f"{len(lm.layers)} layers of {lm.config.num_attention_heads} heads: set "
             f"model.text-layers >= {_BINDING_LAYER + 2} and model.text-heads >= 3, or "
             "pretrain.binding-aux-weight = 0")
-    vision = model.vlm.config.vision_config
+    vlm_config: Any = model.vlm.config
+    vision = vlm_config.vision_config
     if vision.image_size // vision.patch_size != GRID:
         raise ConfigError(
             f"pretrain.binding-aux-weight = {weight:g} labels one image token per cell of the "

@@ -324,12 +324,11 @@ def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe,
     model = onnx.load(str(src))
     names = [n.name for n in model.graph.node]
     head = [n for n in names if re.search(HEAD, n)]
-    keep = [n for n in names if re.search(GATE_SELECT, n)]
+    fp32 = recipe.fp32_projections
+    keep = [n for n in names if re.search(GATE_SELECT, n)
+            or (fp32 and re.search(fp32, n) and n not in head)]
     # below 8 bits the experts' A and B get 8 (EXPERT_BITS)
-    experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n)]
-    keep += [n for n in names if recipe.fp32_projections and re.search(recipe.fp32_projections, n)
-             and n not in {*head, *keep}]
-    experts = [n for n in experts if n not in keep]
+    experts = [n for n in names if recipe.bits < 8 and re.search(EXPERT, n) and n not in keep]
     done: list[str] = []
     if recipe.float_min:
         done += block_quantize(model, [n for n in names if n not in {*head, *keep, *experts}],

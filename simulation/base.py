@@ -169,6 +169,17 @@ def _mean(acc: dict[str, float]) -> float:
 _AUX_TEMPLATES = ("shape", "digit-gt")
 
 
+def _image_templates(samples: TaskSamples) -> list[str | None]:
+    """Per record: its pretraining template when it has an image, else None."""
+    out: list[str | None] = []
+    for r in samples.records:
+        try:
+            out.append(pretrain_template(r.instruction) if r.images else None)
+        except ValueError:
+            out.append(None)
+    return out
+
+
 def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: list[int]):
     """Deep supervision of the vision tower: a linear head on its mean-pooled patch states
     predicts the answer of the image-only templates (shape, digit > 4), added to the LM loss
@@ -180,13 +191,8 @@ def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: lis
     (loss fn or None, head parameters)."""
     if weight <= 0:
         return None, []
-    tmpl = []
     records = samples.records  # the index: no image is decoded here
-    for r in records:
-        try:
-            tmpl.append(pretrain_template(r.instruction) if r.images else None)
-        except ValueError:
-            tmpl.append(None)
+    tmpl = _image_templates(samples)
     words = sorted({r.answer for r, t in zip(records, tmpl, strict=True) if t in _AUX_TEMPLATES})
     if not words:
         return None, []
@@ -294,12 +300,7 @@ def _binding_aux(model: MoleModel, samples: TaskSamples, enc: Encoder, weight: f
             f"tokens a side: set them to a ratio of {GRID}, or pretrain.binding-aux-weight = 0")
 
     records = samples.records
-    tmpl = []
-    for r in records:
-        try:
-            tmpl.append(pretrain_template(r.instruction) if r.images else None)
-        except ValueError:
-            tmpl.append(None)
+    tmpl = _image_templates(samples)
     pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES]  # label v > 0 is pairs[v - 1]
     word_ids = torch.tensor([[int(enc.tok.convert_tokens_to_ids(c)),
                               int(enc.tok.convert_tokens_to_ids(s))] for c, s in pairs],
@@ -419,7 +420,10 @@ def _pretrain_base(cfg: RunConfig, data_root: Path, progress: bool) -> tuple[Mol
     losses = [f for f in (vision_loss, binding_loss) if f is not None]
 
     def summed(batch) -> torch.Tensor:
-        return losses[0](batch) if len(losses) == 1 else losses[0](batch) + losses[1](batch)
+        total = losses[0](batch)
+        for f in losses[1:]:
+            total = total + f(batch)
+        return total
 
     aux_loss = summed if losses else None
 

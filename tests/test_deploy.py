@@ -4,7 +4,8 @@ started and stopped by PID; a stream of 2 tasks (color, beats) on a small model 
 
 Node 3 is malicious in the first run (NaN experts in even rounds, ×100-scaled ones in odd rounds)
 and is killed with SIGKILL and restarted mid-run; its accuracy is compared with the same run
-without node 3 (what the defences can keep), and an honest 3-node run is measured beside it."""
+with node 3 withholding its data (what the defences can keep), and an honest 3-node run is
+measured beside it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 
 # The default model, pretrained briefly, on near-IID shards: small enough for CI, and it learns
-# both tasks, so "within 2 points of the run without node 3" measures something. The scenario
+# both tasks, so "within 2 points of the run with node 3 withholding" measures something. The scenario
 # keeps client-lr 3e-3: at the default 6e-3 two runs whose aggregates differ (a median over 2
 # honest + 1 attacked node vs over 3 honest) measured 63.5 and 59.5 once; larger steps spread them.
 LEARNABLE = {**LEARNABLE_BASE, "federation.client-lr": 3e-3,

@@ -4,8 +4,7 @@ started and stopped by PID; a stream of 2 tasks (color, beats) on a small model 
 
 Node 3 is malicious in the first run (NaN experts in even rounds, ×100-scaled ones in odd rounds)
 and is killed with SIGKILL and restarted mid-run; its accuracy is compared with the same run
-with node 3 withholding its data (what the defences can keep), and an honest 3-node run is
-measured beside it."""
+with node 3 withholding its data (what the defences can keep)."""
 
 from __future__ import annotations
 
@@ -166,8 +165,10 @@ def test_the_malicious_node_costs_no_more_than_withholding_its_data(deployment):
     updates of a round: what the attacked run can keep is the two honest nodes' learning. So
     the yardstick is the same run with node 3 *withholding* (it skips every probe and training
     round and still evaluates on its own test data, so both runs are scored on the same
-    samples); the honest 3-node run is measured beside it (its extra data is worth a few points
-    once the base learns the tasks well, which is why it is not the bar)."""
+    samples). An honest 3-node run is not the bar: node 3's data is worth a few points once the
+    base learns the tasks well, more than the defences can be asked to keep. It is not run
+    here either (it added ~3.5 min to a suite that must fit in 30); it measured clean 58.5 vs
+    withholding 58.0 vs malicious 57.0 when it was."""
     dep, _ = deployment
     assert "malicious" in ACCURACY, "the malicious run did not finish"
     L.stop_pid(dep.pids["supernode-3"])
@@ -176,10 +177,7 @@ def test_the_malicious_node_costs_no_more_than_withholding_its_data(deployment):
     trained = [r["clients"] for r in withheld["rounds"] if r["phase"] == "train"]
     assert trained and all(n == 2 for n in trained), withheld["rounds"]  # node 3 sent nothing
     ACCURACY["withhold"] = _last_row_mean(withheld)
-    L.stop_pid(dep.pids["supernode-3"])
-    L.restart_node(dep, 3, attack="")  # node 3 comes back honest
-    ACCURACY["clean"] = _last_row_mean(_rerun(dep, "cloud-clean"))
-    print("final accuracy: clean {clean:.1f}, node 3 withholding {withhold:.1f}, malicious "
+    print("final accuracy: node 3 withholding {withhold:.1f}, malicious "
           "{malicious:.1f}".format(**ACCURACY))
-    assert ACCURACY["clean"] > 30  # it learned: the comparison means something
+    assert ACCURACY["withhold"] > 30  # two honest nodes learned: the comparison means something
     assert ACCURACY["malicious"] >= ACCURACY["withhold"] - 2.0, ACCURACY

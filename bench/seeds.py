@@ -12,7 +12,11 @@ scores, and each base's identity and held-out row:
         [--work runs/seeds] [--reference conf/reference.json] [--set KEY=VALUE ...]
 
 Runs land in ``WORK/METHOD/p{M}-s{N}/`` and a finished one (its metrics.json) is not run
-again, so an interrupted bench resumes where it stopped. ``--reference FILE`` also writes the
+again, so an interrupted bench resumes where it stopped. ``--resume-from FILE.json`` (an earlier
+``--out``, partial ones included, e.g. ``--no-run`` at the end of a machine's session) takes that
+bench's finished runs as done, for a bench split over machines whose ``runs/`` do not carry over;
+each base pretrained again here must have the weights digest recorded there, or the bench stops
+(exit 2) rather than mix runs on two bases in one spread. ``--reference FILE`` also writes the
 per-method intervals that ``fedmole demo`` prints beside its own result.
 
 Targets (checked for the methods present; exit 3 when one is missed): std of AVG ≤ 2.5 for
@@ -32,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -176,6 +180,47 @@ def reference(summary: dict[str, Any], seeds: int, pseeds: int, bases: dict[str,
             "methods": {label[m]: {fig: summary[m][fig] for fig in FIGURES} for m in summary}}
 
 
+def _stop(msg: str) -> NoReturn:
+    """Bad input (not a bug): say what and exit 2."""
+    print(f"seeds.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _imported(path: Path | None, config: str, sets: list[str]
+              ) -> tuple[dict[tuple[str, int, int], dict[str, Any]], dict[str, Any]]:
+    """An earlier bench's finished runs, by (method, pretraining seed, run seed), and its bases;
+    only from a bench of the same ``--config`` and ``--set`` (or its runs measure another thing)."""
+    if path is None:
+        return {}, {}
+    try:
+        prev = json.loads(path.read_text())
+        rows = {(m, int(r["pretrain_seed"]), int(r["seed"])): {**r, "imported_from": str(path)}
+                for m, rs in prev["records"].items() for r in rs}
+        bases = dict(prev["bases"])
+        same = (prev["config"], prev["set"]) == (config, sets)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        _stop(f"--resume-from {path}: not a bench/seeds.py result with per-run records "
+              f"({type(e).__name__}: {e}); give the --out of a run of this bench")
+    if not same:
+        _stop(f"--resume-from {path}: its runs were made with --config {prev['config']} --set "
+              f"{prev['set']}, this bench has --config {config} --set {sets}; give the same")
+    missing = sorted({str(p) for _, p, _ in rows} - set(bases))
+    if missing:
+        _stop(f"--resume-from {path}: runs on bases {missing} but no digest of them")
+    return rows, bases
+
+
+def _same_base(known: dict[str, Any], pseed: int, base: dict[str, Any], path: Path | None) -> None:
+    """Stop (exit 2) when a base pretrained here is not the one the imported runs were made on:
+    a spread over two different bases of one seed is not the spread this bench reports."""
+    want = (known.get(str(pseed)) or {}).get("weights_sha256")
+    got = base.get("weights_sha256")
+    if want and got != want:
+        _stop(f"the base of pretraining seed {pseed} here has weights {str(got)[:12]}…, the runs "
+              f"imported from {path} were made on {want[:12]}… (another machine's kernels or "
+              "threads: README, 'The base'); rerun those runs here instead of --resume-from")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -190,6 +235,8 @@ def main() -> None:
                     help="also write the intervals `fedmole demo` prints (e.g. conf/reference.json)")
     ap.add_argument("--no-run", action="store_true",
                     help="run nothing: summarize the finished runs under --work (a partial bench)")
+    ap.add_argument("--resume-from", type=Path, default=None, metavar="FILE.json",
+                    help="an earlier bench's --out: its finished runs are taken as done")
     ap.add_argument("--order", choices=("base-first", "seed-first"), default="seed-first",
                     help="seed-first: every method and base at seed 0 before any at seed 1, so a "
                          "partial bench already spans the bases")
@@ -208,11 +255,17 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     bases: dict[str, Any] = {}
     failed: list[str] = []
+    config_label = str(args.config) if args.config else "built-in defaults"
+    imported, known_bases = _imported(args.resume_from, config_label, args.set)
     t0 = time.perf_counter()
     for pseed, seed in grid:
         for method in methods:
             out = run_dir(args.work, method, pseed, seed)
             mp = out / "metrics.json"
+            if not mp.is_file() and (method, pseed, seed) in imported:
+                runs[method].append(imported[method, pseed, seed])
+                bases.setdefault(str(pseed), known_bases[str(pseed)])
+                continue
             if not mp.is_file() and args.no_run:
                 failed.append(f"{method} p{pseed} s{seed} (not run: --no-run)")
                 continue
@@ -233,15 +286,18 @@ def main() -> None:
                                  "router": router,
                                  "wall_s": m.get("wall_s"), **{fig: m[fig] for fig in FIGURES}})
             if "base" in m:
+                _same_base(known_bases, pseed, m["base"], args.resume_from)
                 bases.setdefault(str(pseed), m["base"])
     summary = summarize(runs)
     res: dict[str, Any] = {
         "methods": methods, "seeds": args.seeds, "pretrain_seeds": args.pretrain_seeds,
-        "config": str(args.config) if args.config else "built-in defaults", "set": args.set,
+        "config": config_label, "set": args.set,
         "wall_s": round(time.perf_counter() - t0, 1), "failed": failed,
         "bases": {p: {k: b.get(k) for k in ("weights_sha256", "steps", "heldout", "zero_shot",
                                             "target_met", "machine")} for p, b in bases.items()},
         "summary": summary,
+        # every run's row as summarize() reads it: what --resume-from takes up on another machine
+        "records": runs,
     }
     gaps = {f"{m}_vs_{r}": g for m, r in GAPS if (g := gap(summary, m, r)) is not None}
     if gaps:

@@ -120,3 +120,21 @@ def test_seeds_bench_runs_resumes_and_writes_spreads(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "pretrain-seed" not in again.stdout  # nothing re-run
     assert json.loads((tmp_path / "ref.json").read_text())["methods"]["seq-lora"]["avg"]["n"] == 2
+
+    # Another machine (a fresh --work): the runs come from the JSON, nothing is run again ...
+    moved = [*cmd[:cmd.index("--work") + 1], str(tmp_path / "work2"), *cmd[cmd.index("--work") + 2:]]
+    resumed = subprocess.run([*moved, "--resume-from", str(out), "--out", str(tmp_path / "r.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "pretrain-seed" not in resumed.stdout, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["summary"] == res["summary"]
+    # ... and a run it does make, on a base whose digest is not the recorded one, stops the bench
+    res["bases"]["0"]["weights_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(res))
+    i = moved.index("--seeds")
+    third = [*moved[:i + 1], "3", *moved[i + 2:], "--resume-from", str(tmp_path / "other.json")]
+    mixed = subprocess.run(third, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert mixed.returncode == 2 and "were made on 000000000000" in mixed.stderr, mixed.stderr[-2000:]
+    # and a JSON of other settings is refused before anything runs
+    other = subprocess.run([*moved, "--set", "train.lr=1e-3", "--resume-from", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "give the same" in other.stderr, other.stderr[-2000:]

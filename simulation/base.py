@@ -214,9 +214,11 @@ def _vision_aux(model: MoleModel, samples: TaskSamples, weight: float, last: lis
     return loss, list(head.parameters())
 
 
-def _patch_pairs(pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, 3, S, S) pixel values in [-1, 1] → (N, P) per-patch labels: 0 = empty, 1 + colour ·
-    |SHAPES| + shape for the object drawn in that cell (one cell = one patch, shapes.py).
+def _patch_pairs(pixel_values: torch.Tensor, side: int = GRID) -> torch.Tensor:
+    """(N, 3, S, S) pixel values in [-1, 1] → (N, side²) per-patch labels, row-major: 0 = empty,
+    1 + colour · |SHAPES| + shape for the object drawn in the patch's cell of the generator's
+    GRID × GRID grid (shapes.py). ``side`` patches a side, a multiple of GRID: each cell's label
+    goes to its (side / GRID)² patches.
 
     Read off the pixels: a pixel brighter than 100 in some channel is an object's (the
     background is 20 ± 8), its colour the nearest of ``COLORS`` to their mean, its shape the
@@ -245,7 +247,9 @@ def _patch_pairs(pixel_values: torch.Tensor) -> torch.Tensor:
             col = int(np.argmin(((p[bright].mean(0) - rgb) ** 2).sum(-1)))
             shape = max(masks, key=lambda sm: int((sm[1] == bright).sum()))[0]
             out[i, k] = 1 + col * len(SHAPES) + shape
-    return torch.from_numpy(out)
+    k = side // GRID
+    cells = torch.from_numpy(out).view(n, GRID, GRID)
+    return cells.repeat_interleave(k, 1).repeat_interleave(k, 2).reshape(n, side * side)
 
 
 # The LM layer whose attention the binding loss supervises; its heads 0/1/2 look up the cells of
@@ -292,12 +296,13 @@ def _binding_aux(model: MoleModel, samples: TaskSamples, enc: Encoder, weight: f
             "pretrain.binding-aux-weight = 0")
     vlm_config: Any = model.vlm.config
     vision = vlm_config.vision_config
-    if vision.image_size // vision.patch_size != GRID:
+    side = vision.image_size // vision.patch_size  # image tokens a side
+    if side % GRID:
         raise ConfigError(
-            f"pretrain.binding-aux-weight = {weight:g} labels one image token per cell of the "
-            f"generator's {GRID}×{GRID} grid, but data.image-size {vision.image_size} / "
-            f"model.patch-size {vision.patch_size} gives {vision.image_size // vision.patch_size} "
-            f"tokens a side: set them to a ratio of {GRID}, or pretrain.binding-aux-weight = 0")
+            f"pretrain.binding-aux-weight = {weight:g} labels the image tokens by the cell of the "
+            f"generator's {GRID}×{GRID} grid they lie in, but data.image-size {vision.image_size} "
+            f"/ model.patch-size {vision.patch_size} gives {side} tokens a side: make it a "
+            f"multiple of {GRID}, or set pretrain.binding-aux-weight = 0")
 
     records = samples.records
     tmpl = _image_templates(samples)
@@ -332,7 +337,7 @@ def _binding_aux(model: MoleModel, samples: TaskSamples, enc: Encoder, weight: f
             return torch.zeros((), device=model.device)
         with_image = [r for r, i in enumerate(last) if records[i].images]  # pixel_values order
         sel = [with_image.index(r) for r in rows]
-        lab = _patch_pairs(batch.pixel_values[sel]).to(model.device)  # (R, P)
+        lab = _patch_pairs(batch.pixel_values[sel], side).to(model.device)  # (R, P = side²)
         is_img = batch.input_ids == enc.image_id  # (B, T)
         emb = seen["emb"][is_img].view(len(with_image), -1, hidden)[sel]  # (R, P, d)
         obj = lab > 0

@@ -113,13 +113,28 @@ def test_the_binding_loss_needs_three_layers_and_three_heads(tiny_cfg, tmp_path)
         pretrain_base(cfg, ensure_benchmark(cfg.data), progress=False)
 
 
-def test_the_binding_loss_needs_one_image_token_per_grid_cell(cfg, tmp_path):
+def test_the_binding_loss_needs_a_whole_number_of_image_tokens_per_grid_cell(cfg, tmp_path):
     from simulation.base import pretrain_base
     from simulation.benchmark import ensure_benchmark
 
-    odd = parse_config({"model.patch-size": 4, "data.cache-dir": cfg.data.cache_dir}, base=cfg)
-    with pytest.raises(ConfigError, match="model.patch-size 4 gives 8 tokens a side"):
+    odd = parse_config({"model.patch-size": 16, "data.cache-dir": cfg.data.cache_dir}, base=cfg)
+    with pytest.raises(ConfigError, match="model.patch-size 16 gives 2 tokens a side: make it a "
+                                          "multiple of 4"):
         pretrain_base(odd, ensure_benchmark(odd.data), progress=False)
+
+
+def test_finer_patches_take_their_cells_label(split):
+    """8 tokens a side (data.image-size 64, the default patch of 8): each of a cell's 2 × 2
+    patches carries the cell's label, row-major as SigLIP lays the image tokens out."""
+    from simulation.base import _patch_pairs
+
+    _, enc, samples, rows = split
+    pv = enc.train_batch([samples[i] for i in rows[:8]]).pixel_values
+    cells = _patch_pairs(pv)  # (8, 16)
+    fine = _patch_pairs(pv, side=8).view(-1, 8, 8)
+    for r in range(8):
+        for c in range(8):
+            assert torch.equal(fine[:, r, c], cells[:, (r // 2) * 4 + c // 2])
 
 
 def test_the_recipe_without_the_binding_loss_keeps_the_base_key(tiny_cfg):

@@ -155,3 +155,44 @@ def proxy_scores(model: MoleModel | ExpertModel, batches: Iterable[Batch],
             for m, ps in params.items()
         }
     return ProxyResult(scores, n_samples, n_batches, time.perf_counter() - t0)
+
+
+def reuse_gains(em: ExpertModel, batches: Sequence[Batch], candidates: Sequence[str]) -> dict[str, float]:
+    """What each older task's experts already do for the new task: per candidate c,
+
+        g(c) = mean_b L_base(b) − mean_b L_{c}(b)
+
+    the LM loss of the proxy batches with every expert off minus with only c's experts on (eval
+    mode, no gradients; the new task's own expert is zero-initialised, so this is the loss the
+    new task would start training from with c as its frozen partner). g > 0: c's experts help;
+    g ≤ 0: they pull the answers towards c's task. Batches need labels; the active set is left
+    as found.
+    """
+    if not batches:
+        raise ValueError("reuse_gains got no batches; give it the task's proxy batches")
+    net = em.model
+
+    def mean_loss() -> float:
+        total = 0.0
+        for i, batch in enumerate(batches):
+            if batch.labels is None:
+                raise ValueError(f"reuse batch {i} has no labels; use Encoder.train_batch")
+            b = batch.to(net.device)
+            _, loss = net(**b.model_inputs(), labels=b.labels)
+            assert loss is not None
+            total += float(loss)
+        return total / len(batches)
+
+    was_training = net.training
+    net.eval()  # no dropout: the gain must not depend on the dropout draw
+    try:
+        with torch.no_grad():
+            with em.only([]):
+                base = mean_loss()
+            gains = {}
+            for c in candidates:
+                with em.only([c]):
+                    gains[c] = base - mean_loss()
+    finally:
+        net.train(was_training)
+    return gains

@@ -114,16 +114,6 @@ def _only_grads_on(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator
         model.train(was_training)
 
 
-def _batch_loss(net: MoleModel, batch: Batch, what: str) -> torch.Tensor:
-    """The mean LM loss of one labelled batch (a scalar tensor, in the caller's grad mode)."""
-    if batch.labels is None:
-        raise ValueError(f"{what} has no labels; use Encoder.train_batch")
-    b = batch.to(net.device)
-    _, loss = net(**b.model_inputs(), labels=b.labels)
-    assert loss is not None
-    return loss
-
-
 def proxy_scores(model: MoleModel | ExpertModel, batches: Iterable[Batch],
                  modules: Sequence[str]) -> ProxyResult:
     """Score every module in ``modules`` by the accumulated-gradient norm of its base weights.
@@ -147,13 +137,17 @@ def proxy_scores(model: MoleModel | ExpertModel, batches: Iterable[Batch],
     ctx = em.only([]) if em is not None else nullcontext()
     with ctx, _only_grads_on(net, flat), torch.enable_grad():
         for i, batch in enumerate(batches):
-            loss = _batch_loss(net, batch, f"proxy batch {i}")
+            if batch.labels is None:
+                raise ValueError(f"proxy batch {i} has no labels; use Encoder.train_batch")
+            b = batch.to(net.device)
+            _, loss = net(**b.model_inputs(), labels=b.labels)
+            assert loss is not None
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"proxy loss is {loss.item()} on batch {i}; "
                                          "check that batch's data and the base checkpoint")
             loss.backward()  # grads accumulate: no zero_grad between batches
             n_batches += 1
-            n_samples += int(batch.input_ids.shape[0])
+            n_samples += int(b.input_ids.shape[0])
         if n_batches == 0:
             raise ValueError("the proxy got no batches; give it at least one labelled batch")
         scores = {
@@ -179,8 +173,15 @@ def reuse_gains(em: ExpertModel, batches: Sequence[Batch], candidates: Sequence[
     net = em.model
 
     def mean_loss() -> float:
-        return sum(float(_batch_loss(net, b, f"reuse batch {i}")) for i, b in enumerate(batches)
-                   ) / len(batches)
+        total = 0.0
+        for i, batch in enumerate(batches):
+            if batch.labels is None:
+                raise ValueError(f"reuse batch {i} has no labels; use Encoder.train_batch")
+            b = batch.to(net.device)
+            _, loss = net(**b.model_inputs(), labels=b.labels)
+            assert loss is not None
+            total += float(loss)
+        return total / len(batches)
 
     was_training = net.training
     net.eval()  # no dropout: the gain must not depend on the dropout draw

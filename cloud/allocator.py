@@ -267,22 +267,13 @@ def weighted_mean_scores(client_scores: Sequence[tuple[Mapping[str, float], int]
 
 
 def choose_partner(votes: Mapping[str, int], n_samples: int, share: float,
-                   order: Sequence[str] = (), gains: Mapping[str, float] | None = None) -> str | None:
+                   order: Sequence[str] = ()) -> str | None:
     """D-MoLE's co-activation rule, for the centralized learner and the cloud alike: the older
     task that most of the new task's ``n_samples`` training samples route to, if it holds at
-    least ``share`` of them (0: never). Ties go to the earlier task in ``order``.
-
-    ``gains`` (``dmole.coactivate-check = loss``): each voted task's reuse gain, the new task's
-    proxy loss without experts minus with that task's experts (``mole.proxy.reuse_gains``). A
-    task above the share whose gain is ≤ 0 is passed over for the next one above the share; a
-    task with no measured gain falls back to the vote rule alone.
-    """
+    least ``share`` of them (0: never). Ties go to the earlier task in ``order``."""
     if share <= 0 or n_samples <= 0:
         return None
     rank = {t: i for i, t in enumerate(order)}
-    ranked = sorted(((t, v) for t, v in votes.items() if v > 0 and v >= share * n_samples),
-                    key=lambda tv: (-tv[1], rank.get(tv[0], len(rank)), tv[0]))
-    for t, _ in ranked:
-        if gains is None or t not in gains or gains[t] > 0:
-            return t
-    return None
+    best = min(((t, v) for t, v in votes.items() if v > 0),
+               key=lambda tv: (-tv[1], rank.get(tv[0], len(rank)), tv[0]), default=None)
+    return best[0] if best is not None and best[1] >= share * n_samples else None

@@ -6,10 +6,8 @@ loop (``Strategy.start``); only what a round *means* changes, by :mod:`cloud.sch
 * probe round of task t — clients reply with proxy scores, co-activation votes and a first local
   fit of task t's autoencoder (:class:`protocol.updates.ProbeReply` + router part); the cloud
   takes the scores' sample-weighted mean, runs the D-MoLE allocator (cloud.allocator), extends
-  the plan, picks the partner (the older task with ≥ ``dmole.coactivate-share`` of all votes
-  whose experts lower the clients' task-t loss: their sample-weighted reuse gain, under
-  ``dmole.coactivate-check = loss``), and FedAvg's the autoencoders. New experts start from
-  one shared seeded init (A small, B = 0).
+  the plan, picks the partner (the older task with ≥ ``dmole.coactivate-share`` of all votes),
+  and FedAvg's the autoencoders. New experts start from one shared seeded init (A small, B = 0).
 * training rounds — clients reply with task t's LoRA factors (:class:`protocol.updates.ClientUpdate`)
   and their router part; factors are aggregated **per modality** by
   :class:`cloud.aggregation.DeltaAccumulator` (exact weighted-mean ΔW = B·A, then an SVD re-factor
@@ -346,11 +344,7 @@ class FedMoleStrategy(FedAvg):
             # A router without τ (no training round of its task reached a holder) cannot route.
             older = {t: s.routers[t] for t in s.plan.tasks if t in s.routers and t in s.thresholds}
             config = self._instruction(rp, PROBE, thresholds={t: s.thresholds[t] for t in older})
-            # The co-activation check measures the voted tasks' experts on the clients' data.
-            d = self.cfg.dmole
-            check = d.coactivate_check == "loss" and d.coactivate_share > 0
-            arrays = self._pack({t: s.experts[t] for t in older if t in s.experts} if check else {},
-                                older)
+            arrays = self._pack({}, older)
         else:
             name = SHARED if not self.probe else rp.task
             partners = s.partners.get(name, [])
@@ -415,8 +409,6 @@ class FedMoleStrategy(FedAvg):
     def _allocate(self, task: str, contents: list[tuple[int, RecordDict]]) -> dict:
         rows: list = []
         votes: dict[str, int] = {}
-        # Voted task → [Σ n_c·gain_c, Σ n_c] over the clients that measured its reuse gain.
-        reuse: dict[str, list[float]] = {}
         n_total = 0
         routers = self._router_acc(task)
         for node, c in contents:
@@ -449,11 +441,6 @@ class FedMoleStrategy(FedAvg):
             for t, v in p.votes.items():
                 if t in self.plan.tasks:
                     votes[t] = votes.get(t, 0) + v
-            for t, g in p.reuse.items():
-                if t in self.plan.tasks:
-                    acc = reuse.setdefault(t, [0.0, 0.0])
-                    acc[0] += n * g
-                    acc[1] += n
             self.state.comm["client_rounds"] += 1
         if not rows:  # nobody answered with data: allocate blind rather than stop the run
             log.warning("no valid probe reply for task %r: allocating from equal scores", task)
@@ -470,10 +457,7 @@ class FedMoleStrategy(FedAvg):
         s.plan = s.plan.with_task(alloc, self.cfg.lora.rank, self.cfg.lora.alpha)
         s.experts[task] = self._held(initial_factors(s.plan, task, self.dims,
                                                      self.cfg.federation.seed))
-        gains = {t: tot / n for t, (tot, n) in reuse.items()} if (
-            self.cfg.dmole.coactivate_check == "loss") else None
-        partner = choose_partner(votes, n_total, self.cfg.dmole.coactivate_share, s.plan.tasks,
-                                 gains)
+        partner = choose_partner(votes, n_total, self.cfg.dmole.coactivate_share, s.plan.tasks)
         s.partners[task] = [partner] if partner else []
         if routers is not None and routers.n_clients:
             fitted = routers.finalize(self.cfg.dmole.router_quantile).state
@@ -481,8 +465,7 @@ class FedMoleStrategy(FedAvg):
                 s.routers[task] = self._held(fitted)
         return {"probe-clients": len(rows), "experts": len(alloc.modules),
                 **{f"experts/{k}": v for k, v in alloc.per_modality.items()},
-                "partner": ",".join(s.partners[task]) or "-",
-                **{f"reuse-gain/{t}": round(g, 4) for t, g in (gains or {}).items()}}
+                "partner": ",".join(s.partners[task]) or "-"}
 
     def _router_acc(self, task: str) -> RouterAccumulator | None:
         if not self.router_on or self.router_dim is None:

@@ -82,7 +82,7 @@ def handle(content: RecordDict, node: Mapping[str, Any], run_config: Mapping[str
     with client.em.lock:
         t1 = time.perf_counter()
         if ins.phase == "probe":
-            reply = local.probe(client, ins, experts, routers)
+            reply = local.probe(client, ins, routers)
         elif ins.phase == "train":
             reply = local.train(client, ins, experts, routers)
         else:

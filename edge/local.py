@@ -5,8 +5,7 @@ same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.st
 ``mole.router`` fitting, ``mole.inference.routed_answers`` — so there is one training loop.
 
 * **probe** — proxy scores of every candidate module on a few local batches of task t; the
-  co-activation votes of the client's task-t samples under the global routers of older tasks,
-  with each voted task's reuse gain on the same batches (``dmole.coactivate-check = loss``);
+  co-activation votes of the client's task-t samples under the global routers of older tasks;
   and a first local fit of task t's autoencoder from the shared seeded init.
 * **train** — the held-out samples' error histogram under the global AE (for τ), optionally
   more local AE epochs, then ``federation.local-epochs`` of optimiser steps (at most
@@ -35,7 +34,7 @@ from edge.replay import mix_batch_sizes
 from edge.replay_store import ReplayStore
 from edge.runtime import EdgeModel, LocalData, sample_modalities
 from mole.inference import routed_answers, sample_routes
-from mole.proxy import proxy_samples, proxy_scores, reuse_gains
+from mole.proxy import proxy_samples, proxy_scores
 from mole.router import (
     TaskRouter,
     ae_from_state,
@@ -117,8 +116,7 @@ def _fit(c: Client, task: str, init: dict[str, np.ndarray] | None, seed: int) ->
     return RouterPart(int(fit_z.shape[0]), ae_state(ae), None)
 
 
-def probe(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]],
-          routers: dict[str, dict[str, np.ndarray]]) -> RecordDict:
+def probe(c: Client, ins: Instruction, routers: dict[str, dict[str, np.ndarray]]) -> RecordDict:
     task, cfg = ins.task, c.cfg
     train = c.data.train.get(task)
     if not train:
@@ -130,22 +128,13 @@ def probe(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
         train, cfg.train.batch_size, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches, rng)]
     scores = proxy_scores(c.em.experts, batches, list(c.em.mmap)).scores
     votes: dict[str, int] = {}
-    reuse: dict[str, float] = {}
     if ins.thresholds and cfg.dmole.coactivate_share > 0:
         older = [t for t in ins.plan.tasks if t != task]
         feats = c.em.features(c.data, "train", task)
         for r in _router(cfg, routers, dict(ins.thresholds), older).route(feats):
             if r is not None:
                 votes[r] = votes.get(r, 0) + 1
-        # The co-activation check: what each voted task's experts (sent with the probe) do to
-        # this client's task-t loss; the cloud weighs the clients' gains by their sample counts.
-        measurable = [t for t in votes if t in experts]
-        if cfg.dmole.coactivate_check == "loss" and measurable:
-            c.em.sync_plan(ins.plan)
-            for t in measurable:
-                c.em.set_factors(t, experts[t])
-            reuse = reuse_gains(c.em.experts, batches, measurable)
-    content = encode_probe(ProbeReply(c.id, task, len(train), scores, votes, reuse))
+    content = encode_probe(ProbeReply(c.id, task, len(train), scores, votes))
     if cfg.dmole.router == "autoencoder":
         add_router_part(content, _fit(c, task, None, ins.router_seed), cfg.federation.compression)
     return content

@@ -291,7 +291,6 @@ class ReplayConfig:
 
 
 DMOLE_ALLOCATIONS = ("gradient", "uniform", "all-modules")
-COACTIVATE_CHECKS = ("loss", "none")
 DMOLE_ROUTERS = ("autoencoder", "oracle", "none")
 
 
@@ -326,12 +325,6 @@ class DmoleConfig:
     # Co-activate the best-matching older task's experts (frozen) when it wins ≥ this share of
     # the batch's routing votes; 0 disables co-activation.
     coactivate_share: float = 0.3
-    # loss: the voted partner joins only if its experts lower the new task's LM loss on the
-    # proxy batches (measured where the data is: on the edge in federation) — routers that
-    # confuse tasks sharing one image distribution (caption → count) otherwise hand the new task
-    # experts that fight it (measured: federated caption 8.0 with count's experts, 32.5 without).
-    # none: D-MoLE's vote rule alone.
-    coactivate_check: str = "loss"
 
     def validate(self) -> None:
         _check(0 < self.budget_fraction <= 1, "dmole.budget-fraction", "in (0, 1]",
@@ -357,8 +350,6 @@ class DmoleConfig:
                self.router_audio_weight)
         _check(0 <= self.coactivate_share <= 1, "dmole.coactivate-share", "in [0, 1]",
                self.coactivate_share)
-        _check(self.coactivate_check in COACTIVATE_CHECKS, "dmole.coactivate-check",
-               f"one of {', '.join(COACTIVATE_CHECKS)}", self.coactivate_check)
 
 
 def round_half_up(x: float) -> int:

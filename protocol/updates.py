@@ -131,7 +131,6 @@ SCORES_KEY = "scores"
 
 
 VOTES_KEY = "votes"
-REUSE_KEY = "reuse"  # optional: voted older task → reuse gain (dmole.coactivate-check = loss)
 
 
 @dataclass(frozen=True)
@@ -143,16 +142,11 @@ class ProbeReply:
     # Older task → how many of the client's task-t training samples the global router sends
     # there (D-MoLE's co-activation vote, counted on the edge).
     votes: Mapping[str, int] = field(default_factory=dict)
-    # Voted older task → its reuse gain on this client's proxy batches (the task-t LM loss with
-    # every expert off minus with that task's experts on; > 0: they help). Only for tasks the
-    # client voted for; empty when the check is off (an older client sends none).
-    reuse: Mapping[str, float] = field(default_factory=dict)
 
 
 def encode_probe(p: ProbeReply) -> RecordDict:
     return RecordDict({SCORES_KEY: MetricRecord({k: float(v) for k, v in p.scores.items()}),
                        VOTES_KEY: MetricRecord({k: int(v) for k, v in p.votes.items()}),
-                       REUSE_KEY: MetricRecord({k: float(v) for k, v in p.reuse.items()}),
                        META_KEY: ConfigRecord({"client-id": p.client_id, "task": p.task,
                                                "num-examples": int(p.n_samples)})})
 
@@ -180,18 +174,7 @@ def decode_probe(content: RecordDict) -> ProbeReply:
     if fields["num-examples"] <= 0 or sum(votes.values()) > fields["num-examples"]:
         raise MessageError(f"probe reply: `num-examples` {fields['num-examples']} must be > 0 and "
                            f">= the {sum(votes.values())} votes cast")
-    raw = content.get(REUSE_KEY, MetricRecord())
-    if not isinstance(raw, MetricRecord):
-        raise MessageError(f"{REUSE_KEY!r} must be a MetricRecord, got {type(raw).__name__}")
-    reuse: dict[str, float] = {}
-    for k, v in raw.items():
-        if not isinstance(v, int | float) or not finite_number(v):
-            raise MessageError(f"reuse gain of {k!r} must be a finite number, got {v!r}")
-        if k not in votes:
-            raise MessageError(f"reuse gain given for {k!r}, a task this client cast no vote for; "
-                               f"gains are measured for the voted tasks {sorted(votes)} only")
-        reuse[k] = float(v)
-    return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out, votes, reuse)
+    return ProbeReply(fields["client-id"], fields["task"], fields["num-examples"], out, votes)
 
 
 # --- the evaluation round: a client's exact-match accuracy on its local test data per task ---

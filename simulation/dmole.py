@@ -9,9 +9,7 @@ For each task t:
  (d) router — an autoencoder on task t's base-model features; τ_t = quantile of its own errors;
  (e) train — only expert t learns; the best-matching older task (by routing t's training
      samples through the older autoencoders, ≥ ``dmole.coactivate-share`` of the votes) joins the
-     forward pass frozen — if its experts lower task t's loss on the proxy batches
-     (``dmole.coactivate-check = loss``, ``mole.proxy.reuse_gains``; ``none``: votes alone).
-     D-MoLE votes per batch; our batches are task-homogeneous, so one vote
+     forward pass frozen. D-MoLE votes per batch; our batches are task-homogeneous, so one vote
      over the task's samples is the same rule computed once. The partner is remembered and
      co-activated again whenever a sample is routed to t, so inference sees the expert set that
      training saw.
@@ -43,7 +41,7 @@ from cloud.allocator import all_modules_allocation, allocate, choose_partner, eq
 from mole.experts import ExpertModel
 from mole.inference import routed_answers, sample_routes
 from mole.modality import modality_map
-from mole.proxy import proxy_samples, proxy_scores, reuse_gains
+from mole.proxy import proxy_samples, proxy_scores
 from mole.router import TaskRouter, router_features, routing_accuracy
 from mole.scoring import score_answers
 from mole.steps import train_steps
@@ -78,8 +76,6 @@ class DmoleLearner:
             budget = round(cfg.dmole.budget_fraction * len(self.mmap))
             self.rank = equal_param_rank(cfg.lora.rank, budget, len(self.mmap))
         self.feat_cache: dict[str, torch.Tensor] = {}
-        self.proxy_batches: dict[str, list] = {}
-        self.reuse: dict[str, dict[str, float]] = {}  # task → voted older task → reuse gain
 
     def features(self, key: str, samples: Sequence[Sample]) -> torch.Tensor:
         """Base-model router features (N, D); the base is frozen, so they are cached by key."""
@@ -97,7 +93,6 @@ class DmoleLearner:
             train, cfg.train.batch_size, cfg.dmole.proxy_fraction, cfg.dmole.proxy_min_batches,
             rng)]
         proxy = proxy_scores(self.experts, batches, list(self.mmap))
-        self.proxy_batches[task] = batches  # the co-activation check's batches too
         t1 = time.perf_counter()  # allocation time excludes the proxy (reported separately)
         if cfg.dmole.allocation == "all-modules":
             alloc = all_modules_allocation(task, self.mmap, proxy.scores)
@@ -120,14 +115,8 @@ class DmoleLearner:
         feats = self.features(f"train/{task}", self.s.train[task])
         votes = Counter(r for r in self.router.route(feats) if r is not None) if (
             self.router.tasks) else Counter()
-        share = self.cfg.dmole.coactivate_share
-        gains = None
-        if self.cfg.dmole.coactivate_check == "loss" and share > 0:
-            voted = [t for t, v in votes.items() if v >= share * feats.shape[0]]
-            gains = reuse_gains(self.experts, self.proxy_batches.pop(task, []), voted) if (
-                voted) else {}
-            self.reuse[task] = {t: round(g, 4) for t, g in gains.items()}
-        partner = choose_partner(votes, feats.shape[0], share, self.s.tasks, gains)
+        partner = choose_partner(votes, feats.shape[0], self.cfg.dmole.coactivate_share,
+                                 self.s.tasks)
         self.partners[task] = [partner] if partner else []
         self.router.add_task(task, feats)
         return partner
@@ -186,7 +175,6 @@ def run_dmole(cfg: RunConfig, out: Path, replay: bool = False, progress: bool = 
         stats = learner.train_task(task, rng, source, progress,
                                    f"{method} task {t + 1}/{len(tasks)} {task}")
         return {"task": task, **planned, "partner": partner,
-                "reuse_gain": learner.reuse.get(task, {}),
                 "router_fit_s": round(router_s, 3), "train_s": round(stats.seconds, 2),
                 "last_loss": round(stats.last_loss, 4),
                 "proxy_plan_over_train": round(

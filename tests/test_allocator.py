@@ -430,10 +430,3 @@ def test_choose_partner_is_the_one_rule_of_the_learner_and_the_cloud():
     # ties go to the earlier task of the stream, whatever order the votes came in
     assert choose_partner({"b": 5, "a": 5}, 10, 0.5, order=["a", "b"]) == "a"
     assert choose_partner({"a": 5, "b": 5}, 10, 0.5, order=["b", "a"]) == "b"
-    # the loss check: a voted task whose experts raise the new task's loss is passed over for
-    # the next one above the share; none left → no partner; an unmeasured task keeps the votes
-    assert choose_partner({"a": 5, "b": 4}, 10, 0.3, gains={"a": -0.2, "b": 0.1}) == "b"
-    assert choose_partner({"a": 5, "b": 4}, 10, 0.3, gains={"a": -0.2, "b": 0.0}) is None
-    assert choose_partner({"a": 5, "b": 2}, 10, 0.3, gains={"a": -0.2, "b": 0.9}) is None
-    assert choose_partner({"a": 5}, 10, 0.3, gains={}) == "a"
-    assert choose_partner({"a": 5}, 10, 0.3, gains={"a": 0.01}) == "a"

@@ -135,38 +135,3 @@ def test_proxy_samples_are_drawn_without_replacement():
     # a task smaller than the batches asked for: every sample once, the last batch short
     small = proxy_samples(samples[:10], 8, 1.0, 3, np.random.default_rng(0))
     assert [len(b) for b in small] == [8, 2]
-
-
-def test_reuse_gain_says_whether_an_older_experts_help(tiny_model, tiny_cfg):
-    """The co-activation check's measurement: an expert fitted to these batches lowers their loss
-    (gain > 0), one trained against them raises it (gain < 0), a zero-initialised one changes
-    nothing;
-    the active set and the train/eval mode come back as found."""
-    from mole.proxy import reuse_gains
-
-    model, batches, modules = _setup(tiny_model)
-    em = ExpertModel(model)
-    for name in ("fit", "off", "zero"):
-        em.add_expert(name, modules, tiny_cfg.lora)
-    try:
-        model.train()
-        for name, sign in (("fit", 1.0), ("off", -1.0)):  # descend on one, ascend on the other
-            em.activate([name], trainable=name)
-            opt = torch.optim.Adam(em.trainable_parameters(), lr=3e-3)
-            for _ in range(20):
-                for b in batches:
-                    opt.zero_grad()
-                    (sign * model(**b.model_inputs(), labels=b.labels)[1]).backward()
-                    opt.step()
-        em.activate(["fit"])
-        gains = reuse_gains(em, batches, ["fit", "off", "zero"])
-        assert gains["fit"] > 0.1
-        assert gains["off"] < -0.1
-        assert gains["zero"] == pytest.approx(0.0, abs=1e-6)
-        assert em.active == ["fit"] and model.training
-        with pytest.raises(ValueError, match="no batches"):
-            reuse_gains(em, [], ["fit"])
-    finally:
-        em.activate([])
-        for name in ("fit", "off", "zero"):
-            em.remove_expert(name)

@@ -162,7 +162,7 @@ def test_malformed_evaluation_metrics_are_named():
 
 # --- routers, partners, modalities, baselines, dropout, checkpoints -----------------------------
 
-def _probe_all(strategy, rnd, task, scores, votes=None, router=None, reuse=None):
+def _probe_all(strategy, rnd, task, scores, votes=None, router=None):
     from flwr.app import ArrayRecord, ConfigRecord
 
     from protocol.updates import RouterPart, add_router_part
@@ -170,8 +170,7 @@ def _probe_all(strategy, rnd, task, scores, votes=None, router=None, reuse=None)
     msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), Grid()))
     replies = []
     for i, m in enumerate(msgs):
-        content = encode_probe(ProbeReply(f"c{i}", task, 4 * (i + 1), scores, votes or {},
-                                          reuse(i) if reuse else {}))
+        content = encode_probe(ProbeReply(f"c{i}", task, 4 * (i + 1), scores, votes or {}))
         if router is not None:
             add_router_part(content, RouterPart(4 * (i + 1), router(i), None))
         replies.append(_reply(m, content))
@@ -211,29 +210,6 @@ def test_probe_fedavgs_router_weights_and_picks_the_partner_from_summed_votes():
     keys = set(train[0].content["arrays"].keys())
     assert any(k.startswith("expert/color/") for k in keys)  # the partner travels, frozen
     assert json.loads(train[0].content["config"]["partners"]) == {"count": ["color"]}
-
-
-@pytest.mark.parametrize("check", ["loss", "none"])
-def test_partner_whose_experts_raise_the_clients_loss_is_passed_over(check):
-    cfg = parse_config({"federation.fraction": 1.0, "data.tasks": "color,count",
-                        "federation.rounds-per-task": 2, "lora.rank": 2, "lora.alpha": 4,
-                        "dmole.modality-floor": 0.0, "dmole.coactivate-check": check})
-    st = FedMoleStrategy(cfg, MMAP, DIMS, router_dim=6, full_model_bytes=10_000)
-    scores = {L0: 1.0, L1: 2.0, V0: 0.5, A0: 0.0}
-    _probe_all(st, 1, "color", scores, router=lambda i: _ae(6, 128, 0.0))
-    st.state.thresholds["color"] = 0.1
-    # every client votes color for all its samples; the clients of 4 and 8 samples measure a
-    # gain of +0.3, the one of 12 samples −0.5: (4·0.3 + 8·0.3 − 12·0.5) / 24 = −0.1 → no help
-    msgs = _probe_all(st, 4, "count", scores, votes={"color": 4},
-                      router=lambda i: _ae(6, 128, 0.0),
-                      reuse=lambda i: {"color": 0.3 if i < 2 else -0.5})
-    carried = any(k.startswith("expert/color/") for k in msgs[0].content["arrays"].keys())
-    assert carried == (check == "loss")  # the clients measure the older experts they get
-    assert st.state.partners["count"] == ([] if check == "loss" else ["color"])
-    logged = st.state.rounds[-1]
-    assert ("reuse-gain/color" in logged) == (check == "loss")
-    if check == "loss":
-        assert logged["reuse-gain/color"] == pytest.approx(-0.1)
 
 
 def test_training_threshold_is_the_quantile_of_the_pooled_histograms():

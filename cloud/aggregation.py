@@ -45,10 +45,18 @@ which is what exactness costs). Norm clipping (the strategy measures each client
 Per modality, the centre can instead be robust (coordinate-wise median, trimmed mean) or
 differentially private (clip + Gaussian noise): see :mod:`cloud.robust`. The SVD re-factoring
 then applies to that centre instead of the weighted mean.
+
+Server step (FedOpt with an SGD server optimiser, Reddi et al. 2021). The clients' changes from
+the round's start W_ref partly cancel in the mean (different shards pull different ways, and even
+agreeing clients average to about one client's progress, not their sum), so ``server_lr`` η > 1
+moves the expert further along the consensus: ΔW_new = W_ref + η·(ΔW̄ − W_ref), formed dense (the
+strategy's W_ref is dense already) and re-factored by the same truncated SVD. η = 1 is the plain
+centre and keeps the low-rank path.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -559,13 +567,22 @@ class DeltaAccumulator:
     def __init__(self, spec: AggregationSpec, rule: str | LoraAggregator = "svd", *,
                  round: int | None = None, centers: Mapping[str, ModalityRule] | None = None,
                  reference: Mapping[str, F64] | None = None,
-                 rng: np.random.Generator | None = None, low_rank: bool = True):
+                 rng: np.random.Generator | None = None, low_rank: bool = True,
+                 server_lr: float = 1.0):
         """``centers``: modality → :class:`cloud.robust.ModalityRule` (absent = weighted mean);
         ``reference``: module → the global ΔW (d_out, d_in) before the round, what a change is
         measured from (zero where absent); ``rng`` draws the DP noise (seeded by the caller);
-        ``low_rank=False`` keeps every sum dense (the pre-low-rank path, for comparison)."""
+        ``low_rank=False`` keeps every sum dense (the pre-low-rank path, for comparison);
+        ``server_lr`` η: the new ΔW is W_ref + η·(centre − W_ref) (FedOpt's server step with
+        SGD; 1 = the centre itself, > 1 extrapolates the round's consensus change)."""
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
+        self.server_lr = float(server_lr)
         self.spec = spec
         self.rule = get_aggregator(rule) if isinstance(rule, str) else rule
+        if self.server_lr != 1.0 and self.rule.name != "svd":
+            raise ValueError(f"a server step (server_lr={server_lr}) needs rule 'svd'; rule "
+                             f"{self.rule.name!r} factors its own sums, not a target ΔW")
         self.round = round
         used_mods = {s.modality for s in spec.modules.values()}
         self.centers = {k: (centers or {}).get(k, ModalityRule()) for k in sorted(used_mods)}
@@ -754,7 +771,8 @@ class DeltaAccumulator:
                 continue
             center = self.centers[s.modality]
             if (isinstance(self.rule, SvdAggregator) and center.streaming and not center.dp
-                    and self._sum[m].low_rank and not self._ref_terms[m]):
+                    and self._sum[m].low_rank and not self._ref_terms[m]
+                    and self.server_lr == 1.0):
                 a32, b32, err = self._lowrank_factors(m, s)
             else:
                 target = self._center(m, s, dp)
@@ -825,7 +843,17 @@ class DeltaAccumulator:
 
     def _center(self, m: str, s: ModuleSpec, dp: Mapping[str, Mapping[str, float]]) -> F64:
         """Module ``m``'s new ΔW (d_out, d_in) under its modality's centre (dense: the noise of
-        central DP and the order statistics are dense by nature)."""
+        central DP and the order statistics are dense by nature), after the server step."""
+        target = self._raw_center(m, s, dp)
+        if self.server_lr == 1.0:
+            return target
+        ref = self.reference.get(m)
+        if ref is None:
+            return self.server_lr * target
+        return ref + self.server_lr * (target - ref)
+
+    def _raw_center(self, m: str, s: ModuleSpec, dp: Mapping[str, Mapping[str, float]]) -> F64:
+        """Module ``m``'s centre (d_out, d_in) of the clients' ΔW under its modality's rule."""
         center = self.centers[s.modality]
         if center.dp:
             ref = self.reference.get(m, np.zeros((s.d_out, s.d_in)))

@@ -127,6 +127,9 @@ class FedMoleStrategy(FedAvg):
         self.cfg = cfg
         self.tasks = list(cfg.data.tasks)
         self.dims = dict(dims)
+        if fed.server_lr != 1.0 and rule != "svd":
+            raise ValueError(f"federation.server-lr={fed.server_lr} needs the 'svd' aggregation "
+                             f"rule (got {rule!r}); set federation.server-lr = 1")
         self.rule = rule
         self.method = fed.method
         self.probe = not is_shared(self.method)
@@ -491,7 +494,7 @@ class FedMoleStrategy(FedAvg):
         reference = {m: old[f"{m}.lora_B"].astype(np.float64) @ old[f"{m}.lora_A"]
                      for m in spec.modules if f"{m}.lora_A" in old}
         acc = DeltaAccumulator(spec, self.rule, round=rp.server_round, centers=self.centers,
-                               reference=reference,
+                               reference=reference, server_lr=self.cfg.federation.server_lr,
                                rng=np.random.default_rng([self.cfg.federation.seed, rp.server_round, 11]))
         routers = self._router_acc(rp.task)
         losses = []

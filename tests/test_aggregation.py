@@ -527,3 +527,34 @@ def test_small_modules_keep_the_dense_sum(monkeypatch):
     assert not aggregation.LowRankSum(128, 128, 8).low_rank
     assert not aggregation.LowRankSum(64, 256, 8).low_rank
     assert aggregation.LowRankSum(300, 300, 8).low_rank
+
+
+def test_server_step_extrapolates_the_change_from_the_reference():
+    """server_lr η: the new ΔW is W_ref + η·(ΔW̄ − W_ref), re-factored by the same truncated SVD
+    (error measured against that target); η = 1 is the plain mean; bad η and rule are refused."""
+    d_out, d_in, rank = 30, 20, 2
+    rng = np.random.default_rng(12)
+    spec = AggregationSpec("t", {LQ: ModuleSpec("language", rank, d_in, d_out)})
+    b0, a0 = rng.standard_normal((d_out, rank)), rng.standard_normal((rank, d_in))
+    ref = b0 @ a0  # the expert before the round (rank r, as the cloud holds it)
+    # clients that kept A and moved B along one shared direction u·mix (rank-r updates, the
+    # mean and its extrapolation stay rank r, so the SVD re-factoring is exact)
+    u = rng.standard_normal((d_out, 1))
+    mix = rng.standard_normal((1, rank))
+    sent = [(3, a0.astype(np.float32), (b0 + 1.0 * u @ mix).astype(np.float32)),
+            (1, a0.astype(np.float32), (b0 + 5.0 * u @ mix).astype(np.float32))]
+    mean = sum(w * delta(a, b) for w, a, b in sent) / 4  # = ref + 2·u·(mix a0), up to fp32
+    for eta in (1.0, 2.5):
+        acc = _accumulate(spec, sent, reference={LQ: ref}, server_lr=eta)
+        res = acc.finalize().modules[LQ]
+        want = ref + eta * (mean - ref)
+        assert _rel(product(acc.finalize(), LQ), want) < 1e-5  # rank r: exact up to float32
+        assert res.error < 1e-5
+    # without a reference (a task's first round: B = 0) the step scales the mean
+    acc = _accumulate(spec, sent, server_lr=3.0)
+    assert _rel(product(acc.finalize(), LQ), 3.0 * mean) < 1e-5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="server_lr"):
+            DeltaAccumulator(spec, server_lr=bad)
+    with pytest.raises(ValueError, match="needs rule 'svd'"):
+        DeltaAccumulator(spec, "fedavg-ab", server_lr=2.0)

@@ -116,3 +116,7 @@ def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
     assert parse_config({"federation.client-lr": 0.01}).federation.client_lr == 0.01
     with pytest.raises(ConfigError, match="client-lr"):
         parse_config({"federation.client-lr": 0})
+    assert parse_config({"federation.server-lr": 2.5}).federation.server_lr == 2.5
+    for bad in (0, -1.0, 17, float("nan")):
+        with pytest.raises(ConfigError, match="server-lr"):
+            parse_config({"federation.server-lr": bad})

@@ -124,6 +124,43 @@ def test_training_round_is_the_exact_weighted_mean_of_client_delta_w(strategy):
     assert strategy.rejected["invalid"] == 2
 
 
+def test_server_lr_moves_the_expert_past_the_clients_mean():
+    """federation.server-lr η: a task's first round starts from B = 0 (W_ref = 0), so the new
+    expert is η × the clients' weighted mean ΔW; the A/B-averaging rule cannot take a step."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    flat = {"federation.fraction": 1.0, "data.tasks": "color,pitch",
+            "federation.rounds-per-task": 2, "federation.min-clients": 2, "lora.rank": 2,
+            "lora.alpha": 4, "dmole.modality-floor": 0.0,
+            "federation.downlink-compression": "none", "federation.server-lr": 2.0}
+    cfg = parse_config(flat)
+    with pytest.raises(ValueError, match="server-lr=2.0 needs the 'svd'"):
+        FedMoleStrategy(cfg, MMAP, DIMS, rule="fedavg-ab")
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    probe = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    st.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{i}", "color", 5,
+                                                             {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0})))
+                           for i, m in enumerate(probe)])
+    msgs = list(st.configure_train(2, ArrayRecord(), ConfigRecord(), Grid()))
+    sent = {k.split("/", 2)[2]: v for k, v in msgs[0].content["arrays"].items()}
+    rng = np.random.default_rng(3)
+    replies, means = [], dict.fromkeys((L0, L1), 0.0)
+    for i, w in enumerate((1, 3)):
+        tensors = {}
+        for m in (L0, L1):
+            a = sent[f"{m}.lora_A"].numpy()
+            b = rng.standard_normal((5, 2)).astype(np.float32)
+            tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = a, b
+            means[m] = means[m] + w * (b.astype(np.float64) @ a) / 4
+        replies.append(_reply(msgs[i], encode_update(
+            ClientUpdate(f"c{i}", "color", 2, w, frozenset({"language", "vision"}), tensors))))
+    st.aggregate_train(2, replies)
+    arrays = st.state.experts["color"]
+    for m in (L0, L1):
+        got = arrays[f"{m}.lora_B"].astype(np.float64) @ arrays[f"{m}.lora_A"]
+        assert np.allclose(got, 2.0 * means[m], atol=1e-5)
+
+
 def test_only_a_tasks_last_round_evaluates_and_rows_are_count_weighted(strategy):
     from flwr.app import ArrayRecord, ConfigRecord
 

@@ -186,10 +186,17 @@ def _stop(msg: str) -> NoReturn:
     sys.exit(2)
 
 
+def _set_keys(sets: Sequence[str]) -> dict[str, str]:
+    """``--set`` entries as key → value (the last one wins, as in the CLI)."""
+    return {k.strip(): v.strip() for k, _, v in (kv.partition("=") for kv in sets)}
+
+
 def _imported(path: Path | None, config: str, sets: list[str]
               ) -> tuple[dict[tuple[str, int, int], dict[str, Any]], dict[str, Any]]:
     """An earlier bench's finished runs, by (method, pretraining seed, run seed), and its bases;
-    only from a bench of the same ``--config`` and ``--set`` (or its runs measure another thing)."""
+    only from a bench of the same ``--config`` and ``--set`` (or its runs measure another thing).
+    Where the two ``--set`` differ only in ``federation.*`` keys, which a centralized run never
+    reads, its centralized runs are taken and its federated ones are not."""
     if path is None:
         return {}, {}
     try:
@@ -197,13 +204,23 @@ def _imported(path: Path | None, config: str, sets: list[str]
         rows = {(m, int(r["pretrain_seed"]), int(r["seed"])): {**r, "imported_from": str(path)}
                 for m, rs in prev["records"].items() for r in rs}
         bases = dict(prev["bases"])
-        same = (prev["config"], prev["set"]) == (config, sets)
+        mine, theirs = _set_keys(sets), _set_keys(prev["set"])
+        differ = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
+        same = prev["config"] == config and not differ
+        central_only = prev["config"] == config and bool(differ) and all(
+            k.startswith("federation.") for k in differ)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         _stop(f"--resume-from {path}: not a bench/seeds.py result with per-run records "
               f"({type(e).__name__}: {e}); give the --out of a run of this bench")
-    if not same:
+    if central_only:
+        rows = {k: r for k, r in rows.items()
+                if k[0] in METHODS and METHODS[k[0]].verb == "train"}
+        print(f"seeds.py: --resume-from {path} differs in {sorted(differ)} only: its centralized "
+              "runs are taken, its federated ones run again", file=sys.stderr)
+    elif not same:
         _stop(f"--resume-from {path}: its runs were made with --config {prev['config']} --set "
-              f"{prev['set']}, this bench has --config {config} --set {sets}; give the same")
+              f"{prev['set']}, this bench has --config {config} --set {sets}; give the same "
+              "(only federation.* keys may differ: the centralized runs are then taken)")
     missing = sorted({str(p) for _, p, _ in rows} - set(bases))
     if missing:
         _stop(f"--resume-from {path}: runs on bases {missing} but no digest of them")

@@ -138,3 +138,10 @@ def test_seeds_bench_runs_resumes_and_writes_spreads(tmp_path):
     other = subprocess.run([*moved, "--set", "train.lr=1e-3", "--resume-from", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert other.returncode == 2 and "give the same" in other.stderr, other.stderr[-2000:]
+    # but one that differs in federation.* keys only gives its centralized runs (nothing re-run)
+    fed_only = subprocess.run([*moved, "--set", "federation.rounds-per-task=12", "--resume-from",
+                               str(out), "--out", str(tmp_path / "f.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fed_only.returncode == 0 and "pretrain-seed" not in fed_only.stdout, fed_only.stderr[-2000:]
+    assert "differs in ['federation.rounds-per-task'] only" in fed_only.stderr
+    assert json.loads((tmp_path / "f.json").read_text())["summary"] == res["summary"]

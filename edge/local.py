@@ -12,7 +12,9 @@ same pieces as the centralized runner — ``mole.proxy.proxy_scores``, ``mole.st
   ``local-steps``) on task t's expert (partners active, frozen) over local task-t data mixed with
   the persisted replay buffer; the learning rate (``federation.client-lr``) follows the task's
   schedule across rounds (round k covers steps (k−1)·S … k·S−1 of one warmup + cosine over R·S
-  steps), so R rounds of S steps see the same schedule as S·R centralized steps.
+  steps), so R rounds of S steps see the same schedule as S·R centralized steps. With
+  ``federation.client-optimizer = keep`` AdamW's moments carry over from the client's previous
+  round of the task (kept under its state folder) instead of restarting at zero every round.
 * **evaluate** — route each local test sample of the tasks seen so far and the next one with
   the global routers, answer with its experts, report exact-match accuracy and test count per
   task (later tasks are not measured: no metric reads them).
@@ -22,6 +24,8 @@ A client that holds no data of task t replies with a skip record (not an error).
 
 from __future__ import annotations
 
+import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +66,9 @@ from protocol.updates import (
     encode_update,
 )
 
+log = logging.getLogger(__name__)
 REPLAY_METHODS = ("dmole-replay", "fedavg-replay-lora")
+OPTIMIZER_DIR = "optimizer"  # under the client's state folder: AdamW's moments per expert
 # Fault injection (node config `attack`, deployment tests only): a node that sends NaN experts,
 # or experts whose B is scaled ×100 — what a broken or malicious edge looks like to the cloud;
 # or one that withholds its data (skips every probe and training round, still evaluates): the
@@ -196,9 +202,16 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     total = steps * max(1, ins.rounds)
     task_sched = cosine_schedule(int(cfg.train.warmup_fraction * total), total)
     offset = (max(1, ins.train_round) - 1) * steps
+    keep = fed.client_optimizer == "keep"
+    opt_path = c.state_dir / OPTIMIZER_DIR / f"{zlib.crc32(name.encode()):08x}.pt"
+    prior = (_load_optimizer(opt_path, name, [p for p in em.model.parameters() if p.requires_grad])
+             if keep and ins.train_round > 1 else None)
     stats = train_steps(em.model, next_batch, steps, fed.client_lr, cfg.train.weight_decay,
                         desc=f"{c.id} {task}", progress=False,
-                        schedule=lambda s: task_sched(offset + s))
+                        schedule=lambda s: task_sched(offset + s),
+                        optimizer_state=prior, keep_state=keep)
+    if stats.optimizer_state is not None:
+        _save_optimizer(opt_path, name, stats.optimizer_state)
     em.experts.activate([])
     factors = _attacked(em.get_factors(name, ins.plan), c.attack, ins.global_round)
     update = ClientUpdate(c.id, task, ins.global_round, len(train_set), sample_modalities(used),
@@ -210,6 +223,40 @@ def train(c: Client, ins: Instruction, experts: dict[str, dict[str, np.ndarray]]
     if part is not None:
         add_router_part(content, part, fed.compression)
     return content
+
+
+def _save_optimizer(path: Path, name: str, state: dict) -> None:
+    """AdamW's per-parameter state of expert ``name`` after this round (replaced atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"expert": name, "state": state["state"]}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_optimizer(path: Path, name: str, params: list[torch.nn.Parameter]) -> dict | None:
+    """The kept state of expert ``name`` if it fits ``params`` (same count and shapes, in
+    order); None (a fresh optimizer, logged) when absent, unreadable or of other shapes — a lost
+    or damaged file costs the moments, never the round."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = saved["state"]
+        fits = (saved["expert"] == name and sorted(state) == list(range(len(params)))
+                and all(state[i]["exp_avg"].shape == p.shape
+                        and state[i]["exp_avg_sq"].shape == p.shape
+                        for i, p in enumerate(params)))
+    except Exception as e:  # noqa: BLE001 — any damage means "start fresh", named in the log
+        log.warning("optimizer state %s unreadable (%s: %s); this round starts AdamW afresh",
+                    path, type(e).__name__, e)
+        return None
+    if not fits:
+        log.warning("optimizer state %s does not fit expert %r's parameters; this round starts "
+                    "AdamW afresh", path, name)
+        return None
+    device = params[0].device
+    return {"state": {i: {k: (v.to(device) if torch.is_tensor(v) and k != "step" else v)
+                          for k, v in st.items()} for i, st in state.items()}}
 
 
 def _attacked(factors: dict[str, np.ndarray], attack: str, global_round: int = 0

@@ -28,6 +28,9 @@ class TrainStats:
     first_loss: float
     last_loss: float  # mean over the last 10% of steps
     seconds: float
+    # AdamW's per-parameter state at the end ({"state": …} of ``Optimizer.state_dict``), only
+    # when ``train_steps(keep_state=True)``: what a federated client carries to its next round.
+    optimizer_state: dict | None = None
 
 
 def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -51,6 +54,8 @@ def train_steps(
     schedule: Callable[[int], float] | None = None,
     aux_loss: Callable[[Batch], torch.Tensor] | None = None,
     aux_params: Sequence[torch.nn.Parameter] = (),
+    optimizer_state: dict | None = None,
+    keep_state: bool = False,
 ) -> TrainStats:
     """``schedule`` (step → lr factor) replaces the default warmup + cosine over ``steps``; a
     federated client passes the slice of its task's schedule that this round covers.
@@ -61,6 +66,10 @@ def train_steps(
         raise ValueError("nothing to train: no parameter requires grad")
     params += list(aux_params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        # only the moments: the learning rate and its schedule are this call's
+        opt.load_state_dict({"state": optimizer_state["state"],
+                             "param_groups": opt.state_dict()["param_groups"]})
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, schedule or cosine_schedule(int(warmup_fraction * steps), steps)
     )
@@ -88,7 +97,8 @@ def train_steps(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     tail = losses[-max(1, steps // 10):]
-    return TrainStats(steps, losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+    kept = {"state": opt.state_dict()["state"]} if keep_state else None
+    return TrainStats(steps, losses[0], sum(tail) / len(tail), time.perf_counter() - t0, kept)
 
 
 @torch.no_grad()

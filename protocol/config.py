@@ -361,6 +361,7 @@ FEDERATED_METHODS = ("dmole-replay", "dmole", "fedavg-replay-lora", "fedavg-seq-
 # protocol.compression.COMPRESSIONS (a test keeps them equal).
 COMPRESSIONS = ("none", "fp16", "int8")
 DOWNLINKS = ("delta", "full")
+CLIENT_OPTIMIZERS = ("reset", "keep")
 # cloud.robust.CENTERS (a test keeps them equal).
 AGGREGATION_CENTERS = ("mean", "median", "trimmed-mean")
 
@@ -401,6 +402,10 @@ class FederationConfig:
     # 72.8) and AVG 40.6; at 6e-3 color scored 86.0 (alone, seeds 0–5: mean 89.3) and AVG 44.9.
     # Centralized D-MoLE + replay at 6e-3 fell from AVG 49.0 to 46.2, so train.lr stays 3e-3.
     client_lr: float = 6e-3
+    # AdamW on a client: "reset" starts it at zero every round (plain FedAvg); "keep" carries
+    # its moments and step counts over from the client's previous round of the same task (kept
+    # in the client's state folder), so a round's first steps are not bias-corrected sign steps.
+    client_optimizer: str = "reset"
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training
     # samples; smaller shares are handed to the other eligible clients.
@@ -500,6 +505,8 @@ class FederationConfig:
         _check(self.local_epochs >= 0, "federation.local-epochs", ">= 0 (0: fixed local-steps)",
                self.local_epochs)
         _check(self.client_lr > 0, "federation.client-lr", "> 0", self.client_lr)
+        _check(self.client_optimizer in CLIENT_OPTIMIZERS, "federation.client-optimizer",
+               f"one of {', '.join(CLIENT_OPTIMIZERS)}", self.client_optimizer)
         _check(self.seed >= 0, "federation.seed", ">= 0", self.seed)
         _check(self.min_samples >= 1, "federation.min-samples", ">= 1", self.min_samples)
         _check(self.method in FEDERATED_METHODS, "federation.method",

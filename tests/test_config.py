@@ -117,6 +117,9 @@ def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
     with pytest.raises(ConfigError, match="client-lr"):
         parse_config({"federation.client-lr": 0})
     assert parse_config({"federation.server-lr": 2.5}).federation.server_lr == 2.5
+    assert parse_config({"federation.client-optimizer": "keep"}).federation.client_optimizer == "keep"
+    with pytest.raises(ConfigError, match="client-optimizer.*reset, keep"):
+        parse_config({"federation.client-optimizer": "adam"})
     for bad in (0, -1.0, 17, float("nan")):
         with pytest.raises(ConfigError, match="server-lr"):
             parse_config({"federation.server-lr": bad})

@@ -405,6 +405,8 @@ class FederationConfig:
     # AdamW on a client: "reset" starts it at zero every round (plain FedAvg); "keep" carries
     # its moments and step counts over from the client's previous round of the same task (kept
     # in the client's state folder), so a round's first steps are not bias-corrected sign steps.
+    # Measured (binding base 0, 12 rounds × 3 epochs, first seven tasks), keep was worse: count
+    # 80.5 / ground 13.5 / caption 31.5 / arith 30.5 against 75.5 / 24 / 49.5 / 41. So reset.
     client_optimizer: str = "reset"
     seed: int = 0
     # A client gets a task only if its Dirichlet share gives it at least this many training

@@ -254,9 +254,7 @@ def _load_optimizer(path: Path, name: str, params: list[torch.nn.Parameter]) -> 
         log.warning("optimizer state %s does not fit expert %r's parameters; this round starts "
                     "AdamW afresh", path, name)
         return None
-    device = params[0].device
-    return {"state": {i: {k: (v.to(device) if torch.is_tensor(v) and k != "step" else v)
-                          for k, v in st.items()} for i, st in state.items()}}
+    return {"state": state}  # Optimizer.load_state_dict moves the moments to the params' device
 
 
 def _attacked(factors: dict[str, np.ndarray], attack: str, global_round: int = 0

@@ -145,3 +145,27 @@ def test_seeds_bench_runs_resumes_and_writes_spreads(tmp_path):
     assert fed_only.returncode == 0 and "pretrain-seed" not in fed_only.stdout, fed_only.stderr[-2000:]
     assert "differs in ['federation.rounds-per-task'] only" in fed_only.stderr
     assert json.loads((tmp_path / "f.json").read_text())["summary"] == res["summary"]
+
+
+@pytest.mark.slow
+def test_router_fit_bench_compares_the_federated_and_centralized_fits(tmp_path):
+    out = tmp_path / "router.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "router_fit.py"), "--out", str(out),
+           "--config", str(ROOT / "conf" / "tiny.toml"), "--set", f"data.cache-dir={tmp_path / 'cache'}",
+           "--fits", "2x10", "--quantiles", "0.99"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode in (0, 3), run.stdout[-2000:] + run.stderr[-3000:]  # 3: a missed target
+    res = json.loads(out.read_text())
+    names = [v["name"] for v in res["variants"]]
+    assert names == ["central@0.95", "fed 1x300@0.95", "fed 2x10@0.95",
+                     "central@0.99", "fed 1x300@0.99", "fed 2x10@0.99"]
+    by = {v["name"]: v for v in res["variants"]}
+    assert by["central@0.95"]["accuracy"] >= 90  # the tiny stream's tasks are told apart
+    for v in res["variants"]:  # every test sample is routed right, to the base, or wrong
+        assert v["accuracy"] + v["to_base"] + v["misrouted"] == pytest.approx(100, abs=0.05)
+        assert set(v["per_task"]) == set(res["test_samples"])
+    # a higher quantile admits more: never more samples sent to the base model
+    assert by["central@0.99"]["to_base"] <= by["central@0.95"]["to_base"]
+    assert res["gap_to_central"] == pytest.approx(
+        by["central@0.95"]["accuracy"] - by["fed 1x300@0.95"]["accuracy"], abs=0.01)
+    assert res["ok"] == (res["gap_to_central"] <= 2.0) and run.returncode == (0 if res["ok"] else 3)

@@ -167,6 +167,12 @@ class FedMoleStrategy(FedAvg):
         # task → Flower node ids that answered its probe with data / its probe or a training
         # round with "no data of the task" (this process's run only: node ids are the link's)
         self.holders: dict[str, set[int]] = {}
+        # (task, node) → the sample count that node declared in the task's probe (capped): the
+        # draw probabilities of federation.client-sampling = "size".
+        self.node_samples: dict[tuple[str, int], int] = {}
+        # node → its number of draws in the training round in flight (client-sampling "size":
+        # the weight of its update, as the draws are made ∝ samples); empty = weights by samples.
+        self._draws: dict[int, int] = {}
         self.idle: dict[str, set[int]] = {}
         self._idle_last: set[int] = set()
         # node → group → digest of the global state it holds (cloud.downlink; in memory)
@@ -266,19 +272,37 @@ class FedMoleStrategy(FedAvg):
 
     def _sample(self, grid: Grid, rp: RoundPlan, server_round: int, arrays: ArrayRecord,
                 config: ConfigRecord, kind: str, fraction: float, min_nodes: int,
-                pool: Grid | None = None, among: int | None = None) -> list[Message]:
+                pool: Grid | None = None, among: int | None = None,
+                sizes: Mapping[int, int] | None = None) -> list[Message]:
         """Flower's sampling (``sample_nodes`` over ``pool``, FedAvg's sample size: ``fraction``
         of the pool, at least ``min_nodes``) and its messages, with the node minimums lowered to
         what is connected once the deadline has passed (or to ``among``, the size of a narrowed
         pool) — as local values: the strategy's fields stay as configured. No node at all → no
-        message (the round is skipped)."""
+        message (the round is skipped).
+
+        ``sizes`` (node → samples, every node of ``pool``): instead of Flower's uniform draw
+        without replacement, that many draws *with* replacement ∝ samples; each drawn node gets
+        one message and its number of draws becomes the weight of its update (``_draws``) —
+        FedAvg's unbiased sampling scheme (Li et al., ICLR 2020, scheme I): E[Σ draws·Δ_c] / k =
+        Σ_c n_c·Δ_c / Σ_c n_c, the full participation mean, while a large client, whose update is
+        the least noisy, is the one most often asked."""
         n = self._await_nodes(grid, self.min_available_nodes, rp)
         if n == 0 or fraction == 0.0:
             return []
         n = min(n, among) if among is not None else n
         pool = grid if pool is None else pool
         size = max(int(len(list(pool.get_node_ids())) * fraction), min(min_nodes, n))
-        node_ids, _ = sample_nodes(pool, min(self.min_available_nodes, n), size)
+        self._draws = {}
+        if sizes is not None:
+            ids = sorted(int(i) for i in pool.get_node_ids())
+            w = np.array([sizes[i] for i in ids], dtype=np.float64)
+            rng = np.random.default_rng([self.cfg.federation.seed, server_round, 13])
+            drawn = rng.choice(len(ids), size=min(size, n), replace=True, p=w / w.sum())
+            for j in drawn:
+                self._draws[ids[int(j)]] = self._draws.get(ids[int(j)], 0) + 1
+            node_ids = sorted(self._draws)
+        else:
+            node_ids, _ = sample_nodes(pool, min(self.min_available_nodes, n), size)
         config["server-round"] = server_round  # as FedAvg does
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, kind))
@@ -374,9 +398,15 @@ class FedMoleStrategy(FedAvg):
         elif rp.phase != PROBE and (rest := nodes - self.idle.get(rp.task, set())) and rest != nodes:
             holders = rest
             pool = cast(Grid, _Among(grid, holders))
+        sizes = None
+        if (rp.phase != PROBE and fraction < 1.0 and holders and pool is not grid
+                and self.cfg.federation.client_sampling == "size"):
+            sizes = {h: self.node_samples.get((rp.task, h), 0) for h in holders}
+            if not all(sizes.values()):  # a resumed cloud does not know them: uniform
+                sizes = None
         msgs = self._sample(grid, rp, server_round, arrays, config, MessageType.TRAIN, fraction,
                             self.min_train_nodes, pool,
-                            among=len(holders) if pool is not grid else None)
+                            among=len(holders) if pool is not grid else None, sizes=sizes)
         self._pending, self._sent = rp, msgs
         return self._send(self._drop(msgs, rp))
 
@@ -439,6 +469,7 @@ class FedMoleStrategy(FedAvg):
             n = self._cap(p.client_id, task, p.n_samples, node)
             self.declared[(task, p.client_id)] = n
             self.holders.setdefault(task, set()).add(node)
+            self.node_samples[(task, node)] = n
             rows.append((p.scores, n))
             n_total += n
             for t, v in p.votes.items():
@@ -519,6 +550,8 @@ class FedMoleStrategy(FedAvg):
                 continue
             seen.add(update.client_id)
             n = self._cap(update.client_id, rp.task, update.n_samples, node)
+            if self._draws:  # drawn ∝ samples: the weight is the number of draws (see _sample)
+                n = self._draws.get(node, 1)
             if n != update.n_samples:
                 update = type(update)(update.client_id, update.task, update.round, n,
                                       update.modalities, update.tensors)

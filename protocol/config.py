@@ -362,6 +362,7 @@ FEDERATED_METHODS = ("dmole-replay", "dmole", "fedavg-replay-lora", "fedavg-seq-
 COMPRESSIONS = ("none", "fp16", "int8")
 DOWNLINKS = ("delta", "full")
 CLIENT_OPTIMIZERS = ("reset", "keep")
+CLIENT_SAMPLINGS = ("uniform", "size")
 # cloud.robust.CENTERS (a test keeps them equal).
 AGGREGATION_CENTERS = ("mean", "median", "trimmed-mean")
 
@@ -381,6 +382,11 @@ class FederationConfig:
     # halves rounded up. They get no data of tasks that need that modality.
     no_audio_fraction: float = 0.3
     no_image_fraction: float = 0.0
+    # How a training round with fraction < 1 picks among the task's holders: "uniform" (Flower's
+    # sample_nodes, without replacement; updates weighted by samples) or "size" (draws with
+    # replacement ∝ each holder's declared samples, updates weighted by their number of draws:
+    # the unbiased FedAvg sampling of Li et al. 2020, which asks the large shards most often).
+    client_sampling: str = "uniform"
     # Probability that a sampled client drops out of a round (no reply).
     dropout: float = 0.0
     rounds_per_task: int = 3
@@ -509,6 +515,8 @@ class FederationConfig:
         _check(self.client_lr > 0, "federation.client-lr", "> 0", self.client_lr)
         _check(self.client_optimizer in CLIENT_OPTIMIZERS, "federation.client-optimizer",
                f"one of {', '.join(CLIENT_OPTIMIZERS)}", self.client_optimizer)
+        _check(self.client_sampling in CLIENT_SAMPLINGS, "federation.client-sampling",
+               f"one of {', '.join(CLIENT_SAMPLINGS)}", self.client_sampling)
         _check(self.seed >= 0, "federation.seed", ">= 0", self.seed)
         _check(self.min_samples >= 1, "federation.min-samples", ">= 1", self.min_samples)
         _check(self.method in FEDERATED_METHODS, "federation.method",

@@ -120,6 +120,9 @@ def test_local_epochs_scale_steps_with_the_shard_and_are_capped():
     assert parse_config({"federation.client-optimizer": "keep"}).federation.client_optimizer == "keep"
     with pytest.raises(ConfigError, match="client-optimizer.*reset, keep"):
         parse_config({"federation.client-optimizer": "adam"})
+    assert parse_config({"federation.client-sampling": "size"}).federation.client_sampling == "size"
+    with pytest.raises(ConfigError, match="client-sampling.*uniform, size"):
+        parse_config({"federation.client-sampling": "weighted"})
     for bad in (0, -1.0, 17, float("nan")):
         with pytest.raises(ConfigError, match="server-lr"):
             parse_config({"federation.server-lr": bad})

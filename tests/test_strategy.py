@@ -402,6 +402,64 @@ def test_a_sampled_training_round_goes_to_the_tasks_holders_only():
     assert len(list(st.configure_train(2, ArrayRecord(), ConfigRecord(), grid))) == 2
 
 
+def test_size_sampling_draws_holders_by_samples_and_weights_updates_by_draws():
+    """federation.client-sampling = size: k draws with replacement ∝ declared samples; a node
+    drawn twice gets one message and weight 2, so the round's mean is unbiased for the full one."""
+    from protocol.updates import encode_skip
+
+    rounds = 80
+    cfg = parse_config({"data.tasks": "color", "federation.clients": 6, "federation.fraction": 0.75,
+                        "federation.min-clients": 2, "federation.rounds-per-task": rounds,
+                        "federation.client-sampling": "size", "lora.rank": 2, "lora.alpha": 4,
+                        "dmole.router": "none", "federation.downlink-compression": "none"})
+    st = FedMoleStrategy(cfg, MMAP, DIMS)
+    grid = Grid(nodes=range(1, 7))
+    probe = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    sizes = {1: 700, 2: 100, 3: 100, 4: 100}  # nodes 5 and 6 hold no data of the task
+    scores = {L0: 1.0, L1: 2.0, V0: 0.0, A0: 0.0}
+    st.aggregate_train(1, [_reply(m, encode_probe(ProbeReply(f"c{n}", "color", sizes[n], scores)))
+                           if (n := m.metadata.dst_node_id) in sizes else
+                           _reply(m, encode_skip(f"c{n}", "color", "no-data")) for m in probe])
+    draws = dict.fromkeys(sizes, 0)
+    checked = False
+    rng = np.random.default_rng(1)
+    for r in range(2, 1 + rounds):  # the last round is kept for the resumed cloud below
+        msgs = list(st.configure_train(r, ArrayRecord(), ConfigRecord(), grid))
+        drawn = dict(st._draws)
+        # int(4 holders · 0.75) = 3 draws; one message per drawn node, holders only
+        assert sum(drawn.values()) == 3 and {m.metadata.dst_node_id for m in msgs} == set(drawn)
+        assert len(msgs) == len(drawn) and set(drawn) <= set(sizes)
+        for n, k in drawn.items():
+            draws[n] += k
+        if checked or len(drawn) < 2 or max(drawn.values()) < 2:
+            st.aggregate_train(r, [])  # nobody answers: the experts stay as they were
+            continue
+        # a round with a node drawn twice: its update weighs 2, whatever samples it claims
+        sent = {k.split("/", 2)[2]: v for k, v in msgs[0].content["arrays"].items()}
+        replies, deltas = [], []
+        for m in msgs:
+            n = m.metadata.dst_node_id
+            a, b = sent[f"{L0}.lora_A"].numpy(), rng.standard_normal((5, 2)).astype(np.float32)
+            tensors = {f"{L0}.lora_A": a, f"{L0}.lora_B": b, f"{L1}.lora_A": sent[f"{L1}.lora_A"].numpy(),
+                       f"{L1}.lora_B": np.zeros((5, 2), np.float32)}
+            deltas.append((drawn[n], b.astype(np.float64) @ a))
+            replies.append(_reply(m, encode_update(ClientUpdate(f"c{n}", "color", r, sizes[n],
+                                                                frozenset({"language"}), tensors))))
+        st.aggregate_train(r, replies)
+        e = st.state.experts["color"]
+        expected = sum(w * d for w, d in deltas) / sum(w for w, _ in deltas)
+        assert np.allclose(e[f"{L0}.lora_B"].astype(np.float64) @ e[f"{L0}.lora_A"], expected, atol=1e-5)
+        checked = True
+    assert checked
+    # ∝ samples: node 1 holds 70% and gets about 70% of the 237 draws (binomial sd 7)
+    share = draws[1] / (3 * (rounds - 1))
+    assert 0.6 <= share <= 0.8 and min(draws[n] for n in (2, 3, 4)) > 0
+    # without the probe's sizes (a resumed cloud): Flower's uniform sampling, weights by samples
+    st.node_samples.clear()
+    msgs = list(st.configure_train(1 + rounds, ArrayRecord(), ConfigRecord(), grid))
+    assert st._draws == {} and len(msgs) == 3
+
+
 def test_scaled_update_is_shrunk_duplicates_refused_and_claimed_samples_capped(strategy):
     """A ×100 update is pulled back to 3× the round's median change; a second reply of the same
     client is refused; a client claiming more samples than it declared in the probe is capped."""

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.targets import finish  # noqa: E402
+from protocol.config import ConfigError, load_config, parse_overrides  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ METHODS: dict[str, Method] = {
     "fed-seq-lora": Method("simulate", ("--method", "fedavg-seq-lora"), _FED),
     "fed-replay-lora": Method("simulate", ("--method", "fedavg-replay-lora"), _FED),
 }
-FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")  # the methods the issue's bars are on
+FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")
+ROUTERLESS = ("seq-lora", "replay-lora", "joint")  # centralized methods without a router  # the methods the issue's bars are on
 FIGURES = ("avg", "last", "bwt")
 # (method, reference) pairs whose per-task gap the bench reports when both ran.
 GAPS = (("fed-dmole-replay", "dmole-oracle"), ("fed-dmole", "dmole-oracle"),
@@ -191,12 +193,15 @@ def _set_keys(sets: Sequence[str]) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (kv.partition("=") for kv in sets)}
 
 
-def _imported(path: Path | None, config: str, sets: list[str]
+def _imported(path: Path | None, config: str, sets: list[str], coactivation_off: bool = False
               ) -> tuple[dict[tuple[str, int, int], dict[str, Any]], dict[str, Any]]:
     """An earlier bench's finished runs, by (method, pretraining seed, run seed), and its bases;
     only from a bench of the same ``--config`` and ``--set`` (or its runs measure another thing).
     Where the two ``--set`` differ only in ``federation.*`` keys, which a centralized run never
-    reads, its centralized runs are taken and its federated ones are not."""
+    reads, its centralized runs are taken and its federated ones are not. Where they also differ
+    in the autoencoder router's keys (``dmole.router-*``), only the centralized runs that route
+    without it are taken: the baselines, and the oracle-routed ones when ``coactivation_off``
+    (with co-activation on, τ also picks each task's partner, which trains with it)."""
     if path is None:
         return {}, {}
     try:
@@ -207,20 +212,25 @@ def _imported(path: Path | None, config: str, sets: list[str]
         mine, theirs = _set_keys(sets), _set_keys(prev["set"])
         differ = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
         same = prev["config"] == config and not differ
+        router = {k for k in differ if k.startswith("dmole.router-")}
         central_only = prev["config"] == config and bool(differ) and all(
-            k.startswith("federation.") for k in differ)
+            k.startswith("federation.") or k in router for k in differ)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         _stop(f"--resume-from {path}: not a bench/seeds.py result with per-run records "
               f"({type(e).__name__}: {e}); give the --out of a run of this bench")
     if central_only:
+        unrouted = ROUTERLESS + (("dmole-oracle",) if coactivation_off else ())
         rows = {k: r for k, r in rows.items()
-                if k[0] in METHODS and METHODS[k[0]].verb == "train"}
-        print(f"seeds.py: --resume-from {path} differs in {sorted(differ)} only: its centralized "
-              "runs are taken, its federated ones run again", file=sys.stderr)
+                if k[0] in METHODS and METHODS[k[0]].verb == "train"
+                and (not router or k[0] in unrouted)}
+        taken = "its centralized runs" if not router else f"its {', '.join(unrouted)} runs"
+        print(f"seeds.py: --resume-from {path} differs in {sorted(differ)} only: {taken} are "
+              "taken, the others run again", file=sys.stderr)
     elif not same:
         _stop(f"--resume-from {path}: its runs were made with --config {prev['config']} --set "
               f"{prev['set']}, this bench has --config {config} --set {sets}; give the same "
-              "(only federation.* keys may differ: the centralized runs are then taken)")
+              "(only federation.* and dmole.router-* keys may differ: the centralized runs "
+              "that do not read them are then taken)")
     missing = sorted({str(p) for _, p, _ in rows} - set(bases))
     if missing:
         _stop(f"--resume-from {path}: runs on bases {missing} but no digest of them")
@@ -273,7 +283,12 @@ def main() -> None:
     bases: dict[str, Any] = {}
     failed: list[str] = []
     config_label = str(args.config) if args.config else "built-in defaults"
-    imported, known_bases = _imported(args.resume_from, config_label, args.set)
+    try:  # parsed once here too: a bad key stops the bench before any run
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as e:
+        _stop(f"--config / --set: {e}")
+    imported, known_bases = _imported(args.resume_from, config_label, args.set,
+                                      coactivation_off=cfg.dmole.coactivate_share == 0)
     t0 = time.perf_counter()
     for pseed, seed in grid:
         for method in methods:

@@ -64,6 +64,31 @@ def test_seeds_summary_and_the_issue_bars():
     assert set(ref["methods"]) == {"seq-lora", "dmole", "dmole-oracle", "fed-dmole-replay"}
 
 
+def test_resume_from_takes_only_the_runs_the_changed_keys_do_not_reach(tmp_path, capsys):
+    """--resume-from across a --set that differs in federation.* keys takes every centralized
+    run; in dmole.router-* keys too, only those that never read the autoencoder router."""
+    sets = ["pretrain.seed=0", "federation.local-steps=43"]
+    records = {m: [_run(0, 0, 50, 40, 0)] for m in ("seq-lora", "dmole", "dmole-oracle",
+                                                    "fed-dmole-replay")}
+    prev = tmp_path / "prev.json"
+    prev.write_text(json.dumps({"config": "built-in defaults", "set": sets, "records": records,
+                                "bases": {"0": {"weights_sha256": "ab"}}}))
+
+    def taken(new_sets, off=False):
+        rows, _ = seeds._imported(prev, "built-in defaults", new_sets, coactivation_off=off)
+        return sorted({m for m, _, _ in rows})
+
+    assert taken(sets) == ["dmole", "dmole-oracle", "fed-dmole-replay", "seq-lora"]
+    assert taken([*sets, "federation.fraction=0.5"]) == ["dmole", "dmole-oracle", "seq-lora"]
+    router = [*sets, "federation.fraction=0.5", "dmole.router-quantile=0.99"]
+    assert taken(router) == ["seq-lora"]  # τ picks co-activation partners: oracle runs too
+    assert taken(router, off=True) == ["dmole-oracle", "seq-lora"]
+    assert "seq-lora, replay-lora, joint, dmole-oracle runs are taken" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # another key: nothing can be taken
+        taken([*sets, "train.lr=1e-3"])
+    assert "dmole.router-* keys may differ" in capsys.readouterr().err
+
+
 def test_seeds_gap_splits_the_loss_into_learning_and_keeping():
     runs = {"dmole-oracle": [_run(0, 0, 60, 50, 0)], "fed-dmole-replay": [_run(0, 0, 52, 40, 0)],
             "fed-dmole-replay-oracle": [_run(0, 0, 55, 48, 0)]}

@@ -72,8 +72,8 @@ METHODS: dict[str, Method] = {
     "fed-seq-lora": Method("simulate", ("--method", "fedavg-seq-lora"), _FED),
     "fed-replay-lora": Method("simulate", ("--method", "fedavg-replay-lora"), _FED),
 }
-FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")
-ROUTERLESS = ("seq-lora", "replay-lora", "joint")  # centralized methods without a router  # the methods the bars are on
+FEDERATED_DMOLE = ("fed-dmole-replay", "fed-dmole")  # the methods the bars are on
+ROUTERLESS = ("seq-lora", "replay-lora", "joint")  # centralized methods without a router
 FIGURES = ("avg", "last", "bwt")
 # (method, reference) pairs whose per-task gap the bench reports when both ran.
 GAPS = (("fed-dmole-replay", "dmole-oracle"), ("fed-dmole", "dmole-oracle"),
